@@ -1,0 +1,184 @@
+"""Derives the MediaPipe 478-landmark embedding on a face-model template.
+
+Method (run once; the result ships as ``rigs/data/ict_mediapipe_embedding.npz``):
+1. Similarity-align MediaPipe's canonical face mesh (468 vertices, cm; vertex i is
+   landmark i) to the template with Umeyama on 42 semantic correspondences between
+   MediaPipe indices and the template's Multi-PIE 68 landmarks (brows, eyes, nose, lips).
+2. Non-rigid registration: alternate closest-point targets on the template's face surface
+   with a sparse least-squares solve that keeps the canonical mesh's Laplacian (shape)
+   and pins the 42 correspondences, with a stiffness that decreases over iterations.
+3. Project each registered vertex onto the face surface: triangle + barycentric.
+4. The 10 iris landmarks (468-477) are placed on the template's eyeballs: the iris centre
+   straight ahead of the eyeball centre, the four boundary points at the iris radius
+   toward +x, up, -x and down, so they rotate with gaze.
+
+The residual of the 42 correspondences after registration (distance between the
+embedded point and the template's own landmark vertex) is reported by
+:func:`build_mediapipe_embedding` and in ``docs/face-model.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from rigs.face_model import FaceModel, LandmarkEmbedding, load_ict_face_model
+from rigs.rig import gaze_rotation
+
+#: (MediaPipe index, Multi-PIE 68 index) pairs of the same anatomical point.
+MP_TO_68 = (
+    (70, 17), (63, 18), (105, 19), (66, 20), (107, 21),
+    (336, 22), (296, 23), (334, 24), (293, 25), (300, 26),
+    (168, 27), (197, 28), (5, 29), (4, 30),
+    (33, 36), (160, 37), (158, 38), (133, 39), (153, 40), (144, 41),
+    (362, 42), (385, 43), (387, 44), (263, 45), (373, 46), (380, 47),
+    (61, 48), (37, 50), (0, 51), (267, 52), (291, 54), (314, 56), (17, 57), (84, 58),
+    (78, 60), (82, 61), (13, 62), (312, 63), (308, 64), (317, 65), (14, 66), (87, 67),
+)
+#: Iris landmarks: (centre, +x, up, -x, down) for the right eye, then the left eye.
+IRIS = {"right": (468, 469, 470, 471, 472), "left": (473, 474, 475, 476, 477)}
+#: Iris half-angle seen from the eyeball centre (about 6 mm on a 12 mm radius eye).
+IRIS_HALF_ANGLE = np.deg2rad(30.0)
+FACE_SURFACE_PARTS = ("face", "head_neck")
+
+
+def read_obj_mesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (n, 3) and triangles (m, 3) of a triangle OBJ (0-based)."""
+    verts, tris = [], []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("v "):
+            verts.append([float(x) for x in line.split()[1:4]])
+        elif line.startswith("f "):
+            tris.append([int(c.split("/")[0]) - 1 for c in line.split()[1:4]])
+    return np.asarray(verts), np.asarray(tris)
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Similarity (s, R, t) minimising |s R src + t - dst|^2 over (n, 3) point pairs."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    u, sig, vt = np.linalg.svd(b.T @ a / len(src))
+    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    rot = u @ d @ vt
+    scale = float(np.trace(np.diag(sig) @ d) / (a**2).sum(1).mean())
+    return scale, rot, mu_d - scale * rot @ mu_s
+
+
+def graph_laplacian(n: int, tris: np.ndarray) -> sp.csr_matrix:
+    """Uniform graph Laplacian (n, n) of a triangle mesh."""
+    edges = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
+    edges = np.unique(np.sort(edges, 1), axis=0)
+    adj = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    adj = ((adj + adj.T) > 0).astype(np.float64)
+    deg = np.asarray(adj.sum(1)).ravel()
+    return (sp.diags(np.ones(n)) - sp.diags(1.0 / deg) @ adj).tocsr()
+
+
+class SurfaceProjector:
+    """Closest points on a sub-mesh, as triangle ids and barycentrics (Open3D BVH)."""
+
+    def __init__(self, vertices: np.ndarray, triangles: np.ndarray, triangle_ids: np.ndarray):
+        import open3d as o3d
+
+        self.vertices, self.triangles, self.triangle_ids = vertices, triangles, triangle_ids
+        self.scene = o3d.t.geometry.RaycastingScene()
+        self.scene.add_triangles(
+            o3d.core.Tensor(vertices.astype(np.float32)),
+            o3d.core.Tensor(triangles[triangle_ids].astype(np.uint32)),
+        )
+
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Returns (points on surface (p,3), template triangle ids (p,), barycentrics (p,3))."""
+        import open3d as o3d
+
+        res = self.scene.compute_closest_points(o3d.core.Tensor(points.astype(np.float32)))
+        local = res["primitive_ids"].numpy().astype(np.int64)
+        uv = res["primitive_uvs"].numpy().astype(np.float64)
+        bary = np.c_[1.0 - uv.sum(1), uv]
+        tri = self.triangle_ids[local]
+        pts = np.einsum("pkc,pk->pc", self.vertices[self.triangles[tri]], bary)
+        return pts, tri, bary
+
+
+def _iris_points(model: FaceModel, eye: str) -> np.ndarray:
+    """(5, 3) target points of one eye's iris landmarks on the rest-pose eyeball."""
+    centre = model.eye_centres[0 if eye == "left" else 1].astype(np.float64)
+    ids = model.part_vertices(f"eyeball_{eye}")
+    radius = np.linalg.norm(model.neutral[ids] - centre, axis=1).max()
+    a = IRIS_HALF_ANGLE
+    directions = [(0.0, 0.0), (a, 0.0), (0.0, a), (-a, 0.0), (0.0, -a)]  # (yaw, pitch)
+    fwd = np.array([0.0, 0.0, 1.0])
+    return np.stack([centre + radius * gaze_rotation(y, p) @ fwd for y, p in directions])
+
+
+def build_mediapipe_embedding(
+    canonical_obj: Path, model: FaceModel | None = None, iterations: int = 12
+) -> tuple[LandmarkEmbedding, dict]:
+    """Registers MediaPipe's canonical mesh to ``model`` and embeds the 478 landmarks.
+
+    Returns:
+        The embedding and a facts dict (correspondence residuals in mm).
+    """
+    model = model or load_ict_face_model()
+    mp_verts, mp_tris = read_obj_mesh(canonical_obj)
+    mp_verts = mp_verts * 0.01  # cm -> m
+    mp_idx = np.array([p[0] for p in MP_TO_68])
+    target_lm = model.neutral[model.landmarks68[[p[1] for p in MP_TO_68]]].astype(np.float64)
+
+    s, rot, t = umeyama(mp_verts[mp_idx], target_lm)
+    x0 = (s * (rot @ mp_verts.T)).T + t
+    rigid_residual = np.linalg.norm(x0[mp_idx] - target_lm, axis=1)
+
+    face_tris = np.flatnonzero(model.part_triangle_mask(*FACE_SURFACE_PARTS))
+    proj = SurfaceProjector(model.neutral.astype(np.float64), model.triangles, face_tris)
+    n = len(mp_verts)
+    lap = graph_laplacian(n, mp_tris)
+    anchor = sp.csr_matrix((np.ones(len(mp_idx)), (np.arange(len(mp_idx)), mp_idx)), shape=(len(mp_idx), n))
+    delta0 = lap @ x0
+    x = x0.copy()
+    for it in range(iterations):
+        stiffness = 10.0 * 0.6**it
+        target, _, _ = proj.project(x)
+        # Least squares: |x - target|^2 + k |L x - L x0|^2 + 10 |x_a - lm_a|^2
+        a = sp.vstack([sp.identity(n), np.sqrt(stiffness) * lap, np.sqrt(10.0) * anchor]).tocsr()
+        b = np.vstack([target, np.sqrt(stiffness) * delta0, np.sqrt(10.0) * target_lm])
+        x = np.column_stack([spla.lsqr(a, b[:, c], x0=x[:, c], atol=1e-10, btol=1e-10)[0] for c in range(3)])
+    surface, tri, bary = proj.project(x)
+
+    eye_tris = {
+        eye: np.flatnonzero(model.part_triangle_mask(f"eyeball_{eye}")) for eye in ("left", "right")
+    }
+    tri_all = np.zeros(478, np.int64)
+    bary_all = np.zeros((478, 3))
+    tri_all[:468], bary_all[:468] = tri, bary
+    for eye, ids in IRIS.items():
+        eye_proj = SurfaceProjector(model.neutral.astype(np.float64), model.triangles, eye_tris[eye])
+        _, t_ids, b_ids = eye_proj.project(_iris_points(model, eye))
+        tri_all[list(ids)], bary_all[list(ids)] = t_ids, b_ids
+
+    residual = np.linalg.norm(surface[mp_idx] - target_lm, axis=1)
+    facts = {
+        "correspondences": len(mp_idx),
+        "similarity_scale": s,
+        "rigid_residual_mm": {"median": float(np.median(rigid_residual) * 1e3), "max": float(rigid_residual.max() * 1e3)},
+        "registered_residual_mm": {
+            "median": float(np.median(residual) * 1e3),
+            "mean": float(residual.mean() * 1e3),
+            "max": float(residual.max() * 1e3),
+        },
+        "surface_gap_mm": {"mean": float(np.linalg.norm(surface - x, axis=1).mean() * 1e3)},
+    }
+    return LandmarkEmbedding("mediapipe478", tri_all, bary_all), facts
+
+
+if __name__ == "__main__":
+    emb, facts = build_mediapipe_embedding(Path(sys.argv[1]))
+    out = Path(sys.argv[2])
+    np.savez_compressed(out, triangle=emb.triangle.astype(np.int32), barycentric=emb.barycentric.astype(np.float32))
+    (out.parent / "ict_mediapipe_embedding_facts.json").write_text(json.dumps(facts, indent=2) + "\n")
+    print(json.dumps(facts, indent=2))
