@@ -1,0 +1,1 @@
+"""Synthetic subjects in the capture format, with exact ground truth (SPEC §6)."""
