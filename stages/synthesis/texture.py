@@ -15,7 +15,7 @@ eyes, teeth, gums and mouth socket get per-part albedos (the pupil is dark).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +56,21 @@ class PhotoTexture:
     vertex_weight: np.ndarray
     vertex_albedo: np.ndarray
 
+    @cached_property
+    def _photo_linear(self) -> np.ndarray:
+        return (self.photo.astype(np.float32) / 255.0) ** 2.2
+
+    @cached_property
+    def _vertex_attributes(self) -> np.ndarray:
+        attrs = np.concatenate([self.vertex_uv, self.vertex_weight[:, None], self.vertex_albedo], 1)
+        return attrs.astype(np.float32)
+
     def albedo(self, gbuf: GBuffer, triangles: np.ndarray, tint: np.ndarray | None = None) -> np.ndarray:
         """(H, W, 3) float32 linear albedo of every pixel that hit the mesh (0 elsewhere)."""
         import cv2
 
-        attrs = np.concatenate([self.vertex_uv, self.vertex_weight[:, None], self.vertex_albedo], 1)
-        px = gbuf.interpolate(triangles, attrs.astype(np.float32))
-        photo_lin = (self.photo.astype(np.float32) / 255.0) ** 2.2
-        sampled = cv2.remap(photo_lin, px[..., 0], px[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        px = gbuf.interpolate(triangles, self._vertex_attributes)
+        sampled = cv2.remap(self._photo_linear, px[..., 0], px[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         w = px[..., 2:3]
         out = w * sampled + (1 - w) * px[..., 3:6]
         if tint is not None:

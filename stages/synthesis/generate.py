@@ -1,0 +1,210 @@
+"""Writes synthetic subjects: a capture folder plus ground truth beside it.
+
+``OUT/captures/<subject>/`` is an ordinary capture (docs/capture-format.md);
+``OUT/ground_truth/<subject>/`` holds the truth, which the pipeline never reads:
+- ``subject.json``: ids, seed, preset, model and rig versions, tint;
+- ``identity.npz``: identity coefficients, detail displacement, true neutral;
+- ``rig.npz``: the true personal rig (:meth:`rigs.rig.BlendshapeRig.save`);
+- ``expressions.npz``: per phone prompt, the performed ``b``, ``gaze`` and true mesh;
+- ``phone/<prompt>.npz``: per frame, camera pose and 2D landmarks (478 MediaPipe, 68);
+- ``hmc/<recording>.npz``: per frame ``b``, gaze, head pose; per camera 2D landmarks.
+Everything is a function of (preset, seed, subject index): the same inputs give
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+from tqdm import tqdm
+
+from rigs.camera import Camera
+from rigs.definition import RigDefinition, load_default_rig_definition
+from rigs.face_model import FaceModel, load_ict_face_model
+from rigs.raycast import Scene
+from stages.synthesis.hmc import IrRenderer, default_hmc_rig, rig_cameras
+from stages.synthesis.performance import Timeline, hmc_timeline, perform_prompt
+from stages.synthesis.phone import PhoneShot, phone_camera, render_phone
+from stages.synthesis.presets import SynthConfig
+from stages.synthesis.subject import SyntheticSubject, make_subject
+from stages.synthesis.texture import load_default_texture
+from storage.capture_types import PhoneIntrinsics
+from storage.capture_writer import CaptureWriter
+from storage.capture_files import atomic_write_bytes, encode_npz
+
+#: Detector noise of the simulated external HMC keypoints, pixels at 400 px.
+KEYPOINT_NOISE_PX = 1.0
+#: A landmark is visible when the first hit along its ray is within this of it, metres.
+VISIBILITY_TOL_M = 0.002
+
+
+def subject_id_for(seed: int, index: int) -> str:
+    return f"synth-{seed}-{index:04d}"
+
+
+def landmark_points(subject: SyntheticSubject, vertices: np.ndarray) -> np.ndarray:
+    """(..., 546, 3) landmarks: 478 MediaPipe then 68 Multi-PIE."""
+    model = subject.rig.model
+    mp = model.embeddings["mediapipe478"].points(vertices, model.triangles)
+    return np.concatenate([mp, vertices[..., model.landmarks68, :]], -2)
+
+
+def project_visible(scene: Scene, camera: Camera, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (p, 2) of points and whether each is visible (not occluded, in front, in image)."""
+    pix, z = camera.project(points)
+    direction = points - camera.t_world_from_camera
+    dist = np.linalg.norm(direction, axis=1)
+    hit = scene.cast(np.broadcast_to(camera.t_world_from_camera, points.shape).astype(np.float64), direction / dist[:, None])
+    inside = (pix[:, 0] >= -0.5) & (pix[:, 0] <= camera.width - 0.5) & (pix[:, 1] >= -0.5) & (pix[:, 1] <= camera.height - 0.5)
+    visible = (z > 0) & inside & (hit["t"] >= dist - VISIBILITY_TOL_M)
+    return pix.astype(np.float32), visible
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, encode_npz(arrays, compress=True))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def generate_subject(
+    config: SynthConfig,
+    seed: int,
+    index: int,
+    out: Path,
+    *,
+    model: FaceModel | None = None,
+    definition: RigDefinition | None = None,
+    progress: bool = True,
+) -> str:
+    """Synthesizes subject ``index`` of ``seed`` under ``out``. Returns its subject id."""
+    model = model or load_ict_face_model()
+    definition = definition or load_default_rig_definition()
+    texture = load_default_texture()
+    rng = np.random.default_rng([seed, index])
+    sid = subject_id_for(seed, index)
+    subject = make_subject(
+        sid, rng, model, definition,
+        identity_std=config.identity_std, detail_mm=config.detail_mm, rig_variation=config.rig_variation,
+    )
+    capture_dir, truth_dir = Path(out) / "captures" / sid, Path(out) / "ground_truth" / sid
+    writer = CaptureWriter(capture_dir, sid)
+    prompts = list(config.prompts or [p.name for p in definition.prompts])
+    hmc_rig = default_hmc_rig(config.hmc_size)
+    peak_pool = [p for p in prompts if p != "neutral"] or [p.name for p in definition.prompts[1:]]
+    timelines = []
+    for r in range(config.hmc_recordings):
+        picks = [peak_pool[(r * config.hmc_peaks_per_recording + k) % len(peak_pool)] for k in range(config.hmc_peaks_per_recording)]
+        timelines.append(hmc_timeline(definition, rng, picks, config.script, fps=config.fps, wink_eye=("left", "right")[r % 2]))
+    total = len(prompts) * config.phone_frames_per_prompt + sum(len(t.b) for t in timelines)
+    bar = tqdm(total=total, desc=sid, unit="frame", disable=not progress, leave=False)
+
+    expr_b, expr_gaze, expr_verts = [], [], []
+    for prompt in prompts:
+        b, gaze = perform_prompt(definition, prompt, rng) if prompt != "neutral" else (np.zeros(definition.size, np.float32), np.zeros(4, np.float32))
+        b[definition.indices(definition.eye_following)] = definition.eye_following_from_gaze(gaze)
+        verts = subject.rig.pose(b, gaze)
+        expr_b.append(b), expr_gaze.append(gaze), expr_verts.append(verts)
+        _write_phone_burst(writer, truth_dir, config, subject, prompt, verts, texture, rng, bar)
+    _write_npz(truth_dir / "expressions.npz", prompts=np.array(prompts), b=np.stack(expr_b), gaze=np.stack(expr_gaze), vertices=np.stack(expr_verts).astype(np.float32))
+
+    writer.write_rig(hmc_rig)
+    renderer = IrRenderer(rig_cameras(hmc_rig), texture, model.triangles)
+    recordings = []
+    for r, timeline in enumerate(timelines):
+        name = f"rec{r:03d}"
+        recordings.append(name)
+        _write_recording(writer, truth_dir, name, subject, timeline, renderer, rng, bar)
+    bar.close()
+
+    _write_subject_truth(truth_dir, config, seed, index, subject)
+    writer.finalize(prompts, recordings)
+    return sid
+
+
+def _write_phone_burst(writer, truth_dir, config, subject, prompt, verts, texture, rng, bar) -> None:
+    shots: list[PhoneShot] = []
+    lm2d, vis, poses = [], [], []
+    for k in range(config.phone_frames_per_prompt):
+        cam = phone_camera(config.phone_width, config.phone_hfov_deg, rng, config.phone_distance_m)
+        shot = render_phone(verts, subject.rig.model.triangles, cam, texture, subject.tint, rng)
+        if k == 0:
+            writer.write_phone_intrinsics(prompt, PhoneIntrinsics(cam.width, cam.height, cam.fx, cam.fy, cam.cx, cam.cy))
+        writer.write_phone_frame(prompt, k, shot.rgb, shot.depth_mm)
+        pix, visible = project_visible(Scene(verts, subject.rig.model.triangles), cam, landmark_points(subject, verts))
+        lm2d.append(pix), vis.append(visible)
+        # Head pose in the camera frame: x_cam = R x_head + t.
+        r_cam_head = cam.R_world_from_camera.T
+        poses.append(np.c_[r_cam_head, -r_cam_head @ cam.t_world_from_camera])
+        shots.append(shot)
+        bar.update(1)
+    _write_npz(truth_dir / "phone" / f"{prompt}.npz", head_in_camera=np.stack(poses), landmarks_2d=np.stack(lm2d), visible=np.stack(vis))
+
+
+def _write_recording(writer, truth_dir, name, subject, timeline: Timeline, renderer: IrRenderer, rng, bar) -> None:
+    cams = renderer.cameras
+    n_frames = len(timeline.b)
+    rot = Rotation.from_rotvec(timeline.head_rotvec)
+    lm_ids = np.r_[np.arange(468, 478), 478 + np.arange(68)]  # iris (10) + Multi-PIE 68
+    lm2d = {c: np.zeros((n_frames, len(lm_ids), 2), np.float32) for c in cams}
+    vis = {c: np.zeros((n_frames, len(lm_ids)), bool) for c in cams}
+    for i in range(n_frames):
+        head_verts = subject.rig.pose(timeline.b[i], timeline.gaze[i])
+        verts = rot[i].apply(head_verts) + timeline.head_t[i]
+        images, scene = renderer.render(verts.astype(np.float32), rng)
+        points = landmark_points(subject, verts)[lm_ids]
+        for cam_name, image in images.items():
+            writer.write_hmc_frame(name, cam_name, i, image)
+            lm2d[cam_name][i], vis[cam_name][i] = project_visible(scene, cams[cam_name], points)
+        bar.update(1)
+    for cam_name in cams:
+        writer.write_timestamps(name, cam_name, timeline.timestamps_ns)
+    writer.write_segments(name, timeline.segments)
+    for cam_name, cam in cams.items():
+        if cam_name.startswith("gt_"):
+            continue  # an external detector runs on the embedded cameras only
+        noise = rng.normal(size=lm2d[cam_name].shape) * KEYPOINT_NOISE_PX * cam.width / 400
+        points = np.where(vis[cam_name][..., None], lm2d[cam_name] + noise, np.nan)
+        conf = np.where(vis[cam_name], rng.uniform(0.7, 1.0, vis[cam_name].shape), 0.0)
+        writer.write_keypoints(name, cam_name, points, conf)
+    quat = rot.as_quat()[:, [3, 0, 1, 2]]  # scipy is xyzw; the product uses wxyz, w >= 0
+    quat *= np.where(quat[:, :1] < 0, -1.0, 1.0)
+    names = np.array(list(cams))
+    _write_npz(
+        truth_dir / "hmc" / f"{name}.npz",
+        frame_index=np.arange(n_frames, dtype=np.int32), timestamp_ns=timeline.timestamps_ns,
+        b=timeline.b, gaze=timeline.gaze, head_quat=quat.astype(np.float32), head_t=timeline.head_t.astype(np.float32),
+        cameras=names, landmark_ids=lm_ids.astype(np.int32),
+        landmarks_2d=np.stack([lm2d[c] for c in names]), visible=np.stack([vis[c] for c in names]),
+    )
+
+
+def _write_subject_truth(truth_dir: Path, config: SynthConfig, seed: int, index: int, subject: SyntheticSubject) -> None:
+    rig = subject.rig
+    _write_json(truth_dir / "subject.json", {
+        "subject_id": subject.subject_id, "seed": seed, "index": index, "preset": config.name,
+        "face_model": rig.model.name, "face_model_version": rig.model.version,
+        "rig_name": rig.definition.name, "rig_version": rig.definition.version,
+        "tint": [round(float(x), 6) for x in subject.tint],
+        "landmarks": "478 MediaPipe (embedding) then 68 Multi-PIE; HMC files keep iris (468-477) and the 68",
+    })
+    _write_npz(truth_dir / "identity.npz", identity=subject.identity.astype(np.float32), detail=subject.detail, neutral=rig.neutral, shape_gain=subject.shape_gain.astype(np.float32))
+    _write_npz(
+        truth_dir / "rig.npz", rig_name=np.array(rig.definition.name), rig_version=np.array(rig.definition.version),
+        blendshape_names=np.array(rig.definition.blendshape_names), model_version=np.array(rig.model.version),
+        neutral=rig.neutral.astype(np.float32), deltas=rig.deltas.astype(np.float32),
+    )
+
+
+def generate(config: SynthConfig, n_subjects: int, seed: int, out: Path, progress: bool = True) -> list[str]:
+    """Synthesizes ``n_subjects`` subjects. Returns their ids."""
+    ids = []
+    for index in tqdm(range(n_subjects), desc="subjects", disable=not progress or n_subjects < 2):
+        ids.append(generate_subject(config, seed, index, Path(out), progress=progress))
+    return ids

@@ -1,0 +1,87 @@
+"""A synthetic subject: identity, detail outside the shape space, and a true personal rig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rigs.definition import RigDefinition
+from rigs.face_model import FaceModel
+from rigs.raycast import vertex_normals
+from rigs.rig import BlendshapeRig
+
+#: Parts that stay rigid under identity detail and rig variation (eyes, teeth).
+RIGID_PARTS = ("eyeball_left", "eyeball_right", "teeth")
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticSubject:
+    """Everything the generator knows about a subject (written to ground_truth/).
+
+    Attributes:
+        subject_id: safe name.
+        identity: (k,) identity coefficients.
+        detail: (n, 3) float32 displacement outside the identity space, metres.
+        rig: the true personal rig (neutral = identity + detail).
+        tint: (3,) albedo multiplier (skin tone).
+        shape_gain: (K,) per-shape global gain of the personal rig.
+    """
+
+    subject_id: str
+    identity: np.ndarray
+    detail: np.ndarray
+    rig: BlendshapeRig
+    tint: np.ndarray
+    shape_gain: np.ndarray
+
+
+def smooth_field(points: np.ndarray, rng: np.random.Generator, bumps: int, radius: tuple[float, float]) -> np.ndarray:
+    """A smooth random scalar field: a sum of Gaussian bumps in [-1, 1] amplitude.
+
+    Args:
+        points: (n, 3) positions, metres.
+        bumps: number of bumps, centred on random points.
+        radius: (min, max) bump radius, metres.
+
+    Returns:
+        (n,) float64 field, roughly in [-1, 1].
+    """
+    centres = points[rng.integers(0, len(points), bumps)]
+    radii = rng.uniform(*radius, bumps)
+    amps = rng.uniform(-1, 1, bumps)
+    d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
+    return (amps * np.exp(-d2 / (2 * radii**2))).sum(1)
+
+
+def make_subject(
+    subject_id: str,
+    rng: np.random.Generator,
+    model: FaceModel,
+    definition: RigDefinition,
+    *,
+    identity_std: float = 1.0,
+    detail_mm: float = 1.5,
+    rig_variation: float = 0.2,
+) -> SyntheticSubject:
+    """Draws a subject: identity from the model prior, plus detail and rig variation."""
+    identity = rng.normal(0.0, identity_std, len(model.identity_basis))
+    base = model.identity_shape(identity)
+    deformable = ~np.isin(model.vertex_part, [model.part_names.index(p) for p in RIGID_PARTS])
+    normals = vertex_normals(base, model.triangles)
+    detail = np.zeros_like(base)
+    field = smooth_field(base, rng, bumps=16, radius=(0.008, 0.025))
+    detail[deformable] = (detail_mm * 1e-3 * field[:, None] * normals)[deformable]
+    neutral = base + detail
+
+    generic = BlendshapeRig.generic(model, definition)
+    gain = rng.uniform(1 - rig_variation / 2, 1 + rig_variation / 2, definition.size)
+    deltas = np.empty_like(generic.deltas)
+    for k in range(definition.size):
+        # Smooth spatial variation of where and how much each shape moves the face.
+        local = 1.0 + rig_variation * np.clip(smooth_field(base, rng, bumps=6, radius=(0.015, 0.04)), -1.5, 1.5)
+        local[~deformable] = 1.0
+        deltas[k] = generic.deltas[k] * (gain[k] * local)[:, None]
+    rig = BlendshapeRig(definition, neutral.astype(np.float32), deltas.astype(np.float32), model)
+    tint = np.array([1.0, 0.93, 0.88]) * rng.uniform(0.6, 1.1) + rng.uniform(-0.05, 0.05, 3)
+    return SyntheticSubject(subject_id, identity, detail.astype(np.float32), rig, tint, gain)

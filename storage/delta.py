@@ -1,0 +1,406 @@
+"""Generic helpers over Delta Lake tables (the ``deltalake`` package).
+
+Every table of the product (labels, metrics, run records, failure records, landmark
+records) goes through these few functions, so that atomicity, retry-on-conflict and error
+wrapping are implemented once:
+
+- each write is ONE Delta commit: readers see either the table before it or after it;
+- :func:`replace_rows` deletes the rows matching an equality predicate and adds the new
+  rows in the same commit (``write_deltalake(mode="overwrite", predicate=...)``);
+- concurrent writers use Delta's optimistic concurrency; a commit that loses the race
+  (``CommitFailedError`` or a "version already exists" error) is retried from scratch with
+  bounded, jittered exponential backoff. A failed attempt publishes nothing (its data files
+  are unreferenced and only reclaimed by ``vacuum``), so retrying never duplicates rows.
+
+All failures are raised as :class:`pipeline.errors.StorageError` naming the table uri.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pa_fs
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import (
+    CommitFailedError,
+    DeltaError,
+    SchemaMismatchError,
+    TableNotFoundError,
+)
+
+from pipeline.errors import StorageError
+
+_log = logging.getLogger(__name__)
+
+__all__ = [
+    "append_rows",
+    "exists",
+    "history",
+    "read_rows",
+    "replace_rows",
+    "sql_predicate",
+    "table_schema",
+    "table_version",
+]
+
+#: Attempts (first try included) before a conflicting commit is given up.
+MAX_ATTEMPTS = 12
+#: Backoff of the first retry in seconds; doubled each retry, capped at ``_MAX_BACKOFF_S``.
+_BASE_BACKOFF_S = 0.02
+_MAX_BACKOFF_S = 2.0
+#: Key of the commitInfo entry by which a writer finds the version of its own commit.
+_TOKEN_KEY = "pgt.commit_token"
+
+# Messages of DeltaErrors that mean "another writer committed first"; delta-rs raises some
+# of these as plain DeltaError (e.g. the table-creation race on version 0).
+_CONFLICT_MARKERS = (
+    "already exists",
+    "concurrent",
+    "conflict",
+    "commit failed",
+    "version mismatch",
+    "max commit attempts",
+)
+
+
+def exists(uri: str, *, storage_options: Mapping[str, str] | None = None) -> bool:
+    """Whether a Delta table exists at ``uri``.
+
+    Args:
+        uri: table location (local path or fsspec-style URL understood by deltalake).
+        storage_options: object-store options (credentials, endpoint) passed to deltalake.
+    """
+    try:
+        return bool(DeltaTable.is_deltatable(str(uri), storage_options=_opts(storage_options)))
+    except (DeltaError, OSError) as exc:
+        raise StorageError(f"{uri}: cannot check whether a Delta table exists: {exc}") from exc
+
+
+def table_version(uri: str, *, storage_options: Mapping[str, str] | None = None) -> int | None:
+    """The latest committed version of the table at ``uri``, or None if there is no table."""
+    if not exists(uri, storage_options=storage_options):
+        return None
+    return _open(uri, storage_options=storage_options).version()
+
+
+def table_schema(
+    uri: str, *, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> pa.Schema:
+    """The Arrow schema of the table (at ``version``; default latest), in column order."""
+    dt = _open(uri, version=version, storage_options=storage_options)
+    try:
+        return _plain_string_schema(pa.schema(dt.schema().to_arrow()))
+    except (DeltaError, pa.ArrowException) as exc:
+        raise StorageError(f"{uri}: cannot read the schema: {exc}") from exc
+
+
+def history(uri: str, *, storage_options: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Commit history of the table, newest first.
+
+    Each entry is deltalake's commitInfo dict: ``version``, ``timestamp`` (ms since epoch),
+    ``operation``, ``operationParameters``, ``operationMetrics`` and any custom metadata.
+    """
+    dt = _open(uri, storage_options=storage_options)
+    try:
+        return list(dt.history())
+    except DeltaError as exc:
+        raise StorageError(f"{uri}: cannot read the commit history: {exc}") from exc
+
+
+def read_rows(
+    uri: str,
+    *,
+    filters: Mapping[str, object] | None = None,
+    version: int | None = None,
+    columns: Sequence[str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
+) -> pa.Table:
+    """Read the rows of a table (optionally at an older version).
+
+    Args:
+        uri: table location.
+        filters: column -> value equality filters, AND-ed; a list/tuple/set value means
+            "is one of". Partition columns prune directories and other columns prune files
+            by their min/max statistics before any Parquet data is read.
+        version: time travel to this committed version; None = latest.
+        columns: subset of columns to read (table order is kept when None).
+        storage_options: object-store options passed to deltalake.
+
+    Returns:
+        The matching rows as a ``pa.Table`` with the Delta table's schema (column order as
+        written, partition columns included).
+    """
+    dt = _open(uri, version=version, storage_options=storage_options)
+    try:
+        schema = _plain_string_schema(pa.schema(dt.schema().to_arrow()))  # arro3 -> pyarrow
+        # Prune files first (partition values exactly, other columns by min/max stats),
+        # then filter rows exactly with pyarrow.
+        pruning = sql_predicate(filters) if filters else None
+        dataset = dt.to_pyarrow_dataset(
+            schema=schema, filesystem=_native_filesystem(uri), file_pruning_predicate=pruning
+        )
+        expr = _filter_expression(filters) if filters else None
+        cols = list(columns) if columns is not None else [f.name for f in schema]
+        return dataset.to_table(columns=cols, filter=expr)
+    except (DeltaError, pa.ArrowException, OSError) as exc:
+        raise StorageError(f"{uri}: cannot read rows (filters={filters!r}): {exc}") from exc
+
+
+def append_rows(
+    uri: str,
+    table: pa.Table,
+    *,
+    partition_by: list[str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    commit_metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Append ``table`` to the Delta table at ``uri`` in one commit (create it if missing).
+
+    Args:
+        uri: table location.
+        table: rows to add; its schema must equal the table's (no schema evolution).
+        partition_by: partition columns, used only when the table is created.
+        storage_options: object-store options passed to deltalake.
+        commit_metadata: extra string entries stored in the commit's commitInfo (e.g.
+            ``{"pgt.run_id": ...}``); they show up in :func:`history`.
+
+    Returns:
+        The version of the commit that added the rows.
+    """
+    return _commit_with_retry(
+        uri,
+        table,
+        mode="append",
+        predicate=None,
+        partition_by=partition_by,
+        storage_options=storage_options,
+        commit_metadata=commit_metadata,
+    )
+
+
+def replace_rows(
+    uri: str,
+    table: pa.Table,
+    predicate: Mapping[str, object],
+    *,
+    partition_by: list[str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    commit_metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Atomically replace every row matching ``predicate`` by ``table`` (one commit).
+
+    Readers see either all the old matching rows or all the new ones, never a mix. Rows
+    not matching the predicate are untouched. Every row of ``table`` must itself match the
+    predicate (delta-rs rejects the commit otherwise, which is raised as StorageError).
+    Creates the table if missing.
+
+    Args:
+        uri: table location.
+        table: the new rows.
+        predicate: column -> value equality conditions, AND-ed, e.g.
+            ``{"subject_id": "s1", "label_round": 0}``; ``None`` values mean IS NULL.
+        partition_by: partition columns, used only when the table is created.
+        storage_options: object-store options passed to deltalake.
+        commit_metadata: extra string entries stored in the commit's commitInfo.
+
+    Returns:
+        The version of the commit.
+    """
+    if not predicate:
+        raise StorageError(f"{uri}: replace_rows needs a non-empty predicate")
+    sql = sql_predicate(predicate)
+    return _commit_with_retry(
+        uri,
+        table,
+        mode="overwrite",
+        predicate=sql,
+        partition_by=partition_by,
+        storage_options=storage_options,
+        commit_metadata=commit_metadata,
+    )
+
+
+def sql_predicate(predicate: Mapping[str, object]) -> str:
+    """Render an equality predicate as a SQL boolean expression for delta-rs.
+
+    Identifiers are double-quoted (embedded ``"`` doubled); strings are single-quoted with
+    embedded ``'`` doubled, so values such as ``o'brien`` cannot break out of the literal.
+
+    Args:
+        predicate: column -> value; value is str, int, float (finite), bool, None
+            (IS NULL) or a non-empty list/tuple/set of those (IN).
+
+    Returns:
+        e.g. ``"subject_id" = 's1' AND "label_round" = 0``.
+    """
+    parts = []
+    for column, value in predicate.items():
+        ident = '"' + str(column).replace('"', '""') + '"'
+        if value is None:
+            parts.append(f"{ident} IS NULL")
+        elif isinstance(value, list | tuple | set | frozenset):
+            if not value:
+                raise StorageError(f"predicate on {column!r}: empty list of values")
+            items = ", ".join(_sql_literal(column, v) for v in sorted(value, key=repr))
+            parts.append(f"{ident} IN ({items})")
+        else:
+            parts.append(f"{ident} = {_sql_literal(column, value)}")
+    return " AND ".join(parts)
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _opts(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
+    return dict(storage_options) if storage_options else None
+
+
+def _open(
+    uri: str, *, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> DeltaTable:
+    try:
+        return DeltaTable(str(uri), version=version, storage_options=_opts(storage_options))
+    except TableNotFoundError as exc:
+        raise StorageError(f"{uri}: no Delta table here: {exc}") from exc
+    except (DeltaError, OSError) as exc:
+        what = f"version {version}" if version is not None else "the table"
+        raise StorageError(f"{uri}: cannot open {what}: {exc}") from exc
+
+
+def _native_filesystem(uri: str) -> pa_fs.FileSystem | None:
+    """A pyarrow-native filesystem rooted at a local table, else None (deltalake's own).
+
+    Why: with deltalake's default Rust-backed ``PyFileSystem`` handler, a process that read
+    a table aborts at interpreter exit about half of the time ("terminate called without an
+    active exception", delta-io/delta-rs#2184); pyarrow's own LocalFileSystem does not.
+    """
+    text = str(uri)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    root = text.removeprefix("file://")
+    return pa_fs.SubTreeFileSystem(os.path.abspath(root), pa_fs.LocalFileSystem())
+
+
+def _sql_literal(column: object, value: object) -> str:
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise StorageError(f"predicate on {column!r}: non-finite value {value!r}")
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    # numpy scalars and the like
+    if hasattr(value, "item"):
+        return _sql_literal(column, value.item())
+    raise StorageError(f"predicate on {column!r}: unsupported value type {type(value).__name__}")
+
+
+def _filter_expression(filters: Mapping[str, object]) -> pc.Expression:
+    expr: pc.Expression | None = None
+    for column, value in filters.items():
+        field = pc.field(column)
+        if value is None:
+            term = field.is_null()
+        elif isinstance(value, list | tuple | set | frozenset):
+            term = field.isin(list(value))
+        else:
+            term = field == value
+        expr = term if expr is None else expr & term
+    assert expr is not None
+    return expr
+
+
+def _plain_string_schema(schema: pa.Schema) -> pa.Schema:
+    """Map large/view string types to ``string`` so readers get the declared dtypes."""
+    fields = []
+    for f in schema:
+        t = f.type
+        if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            t = pa.string()
+        fields.append(f.with_type(t))
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    if isinstance(exc, CommitFailedError):
+        return True
+    if isinstance(exc, SchemaMismatchError):
+        return False
+    msg = str(exc).lower()
+    return isinstance(exc, DeltaError) and any(m in msg for m in _CONFLICT_MARKERS)
+
+
+def _commit_with_retry(
+    uri: str,
+    table: pa.Table,
+    *,
+    mode: str,
+    predicate: str | None,
+    partition_by: list[str] | None,
+    storage_options: Mapping[str, str] | None,
+    commit_metadata: Mapping[str, str] | None = None,
+) -> int:
+    if not isinstance(table, pa.Table):
+        raise StorageError(f"{uri}: expected a pyarrow.Table, got {type(table).__name__}")
+    token = uuid.uuid4().hex
+    custom = {str(k): str(v) for k, v in (commit_metadata or {}).items()}
+    custom[_TOKEN_KEY] = token
+    opts = _opts(storage_options)
+    last: BaseException | None = None
+    for attempt in range(MAX_ATTEMPTS):
+        try:
+            target: str | DeltaTable = str(uri)
+            if exists(uri, storage_options=storage_options):
+                # Reload each attempt: the retry must see the commits that beat us.
+                target = _open(uri, storage_options=storage_options)
+            write_deltalake(
+                target,
+                table,
+                mode=mode,  # type: ignore[arg-type]
+                predicate=predicate,
+                partition_by=partition_by if isinstance(target, str) else None,
+                storage_options=opts if isinstance(target, str) else None,
+                commit_properties=CommitProperties(custom_metadata=custom),
+            )
+            return _version_of_token(uri, token, storage_options)
+        except (DeltaError, OSError) as exc:
+            if isinstance(exc, DeltaError) and not _is_conflict(exc):
+                raise StorageError(f"{uri}: {mode} commit rejected: {exc}") from exc
+            if isinstance(exc, OSError) and attempt >= 2:  # transient I/O: retry a little
+                raise StorageError(f"{uri}: {mode} commit failed: {exc}") from exc
+            last = exc
+            _log.info(
+                "%s: %s commit attempt %d lost a race, retrying: %s", uri, mode, attempt + 1, exc
+            )
+        except StorageError:
+            raise
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise StorageError(f"{uri}: {mode} commit rejected: {exc}") from exc
+        delay = min(_MAX_BACKOFF_S, _BASE_BACKOFF_S * (2**attempt))
+        time.sleep(delay * (0.5 + random.random()))  # jitter de-synchronises the writers
+    raise StorageError(
+        f"{uri}: {mode} commit still conflicting after {MAX_ATTEMPTS} attempts: {last}"
+    )
+
+
+def _version_of_token(uri: str, token: str, storage_options: Mapping[str, str] | None) -> int:
+    """Find the version whose commitInfo carries our token (exact even under concurrency)."""
+    dt = _open(uri, storage_options=storage_options)
+    for limit in (32, None):
+        entries: Iterable[dict[str, Any]] = dt.history(limit)
+        for entry in entries:
+            if entry.get(_TOKEN_KEY) == token:
+                return int(entry["version"])
+    raise StorageError(f"{uri}: committed, but the commit {token} is missing from the history")
