@@ -93,13 +93,18 @@ class Scene:
     def render(self, camera: Camera) -> GBuffer:
         """Ray-casts every pixel of ``camera`` (its world frame = the mesh's frame)."""
         origins, dirs = camera.pixel_rays()
-        hit = self.cast(origins, dirs)
-        t = hit["t"].astype(np.float32)
-        points = (origins + dirs * t[..., None]).astype(np.float32)
-        points[~np.isfinite(t)] = np.nan
-        depth = camera.to_camera(points)[..., 2].astype(np.float32)
-        depth[~np.isfinite(t)] = np.inf
-        return GBuffer(hit["triangle"], hit["barycentric"], t, depth, points, dirs.astype(np.float32), hit["geometry"])
+        return make_gbuffer(camera, origins, dirs, self.cast(origins, dirs))
+
+
+def make_gbuffer(camera: Camera, origins: np.ndarray, dirs: np.ndarray, hit: dict[str, np.ndarray]) -> GBuffer:
+    """Assembles a :class:`GBuffer` from :meth:`Scene.cast` results of ``camera``'s pixel rays."""
+    t = hit["t"].astype(np.float32)
+    found = np.isfinite(t)
+    points = np.full(origins.shape, np.nan, np.float32)
+    points[found] = origins[found] + dirs[found] * t[found, None]
+    depth = np.full(t.shape, np.inf, np.float32)
+    depth[found] = camera.to_camera(points[found])[:, 2]
+    return GBuffer(hit["triangle"], hit["barycentric"], t, depth, points, dirs.astype(np.float32), hit["geometry"])
 
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:

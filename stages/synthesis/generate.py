@@ -31,9 +31,9 @@ from stages.synthesis.phone import PhoneShot, phone_camera, render_phone
 from stages.synthesis.presets import SynthConfig
 from stages.synthesis.subject import SyntheticSubject, make_subject
 from stages.synthesis.texture import load_default_texture
+from storage.capture_files import atomic_write_bytes, encode_npz
 from storage.capture_types import PhoneIntrinsics
 from storage.capture_writer import CaptureWriter
-from storage.capture_files import atomic_write_bytes, encode_npz
 
 #: Detector noise of the simulated external HMC keypoints, pixels at 400 px.
 KEYPOINT_NOISE_PX = 1.0

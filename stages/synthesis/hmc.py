@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from rigs.camera import Camera
-from rigs.raycast import GBuffer, Scene, vertex_normals
+from rigs.raycast import Scene, make_gbuffer, vertex_normals
 from stages.synthesis.texture import PhotoTexture
 from storage.capture_types import HmcCamera, HmcRig, PinholeIntrinsics
 
@@ -81,18 +81,20 @@ class IrRenderer:
             d = self._rays[name][1] @ cam.R_world_from_camera  # camera-frame directions
             self._vignette[name] = (d[..., 2] ** 4).astype(np.float32)
 
-    def render(self, vertices: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], Scene]:
-        """IR images (uint8, H x W) of posed ``vertices`` (headset frame), and the scene."""
+    def render(
+        self, vertices: np.ndarray, rng: np.random.Generator | None
+    ) -> tuple[dict[str, np.ndarray], Scene]:
+        """IR images (uint8, H x W) of posed ``vertices`` (headset frame), and the scene.
+
+        ``rng=None`` renders without sensor noise (used to check alignment in tests).
+        """
         scene = Scene(vertices, self.triangles)
         normals = vertex_normals(vertices, self.triangles)
         images = {}
         for name, cam in self.cameras.items():
             origins, dirs = self._rays[name]
-            hit = scene.cast(origins, dirs)
-            t = hit["t"].astype(np.float32)
-            points = origins + dirs * t[..., None]
-            g = GBuffer(hit["triangle"], hit["barycentric"], t, cam.to_camera(points)[..., 2].astype(np.float32),
-                        points.astype(np.float32), dirs.astype(np.float32), hit["geometry"])
+            g = make_gbuffer(cam, origins, dirs, scene.cast(origins, dirs))
+            t = g.distance
             n = g.interpolate(self.triangles, normals)
             n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9)
             albedo = ir_albedo(self.texture.albedo(g, self.triangles))
@@ -101,7 +103,9 @@ class IrRenderer:
             radiance = albedo * (0.15 + 0.85 * cos) * (0.05 / dist) ** 2 * 0.8
             radiance = radiance * self._vignette[name]
             radiance = np.where(g.hit, radiance, 0.01)
-            noisy = radiance + rng.normal(size=radiance.shape) * np.sqrt(0.0004 + 0.004 * np.clip(radiance, 0, None))
+            noisy = radiance
+            if rng is not None:
+                noisy = radiance + rng.normal(size=radiance.shape) * np.sqrt(0.0004 + 0.004 * np.clip(radiance, 0, None))
             images[name] = (np.clip(noisy, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
         return images, scene
 
