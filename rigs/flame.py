@@ -24,6 +24,7 @@ _ALLOWED = {
     ("numpy._core.multiarray", "scalar"), ("scipy.sparse.csc", "csc_matrix"),
     ("scipy.sparse._csc", "csc_matrix"), ("scipy.sparse.csr", "csr_matrix"),
     ("scipy.sparse._csr", "csr_matrix"),
+    ("_codecs", "encode"),  # how protocol-2 pickles store bytes; it only encodes a str
 }
 #: FLAME's expression space: shapedirs columns 300.. are expression, ..300 identity.
 FLAME_N_SHAPE = 300

@@ -15,6 +15,7 @@ byte-identical files.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,13 @@ def _write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def prompt_pose(definition: RigDefinition, prompt: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(b, gaze) of a phone prompt: the neutral is exact, every other prompt is performed."""
+    if prompt == "neutral":
+        return np.zeros(definition.size, np.float32), np.zeros(4, np.float32)
+    return perform_prompt(definition, prompt, rng)
+
+
 def generate_subject(
     config: SynthConfig,
     seed: int,
@@ -107,11 +115,10 @@ def generate_subject(
 
     expr_b, expr_gaze, expr_verts = [], [], []
     for prompt in prompts:
-        b, gaze = perform_prompt(definition, prompt, rng) if prompt != "neutral" else (np.zeros(definition.size, np.float32), np.zeros(4, np.float32))
-        b[definition.indices(definition.eye_following)] = definition.eye_following_from_gaze(gaze)
+        b, gaze = prompt_pose(definition, prompt, rng)
         verts = subject.rig.pose(b, gaze)
         expr_b.append(b), expr_gaze.append(gaze), expr_verts.append(verts)
-        _write_phone_burst(writer, truth_dir, config, subject, prompt, verts, texture, rng, bar)
+        _write_phone_burst(writer, truth_dir, prompt, render_phone_burst(config, subject, verts, texture, rng), bar)
     _write_npz(truth_dir / "expressions.npz", prompts=np.array(prompts), b=np.stack(expr_b), gaze=np.stack(expr_gaze), vertices=np.stack(expr_verts).astype(np.float32))
 
     writer.write_rig(hmc_rig)
@@ -128,23 +135,44 @@ def generate_subject(
     return sid
 
 
-def _write_phone_burst(writer, truth_dir, config, subject, prompt, verts, texture, rng, bar) -> None:
-    shots: list[PhoneShot] = []
-    lm2d, vis, poses = [], [], []
-    for k in range(config.phone_frames_per_prompt):
+@dataclass(frozen=True, eq=False)
+class PhoneTruthFrame:
+    """A rendered phone frame with its truth: 2D landmarks (546, 2), visibility, head pose."""
+
+    shot: PhoneShot
+    landmarks_2d: np.ndarray
+    visible: np.ndarray
+    head_in_camera: np.ndarray
+
+
+def render_phone_burst(config: SynthConfig, subject: SyntheticSubject, verts: np.ndarray, texture, rng) -> list[PhoneTruthFrame]:
+    """Renders one prompt's burst of RGBD frames from slightly different angles."""
+    triangles = subject.rig.model.triangles
+    points = landmark_points(subject, verts)
+    frames = []
+    for _ in range(config.phone_frames_per_prompt):
         cam = phone_camera(config.phone_width, config.phone_hfov_deg, rng, config.phone_distance_m)
-        shot = render_phone(verts, subject.rig.model.triangles, cam, texture, subject.tint, rng)
+        shot = render_phone(verts, triangles, cam, texture, subject.tint, rng)
+        pix, visible = project_visible(Scene(verts, triangles), cam, points)
+        r_cam_head = cam.R_world_from_camera.T  # x_cam = R x_head + t
+        pose = np.c_[r_cam_head, -r_cam_head @ cam.t_world_from_camera]
+        frames.append(PhoneTruthFrame(shot, pix, visible, pose))
+    return frames
+
+
+def _write_phone_burst(writer, truth_dir, prompt, frames: list[PhoneTruthFrame], bar) -> None:
+    for k, f in enumerate(frames):
+        cam = f.shot.camera
         if k == 0:
             writer.write_phone_intrinsics(prompt, PhoneIntrinsics(cam.width, cam.height, cam.fx, cam.fy, cam.cx, cam.cy))
-        writer.write_phone_frame(prompt, k, shot.rgb, shot.depth_mm)
-        pix, visible = project_visible(Scene(verts, subject.rig.model.triangles), cam, landmark_points(subject, verts))
-        lm2d.append(pix), vis.append(visible)
-        # Head pose in the camera frame: x_cam = R x_head + t.
-        r_cam_head = cam.R_world_from_camera.T
-        poses.append(np.c_[r_cam_head, -r_cam_head @ cam.t_world_from_camera])
-        shots.append(shot)
+        writer.write_phone_frame(prompt, k, f.shot.rgb, f.shot.depth_mm)
         bar.update(1)
-    _write_npz(truth_dir / "phone" / f"{prompt}.npz", head_in_camera=np.stack(poses), landmarks_2d=np.stack(lm2d), visible=np.stack(vis))
+    _write_npz(
+        truth_dir / "phone" / f"{prompt}.npz",
+        head_in_camera=np.stack([f.head_in_camera for f in frames]),
+        landmarks_2d=np.stack([f.landmarks_2d for f in frames]),
+        visible=np.stack([f.visible for f in frames]),
+    )
 
 
 def _write_recording(writer, truth_dir, name, subject, timeline: Timeline, renderer: IrRenderer, rng, bar) -> None:

@@ -65,8 +65,13 @@ def render_phone(
     texture: PhotoTexture,
     tint: np.ndarray,
     rng: np.random.Generator,
+    *,
+    noise: bool = True,
 ) -> PhoneShot:
-    """Renders one RGBD frame of posed ``vertices`` (head frame) seen by ``camera``."""
+    """Renders one RGBD frame of posed ``vertices`` (head frame) seen by ``camera``.
+
+    ``noise=False`` skips the RGB sensor noise (tests compare against it).
+    """
     wall_distance = float(rng.uniform(0.9, 1.4))
     scene = Scene(vertices, triangles, extras=[_wall(camera, wall_distance)])
     g = scene.render(camera)
@@ -87,7 +92,9 @@ def render_phone(
     pattern = gaussian_filter(rng.uniform(0.25, 0.6, g.triangle.shape), sigma=g.triangle.shape[1] / 12)
     wall_rgb = pattern[..., None] * np.array([0.9, 0.92, 1.0])
     img[wall] = wall_rgb[wall]
-    img = img * rng.uniform(0.85, 1.1) + rng.normal(0, 0.01, img.shape)
+    img = img * rng.uniform(0.85, 1.1)
+    if noise:
+        img = img + rng.normal(0, 0.01, img.shape)
     rgb = (np.clip(img, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
     return PhoneShot(rgb, _truedepth(g.depth, g.directions, normals, g.hit, rng), camera)
 
