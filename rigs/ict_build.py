@@ -128,7 +128,7 @@ def build(src: Path, dst: Path) -> dict:
         deltas=expression.astype(np.float16),
     )
     np.savez_compressed(dst / "ict_identity.npz", modes_q=identity_q, scale=scale.astype(np.float32))
-    shutil.copy(src / "LICENSE", dst / "LICENSE-ICT-FaceKit")
+    shutil.copyfile(src / "LICENSE", dst / "LICENSE-ICT-FaceKit")
     facts = {
         "vertices": int(N_KEPT),
         "triangles": int(len(tris)),
