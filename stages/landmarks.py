@@ -177,3 +177,70 @@ def face_mask(points: np.ndarray, shape: tuple[int, int], scheme: str = "mediapi
     mask = np.zeros(shape, np.uint8)
     cv2.fillConvexPoly(mask, hull, 1)
     return mask.astype(bool)
+
+
+LANDMARK_ROWS_SCHEMA_FIELDS = (
+    ("subject_id", "string"), ("expression", "string"), ("frame_index", "int32"),
+    ("detector", "string"), ("scheme", "string"), ("status", "string"), ("reason", "string"),
+    ("confidence", "float32"), ("mask_pixels", "int32"), ("points", "list<float32>"),
+)
+
+
+def landmark_rows_schema():
+    """Arrow schema of the landmark records table (one row per phone frame)."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int32": pa.int32(), "float32": pa.float32(), "list<float32>": pa.list_(pa.float32())}
+    return pa.schema([(name, types[t]) for name, t in LANDMARK_ROWS_SCHEMA_FIELDS])
+
+
+def detect_landmarks_for_capture(capture: str, validated: object, config):
+    """Stage ``landmarks``: landmarks, confidence and face mask of every phone frame.
+
+    ``validated`` is the ``validate`` stage's output: this stage only runs on a capture
+    that passed validation.
+
+    Returns a ``StageOutput`` whose table ``rows`` holds one record per frame (status
+    ``ok`` or ``rejected`` with its reason) and whose arrays hold each expression's
+    bit-packed face masks ``mask_<expression>`` (frames, packed H*W bits) and landmark
+    points ``points_<expression>`` (frames, P, 2; NaN where rejected).
+    """
+    import pyarrow as pa
+
+    from pipeline.serialize import StageOutput
+    from storage.capture import Capture
+
+    cap = Capture.open(capture)
+    detector = make_detector(
+        config["landmarks.detector"], weights=config["landmarks.weights"] or None,
+        precomputed_dir=config["landmarks.precomputed_dir"] or None,
+    )
+    rows: dict[str, list] = {name: [] for name, _ in LANDMARK_ROWS_SCHEMA_FIELDS}
+    arrays: dict[str, np.ndarray] = {}
+    for expression in cap.phone_expressions:
+        masks, points = [], []
+        for frame in cap.iter_phone_frames(expression):
+            det = detector.detect(frame.rgb, (expression, frame.index))
+            if det.found and det.confidence < config["landmarks.min_confidence"]:
+                det = Detection.missing(f"confidence {det.confidence:.2f} below {config['landmarks.min_confidence']}", det.scheme)
+            shape = frame.rgb.shape[:2]
+            mask = face_mask(det.points, shape, det.scheme) if det.found else np.zeros(shape, bool)
+            masks.append(np.packbits(mask.ravel()))
+            n_points = 478 if detector.scheme == "mediapipe478" else 68
+            points.append(det.points if det.found else np.full((n_points, 2), np.nan, np.float32))
+            for name, value in (
+                ("subject_id", cap.subject_id), ("expression", expression), ("frame_index", frame.index),
+                ("detector", config["landmarks.detector"]), ("scheme", det.scheme),
+                ("status", "ok" if det.found else "rejected"), ("reason", det.reason),
+                ("confidence", det.confidence), ("mask_pixels", int(mask.sum())),
+                ("points", det.points.ravel().tolist()),
+            ):
+                rows[name].append(value)
+        arrays[f"mask_{expression}"] = np.stack(masks)
+        arrays[f"points_{expression}"] = np.stack(points).astype(np.float32)
+    if hasattr(detector, "close"):
+        detector.close()
+    table = pa.table(rows, schema=landmark_rows_schema())
+    meta = {"subject_id": cap.subject_id, "frames": table.num_rows,
+            "rejected": int(sum(s != "ok" for s in rows["status"]))}
+    return StageOutput(arrays=arrays, meta=meta, tables={"rows": table})

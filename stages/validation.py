@@ -1,0 +1,23 @@
+"""Stage ``validate``: the capture contract is checked before any stage reads the capture."""
+
+from __future__ import annotations
+
+from pipeline.errors import CaptureError
+
+
+def validate_capture_stage(capture: str, config):
+    """Raises :class:`CaptureError` listing every problem; returns the summary otherwise.
+
+    The failure record of a broken subject then carries the validator's messages.
+    """
+    from pipeline.serialize import StageOutput
+    from storage.capture import Capture
+    from storage.validate import summarize_capture, validate_capture
+
+    problems = validate_capture(capture, deep=bool(config["validate.deep"]), progress=lambda done, total: None)
+    if problems:
+        detail = "; ".join(str(p) for p in problems[:20])
+        more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""
+        raise CaptureError(capture, f"{len(problems)} problem(s): {detail}{more}")
+    cap = Capture.open(capture)
+    return StageOutput(meta={"subject_id": cap.subject_id, "summary": summarize_capture(capture)})
