@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import __version__
 from pipeline.errors import ConfigError
 
 
@@ -41,7 +42,7 @@ class RunConfig:
 
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     landmarks: LandmarksConfig = field(default_factory=LandmarksConfig)
-    pipeline_version: str = "0.1.0"
+    pipeline_version: str = __version__
     """Written into every label row."""
 
 

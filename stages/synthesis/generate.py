@@ -131,8 +131,38 @@ def generate_subject(
     bar.close()
 
     _write_subject_truth(truth_dir, config, seed, index, subject)
+    write_truth_labels(truth_dir, Path(out) / "ground_truth" / "labels", recordings, run_id=f"synth-{config.name}-{seed}")
     writer.finalize(prompts, recordings)
     return sid
+
+
+def write_truth_labels(truth_dir: Path, labels_uri: Path, recordings: list[str], run_id: str) -> int:
+    """Writes a subject's true per-frame labels into the label table (source ``ground_truth``).
+
+    QA can then score pseudo-labels against the truth, and metrics run on the truth itself.
+    Returns the table version of the commit.
+    """
+    from pipeline import __version__
+    from stages.synthesis.truth import SubjectTruth
+    from storage.label_table import LabelTable, labels_to_arrow
+
+    truth = SubjectTruth.open(truth_dir)
+    definition = truth.rig.definition
+    tables = []
+    for rec in recordings:
+        t = truth.hmc(rec)
+        n = len(t["frame_index"])
+        tables.append(labels_to_arrow(
+            truth.meta["subject_id"], rec, t["frame_index"], t["timestamp_ns"], t["b"], t["gaze"],
+            t["head_quat"], t["head_t"], blendshape_names=definition.blendshape_names,
+            confidence=np.ones(n, np.float32), residual_keypoint_px=np.zeros(n, np.float32),
+            residual_photometric=np.zeros(n, np.float32), status="ok",
+            label_source="ground_truth", label_round=0, pipeline_version=__version__,
+            rig_version=definition.version, run_id=run_id,
+        ))
+    import pyarrow as pa
+
+    return LabelTable(str(labels_uri)).write_subject_round(pa.concat_tables(tables))
 
 
 @dataclass(frozen=True, eq=False)
