@@ -38,7 +38,78 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from workflows.demo import run_demo
 
-    return run_demo(Path(args.out), preset=args.preset, seed=args.seed)
+    return run_demo(Path(args.out), preset=args.preset, seed=args.seed, workers=args.workers)
+
+
+def _run_config(args: argparse.Namespace):
+    from pipeline.config import RunConfig, with_overrides
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"--set expects section.field=VALUE, got {item!r}")
+        overrides[key] = value
+    return with_overrides(RunConfig(), overrides)
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return {"workers": args.workers, "scheduler_address": args.scheduler, "retries": args.retries,
+            "progress": not args.quiet}
+
+
+def _print_summary(summary) -> int:
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+    print(f"run {summary.run_id}: {counts}")
+    for f in summary.failures:
+        print(f"  failed: {f.subject} / {f.stage}: {f.error_type}: {f.message}")
+    print(f"run folder: {summary.run_dir}")
+    return 0 if summary.ok else 1
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    from workflows.label import label_subject
+
+    return _print_summary(label_subject(args.capture, args.out, _run_config(args), **_run_options(args)))
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from workflows.label import backfill
+
+    return _print_summary(backfill(args.captures, args.out, _run_config(args), **_run_options(args)))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import status
+
+    report = status(args.out)
+    print(report.to_text())
+    return 0
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from workflows.metrics import MetricsJob, format_summary, run_metrics
+
+    job = MetricsJob(
+        labels=args.labels, captures=args.captures, out=args.out or "", truth=args.truth or "",
+        rig_dir=args.rigs or "", label_source=args.source or "", label_round=args.round,
+    )
+    print(format_summary(run_metrics(job)))
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from pipeline.config import config_options
+
+    p.add_argument("--out", required=True, help="output root (artifacts, tables, runs)")
+    p.add_argument("--workers", type=int, help="embedded LocalCluster workers (default: fits the machine)")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler to use instead")
+    p.add_argument("--retries", type=int, default=1, help="extra attempts of a failing stage")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    names = ", ".join(config_options())
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=f"config override; one of: {names}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--preset", default="tiny", help="synthetic preset")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--workers", type=int, help="embedded LocalCluster workers")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("label", help="run the chain on one subject's capture")
+    p.add_argument("capture", help="the subject's capture folder")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_label)
+
+    p = sub.add_parser("backfill", help="run the chain on every capture under a root (or in a listing file)")
+    p.add_argument("captures", help="folder of capture folders, or a text file listing capture paths")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_backfill)
+
+    p = sub.add_parser("status", help="done, failed and pending work of an output root")
+    p.add_argument("out", help="output root of label/backfill")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("metrics", help="print and write the SPEC §5 metrics of a label table")
+    p.add_argument("labels", help="label table (Delta) path or URL")
+    p.add_argument("--captures", required=True, help="folder of the subjects' capture folders (segments, fps)")
+    p.add_argument("--truth", help="synthetic ground_truth/ folder: adds the SPEC §5.2 metrics")
+    p.add_argument("--rigs", help="folder of personal rigs <subject>.npz (for Mouth Closure's lip gap)")
+    p.add_argument("--out", help="metrics table (default: next to the label table)")
+    p.add_argument("--source", help="only this label_source")
+    p.add_argument("--round", type=int, default=-1, help="only this label_round")
+    p.set_defaults(func=_cmd_metrics)
     return parser
 
 

@@ -141,7 +141,7 @@ def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> dic
     groups = [g for g in groups if (not job.label_source or g[0] == job.label_source) and (job.label_round < 0 or g[1] == job.label_round)]
     out_uri = job.out or str(Path(job.labels).parent / "metrics")
     summaries = {}
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for source, rnd in groups:
         import pyarrow.compute as pc
 

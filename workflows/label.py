@@ -1,0 +1,50 @@
+"""Jobs: label one subject, or backfill every capture under a root (through the DAG).
+
+``label_subject`` and ``backfill`` only choose captures and call
+:func:`pipeline.dag.run_chain`, which resumes from whatever ``out`` already holds. A broken
+capture becomes a failure record; the rest of the backfill goes on. Copy this file to
+change how captures are found or which chain runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.dag import RunSummary, run_chain
+from pipeline.errors import ConfigError
+
+
+def find_captures(source: str | Path) -> list[Path]:
+    """Capture folders: every sub-folder of a root, or the paths listed in a text file.
+
+    Every sub-folder counts, even one without ``capture.json``: it then fails validation
+    and becomes a failure record instead of silently disappearing from a backfill.
+    A listing file holds one path per line (blank lines and ``#`` comments ignored);
+    relative paths are relative to the file.
+    """
+    source = Path(source)
+    if source.is_file():
+        paths = []
+        for line in source.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                p = Path(line)
+                paths.append(p if p.is_absolute() else source.parent / p)
+        return paths
+    if not source.is_dir():
+        raise ConfigError(f"{source}: neither a captures folder nor a listing file")
+    return sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def label_subject(capture: str | Path, out: str, config: RunConfig | None = None, **run_options) -> RunSummary:
+    """Runs the chain on one subject's capture."""
+    return run_chain([Path(capture)], out, config or RunConfig(), **run_options)
+
+
+def backfill(source: str | Path, out: str, config: RunConfig | None = None, **run_options) -> RunSummary:
+    """Runs the chain on every capture of ``source`` (a root folder or a listing file)."""
+    captures = find_captures(source)
+    if not captures:
+        raise ConfigError(f"{source}: no captures found")
+    return run_chain(captures, out, config or RunConfig(), **run_options)
