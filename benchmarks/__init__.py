@@ -1,0 +1,1 @@
+"""Benchmarks of hmc-pgt (run as modules: python -m benchmarks.<name>)."""

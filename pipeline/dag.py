@@ -1,0 +1,395 @@
+"""Driver: plan units (stage x subject), skip committed ones, run the rest on Dask.
+
+Resume semantics: the plan is derived from storage alone. Every unit's content key is
+computed from the config and its inputs' keys; a unit whose artifact is committed is a
+cache hit and never submitted. A dataset stage is a barrier: it is planned once every
+upstream unit is resolved, over the subjects whose inputs all succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from distributed import Client, Future, as_completed, performance_report
+from tqdm import tqdm
+
+from pipeline import records
+from pipeline.artifacts import ArtifactStore, fingerprint_captures
+from pipeline.chain import default_chain
+from pipeline.cluster import gpu_resources, open_client
+from pipeline.errors import ConfigError
+from pipeline.runlog import OutputLayout, StageLog, write_json
+from pipeline.stage import CAPTURE, Chain, Stage, config_values, content_key, to_jsonable
+from pipeline.tasks import InputRef, StageFailure, UnitSpec, execute_unit
+
+#: Published rows are flushed every this many units or seconds, whichever comes first.
+PUBLISH_BATCH = 256
+PUBLISH_EVERY_S = 30.0
+UnitId = tuple[str, str | None]
+
+
+@dataclass
+class Unit:
+    """Driver-side state of one unit (stage x subject, subject ``None`` for a dataset)."""
+
+    stage: Stage
+    subject: str | None
+    key: str | None = None
+    state: str = "planned"  # cached | submitted | done | failed | skipped
+    future: Future | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What :func:`run_chain` did.
+
+    Attributes:
+        run_id: the run's id.
+        out: output root.
+        started, finished: POSIX times.
+        counts: units per state: ``done`` (executed now), ``cached``, ``failed``, ``skipped``.
+        failures: one record per failed unit.
+        keys: ``(stage, subject)`` -> content key (``subject`` is ``None`` for dataset stages).
+        states: ``(stage, subject)`` -> final state.
+        run_dir: the run's folder (record, plan, stage log, report).
+        timings: seconds spent in ``fingerprint`` (captures), ``plan`` (first planning
+            pass: keys, cache checks, submission), ``execute`` (until every unit resolved)
+            and ``total``.
+    """
+
+    run_id: str
+    out: str
+    started: float
+    finished: float
+    counts: dict[str, int]
+    failures: tuple[records.FailureRecord, ...]
+    keys: dict[UnitId, str] = field(default_factory=dict)
+    states: dict[UnitId, str] = field(default_factory=dict)
+    run_dir: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed or was skipped."""
+        return not self.counts.get("failed") and not self.counts.get("skipped")
+
+
+class _Run:
+    """One run's planning and completion loop."""
+
+    def __init__(self, client: Client, chain: Chain, config: Any,
+                 subjects: dict[str, tuple[str, str]], store: ArtifactStore, log: StageLog,
+                 layout: OutputLayout, run_id: str, retries: int, progress: bool,
+                 storage_options: dict[str, Any] | None) -> None:
+        self.client, self.chain, self.subjects = client, chain, subjects
+        self.store, self.log, self.layout, self.run_id = store, log, layout, run_id
+        self.retries, self.storage_options = retries, storage_options
+        self.values = {st.name: config_values(st, config) for st in chain}
+        self.values_json = {n: to_jsonable(v) for n, v in self.values.items()}
+        self.gpu = gpu_resources(client)
+        self.tag = hashlib.sha256(f"{store.fs.protocol}:{store.root}".encode()).hexdigest()[:8]
+        self.units: dict[UnitId, Unit] = {}
+        self.by_task: dict[str, Unit] = {}
+        self.running: Counter[str] = Counter()
+        self.failures: list[records.FailureRecord] = []
+        # results are fetched asynchronously; the loop must be this client's, not the
+        # process's default client's (another client's loop never sees these futures)
+        self.ac = as_completed(loop=client.loop, with_results=True, raise_errors=False)
+        self.blocked = False
+        self.to_publish: list[Unit] = []
+        self.timings: dict[str, float] = {}
+        self.last_flush = time.monotonic()
+        self.bar = tqdm(total=0, desc="stages", unit="task",
+                        disable=not progress or not sys.stderr.isatty())
+
+    # -- planning ---------------------------------------------------------------------
+    def plan(self) -> None:
+        """Plans every unit whose inputs are known, in chain order."""
+        self.blocked = False
+        for st in self.chain:
+            if st.scope == "dataset":
+                if (st.name, None) not in self.units:
+                    self._plan_dataset(st)
+                continue
+            for subject in self.subjects:
+                if (st.name, subject) not in self.units:
+                    self._plan_subject(st, subject)
+
+    def _upstream(self, name: str, subject: str | None) -> Unit | None:
+        scope = self.chain[name].scope
+        return self.units.get((name, subject if scope == "subject" else None))
+
+    def _plan_subject(self, st: Stage, subject: str) -> None:
+        refs: list[Any] = []
+        ikeys: dict[str, Any] = {}
+        deps: list[Future] = []
+        for inp in st.inputs:
+            if inp == CAPTURE:
+                path, fp = self.subjects[subject]
+                refs.append(InputRef("capture", path))
+                ikeys[inp] = fp
+                continue
+            up = self._upstream(inp, subject)
+            if up is None:
+                self.blocked = True
+                return
+            if up.state in ("failed", "skipped"):
+                self._skip(Unit(st, subject), f"input {inp} {up.state}")
+                return
+            refs.append(InputRef("artifact", up.key or "", inp))
+            ikeys[inp] = up.key
+            if up.future is not None:
+                deps.append(up.future)
+        self._launch(Unit(st, subject), refs, ikeys, deps)
+
+    def _plan_dataset(self, st: Stage) -> None:
+        ok_subjects = list(self.subjects)
+        for inp in st.inputs:
+            if inp == CAPTURE:
+                continue
+            ups = ([self._upstream(inp, None)] if self.chain[inp].scope == "dataset"
+                   else [self._upstream(inp, s) for s in self.subjects])
+            if any(u is None or u.state in ("planned", "submitted") for u in ups):
+                self.blocked = True  # barrier: wait until every upstream unit resolved
+                return
+            if self.chain[inp].scope == "dataset":
+                if ups[0] is not None and ups[0].state in ("failed", "skipped"):
+                    self._skip(Unit(st, None), f"input {inp} {ups[0].state}")
+                    return
+            else:
+                ok_subjects = [s for s, u in zip(self.subjects, ups, strict=True)
+                               if s in ok_subjects and u is not None
+                               and u.state in ("done", "cached")]
+        if not ok_subjects:
+            self._skip(Unit(st, None), "no subject has all inputs")
+            return
+        refs: list[Any] = []
+        ikeys: dict[str, Any] = {}
+        for inp in st.inputs:
+            if inp == CAPTURE:
+                refs.append(tuple((s, InputRef("capture", self.subjects[s][0]))
+                                  for s in ok_subjects))
+                ikeys[inp] = {s: self.subjects[s][1] for s in ok_subjects}
+            elif self.chain[inp].scope == "dataset":
+                up = self.units[(inp, None)]
+                refs.append(InputRef("artifact", up.key or "", inp))
+                ikeys[inp] = up.key
+            else:
+                keys = {s: self.units[(inp, s)].key or "" for s in ok_subjects}
+                refs.append(tuple((s, InputRef("artifact", k, inp)) for s, k in keys.items()))
+                ikeys[inp] = keys
+        self._launch(Unit(st, None), refs, ikeys, [])
+
+    def _launch(self, unit: Unit, refs: list[Any], ikeys: dict[str, Any],
+                deps: list[Future]) -> None:
+        st = unit.stage
+        unit.key = content_key(st, self.values_json[st.name], ikeys, unit.subject)
+        self.units[(st.name, unit.subject)] = unit
+        if self.store.is_committed(st.name, unit.key):
+            unit.state = "cached"
+            self._publish(unit)
+            return
+        spec = UnitSpec(stage=st, subject=unit.subject, key=unit.key, inputs=tuple(refs),
+                        config=self.values[st.name], input_keys=ikeys, run_id=self.run_id)
+        resources = self.gpu if st.resources == "gpu" else None
+        unit.future = self.client.submit(execute_unit, spec, self.store, self.log, *deps,
+                                         key=spec.task_key(self.tag), retries=self.retries,
+                                         resources=resources, pure=False)
+        unit.state = "submitted"
+        self.by_task[unit.future.key] = unit
+        self.running[st.name] += 1
+        self.ac.add(unit.future)
+        self.bar.total += 1
+        self.bar.refresh()
+
+    def _skip(self, unit: Unit, reason: str) -> None:
+        unit.state, unit.reason = "skipped", reason
+        self.units[(unit.stage.name, unit.subject)] = unit
+        self.log.append("skip", run_id=self.run_id, key=unit.key, stage=unit.stage.name,
+                        subject=unit.subject, reason=reason)
+
+    # -- completion -------------------------------------------------------------------
+    def _complete(self, fut: Future, result: Any) -> None:
+        unit = self.by_task.pop(fut.key)
+        unit.future = None
+        self.running[unit.stage.name] -= 1
+        if fut.status == "finished":
+            unit.state = "done" if result.executed else "cached"
+            self._publish(unit)
+        else:
+            exc = (result[1] if isinstance(result, tuple)  # (type, exception, traceback)
+                   else result if isinstance(result, BaseException)
+                   else RuntimeError(f"task ended in state {fut.status}"))
+            mine = (exc.key == unit.key if isinstance(exc, StageFailure)
+                    else getattr(exc, "task", fut.key) == fut.key)
+            if mine:
+                self._fail(unit, exc)
+            else:
+                src = exc.stage if isinstance(exc, StageFailure) else "upstream"
+                self._skip(unit, f"input {src} failed")
+        fut.release()
+        self.bar.update(1)
+
+    def _fail(self, unit: Unit, exc: BaseException) -> None:
+        unit.state = "failed"
+        unit.reason = (f"{exc.error_type}: {exc.message}" if isinstance(exc, StageFailure)
+                       else f"{type(exc).__name__}: {exc}")
+        self.failures.append(records.failure_from(exc, unit.stage, unit.subject,
+                                                  unit.key or "", self.run_id,
+                                                  self.retries + 1))
+
+    def _publish(self, unit: Unit) -> None:
+        """Queues a committed unit's rows for its table (flushed in batches)."""
+        pub = unit.stage.publish
+        if pub is None or unit.key is None or \
+                self.store.is_published(unit.stage.name, unit.key, pub.table):
+            return
+        self.to_publish.append(unit)
+        if len(self.to_publish) >= PUBLISH_BATCH or \
+                time.monotonic() - self.last_flush > PUBLISH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publishes queued rows: one Delta commit per table and predicate group."""
+        by_table: dict[str, list[Unit]] = {}
+        for u in self.to_publish:
+            assert u.stage.publish is not None
+            by_table.setdefault(u.stage.publish.table, []).append(u)
+        self.to_publish, self.last_flush = [], time.monotonic()
+        for table, units in by_table.items():
+            uri = self.layout.table(table)
+            try:
+                records.publish_rows(self.store, [(u.stage, u.subject, u.key or "")
+                                                  for u in units], uri, self.storage_options)
+            except Exception:  # isolate the bad unit; a bad table must not stop the run
+                for u in units:
+                    try:
+                        records.publish_rows(self.store, [(u.stage, u.subject, u.key or "")],
+                                             uri, self.storage_options)
+                    except Exception as exc:
+                        self._fail(u, exc)
+
+    def loop(self) -> None:
+        """Runs until every unit is resolved."""
+        t0 = time.perf_counter()
+        self.plan()
+        self.timings["plan"] = time.perf_counter() - t0
+        self.write_plan()
+        while True:
+            for fut, result in self.ac:
+                name = self.by_task[fut.key].stage.name
+                self._complete(fut, result)
+                if self.blocked and self.running[name] == 0:
+                    self.plan()
+                    self.write_plan()
+            self.flush()  # publish what is queued before re-planning or finishing
+            if not self.blocked:
+                break
+            self.plan()
+            if self.ac.is_empty() and self.blocked:
+                raise RuntimeError("planner deadlock: blocked units with nothing running")
+        self.bar.close()
+        self.timings["execute"] = time.perf_counter() - t0
+
+    def write_plan(self) -> None:
+        """Writes the planned units with their keys and states (``plan.json``)."""
+        write_json(f"{self.layout.run_dir(self.run_id)}/plan.json", [
+            {"stage": u.stage.name, "subject": u.subject, "key": u.key, "state": u.state,
+             "reason": u.reason} for u in self.units.values()], self.storage_options)
+
+
+def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
+              chain: Chain | None = None, workers: int | None = None,
+              scheduler_address: str | None = None, progress: bool = True,
+              retries: int = 1, processes: bool = True, run_id: str | None = None,
+              storage_options: dict[str, Any] | None = None, tables_uri: str | None = None,
+              report: bool = True, fingerprint: Literal["stat", "content"] = "stat",
+              client: Client | None = None) -> RunSummary:
+    """Runs the chain over the captures; resumes from whatever storage already holds.
+
+    Args:
+        captures: capture folders, one per subject.
+        out: output root (folder or fsspec URL); layout in docs/orchestration.md.
+        config: the run config (dataclass / mapping); stages read their declared fields.
+        chain: the stages; defaults to :func:`pipeline.chain.default_chain`.
+        workers: embedded LocalCluster worker count (default: CPUs, memory-capped).
+        scheduler_address: use this existing Dask scheduler instead.
+        progress: show a progress bar (only on a terminal).
+        retries: extra attempts per unit before it becomes a failure record.
+        processes: embedded workers as processes (default) or threads.
+        run_id: explicit run id (default: time + random suffix).
+        storage_options: fsspec options for ``out``.
+        tables_uri: Delta tables root (default ``<out>/tables``).
+        report: save a Dask performance report in the run folder.
+        fingerprint: capture fingerprint mode (``stat`` or ``content``).
+        client: an already connected client (overrides ``workers``/``scheduler_address``).
+
+    Returns:
+        The run summary; failed subjects are in ``summary.failures``, never raised.
+
+    Raises:
+        ConfigError: for an empty chain, a missing config field or duplicate subjects.
+    """
+    chain = chain if chain is not None else default_chain()
+    if not len(chain):
+        raise ConfigError("the chain has no stages")
+    layout = OutputLayout(str(out), tables_uri)
+    run_id = run_id or records.new_run_id()
+    for st in chain:
+        config_values(st, config)  # fail fast on a missing field
+    store = ArtifactStore(layout.artifacts, storage_options)
+    run_dir = layout.run_dir(run_id)
+    log = StageLog(run_dir, storage_options)
+    started = time.time()
+    paths = [str(Path(c).resolve()) for c in captures]
+    record = records.run_record(run_id, started, layout, chain, config, retries)
+    write_json(f"{run_dir}/run.json", record, storage_options)
+
+    def _execute(cl: Client) -> _Run:
+        t0 = time.perf_counter()
+        subjects, bad = fingerprint_captures(cl, paths, fingerprint)
+        t_fp = time.perf_counter() - t0
+        record["subjects"] = {s: p for s, (p, _) in subjects.items()}
+        write_json(f"{run_dir}/run.json", record, storage_options)
+        run = _Run(cl, chain, config, subjects, store, log, layout, run_id, retries,
+                   progress, storage_options)
+        for name, err in bad:
+            run.failures.append(records.failure_from(err, None, name, "", run_id, 1,
+                                                     stage_name=CAPTURE))
+        run.timings["fingerprint"] = t_fp
+        run.loop()
+        return run
+
+    def _with_report(cl: Client) -> _Run:
+        if not report:
+            return _execute(cl)
+        with cl.as_current(), performance_report(filename=f"{run_dir}/dask-report.html",
+                                                 storage_options=storage_options):
+            return _execute(cl)
+
+    if client is not None:
+        run = _with_report(client)
+    else:
+        with open_client(workers=workers, scheduler_address=scheduler_address,
+                         processes=processes) as cl:
+            run = _with_report(cl)
+    run.write_plan()
+    counts = Counter(u.state for u in run.units.values())
+    counts["failed"] += sum(1 for f in run.failures if f.stage == CAPTURE)
+    summary = RunSummary(
+        run_id=run_id, out=str(out), started=started, finished=time.time(),
+        counts={k: counts.get(k, 0) for k in ("done", "cached", "failed", "skipped")},
+        failures=tuple(run.failures),
+        keys={uid: u.key for uid, u in run.units.items() if u.key},
+        states={uid: u.state for uid, u in run.units.items()}, run_dir=run_dir,
+        timings=run.timings)
+    records.finish_run(record, summary, layout, storage_options)
+    summary.timings["total"] = time.time() - started  # records included
+    return summary
