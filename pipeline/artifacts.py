@@ -225,8 +225,11 @@ class ArtifactStore:
 def read_subject_id(capture: str | Path) -> str:
     """The capture's subject id: ``capture.json``'s ``subject_id``, else the folder name.
 
+    An unreadable manifest falls back to the folder name, so the subject still runs and
+    the ``validate`` stage reports the problem in its failure record.
+
     Raises:
-        CaptureError: when the manifest is unreadable or the id is unsafe.
+        CaptureError: when the folder is missing or the id is unsafe.
     """
     folder = Path(capture)
     manifest = folder / "capture.json"
@@ -234,8 +237,8 @@ def read_subject_id(capture: str | Path) -> str:
     if manifest.is_file():
         try:
             subject = json.loads(manifest.read_text()).get("subject_id", subject)
-        except (OSError, ValueError, AttributeError) as exc:
-            raise CaptureError(manifest, f"unreadable manifest: {exc}") from exc
+        except (OSError, ValueError, AttributeError):
+            subject = folder.name
     elif not folder.is_dir():
         raise CaptureError(folder, "capture folder does not exist")
     if not isinstance(subject, str) or not _SUBJECT_RE.match(subject) or ".." in subject:

@@ -220,7 +220,9 @@ class _Run:
         unit = self.by_task.pop(fut.key)
         unit.future = None
         self.running[unit.stage.name] -= 1
-        if fut.status == "finished":
+        if fut.status == "finished" and result.failure is not None:
+            self._fail(unit, result.failure)
+        elif fut.status == "finished":
             unit.state = "done" if result.executed else "cached"
             self._publish(unit)
         else:
@@ -241,9 +243,9 @@ class _Run:
         unit.state = "failed"
         unit.reason = (f"{exc.error_type}: {exc.message}" if isinstance(exc, StageFailure)
                        else f"{type(exc).__name__}: {exc}")
+        attempt = exc.attempt if isinstance(exc, StageFailure) else self.retries + 1
         self.failures.append(records.failure_from(exc, unit.stage, unit.subject,
-                                                  unit.key or "", self.run_id,
-                                                  self.retries + 1))
+                                                  unit.key or "", self.run_id, attempt))
 
     def _publish(self, unit: Unit) -> None:
         """Queues a committed unit's rows for its table (flushed in batches)."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.errors import StageError
+from pipeline.errors import CaptureError, ConfigError, ModelError, StageError
 from pipeline.runlog import StageLog
 from pipeline.serialize import output_names
 from pipeline.stage import Stage, StageConfig, to_jsonable
@@ -80,6 +80,8 @@ class UnitResult:
         executed: False when the artifact was already committed (duplicate or race).
         attempt: attempt number within the run (0 when not executed).
         seconds: wall time of the stage function and commit.
+        failure: set when the stage failed on bad input (:data:`NOT_RETRYABLE`): returned
+            rather than raised so that Dask does not retry what would fail the same way.
     """
 
     stage: str
@@ -88,6 +90,12 @@ class UnitResult:
     executed: bool
     attempt: int = 0
     seconds: float = 0.0
+    failure: StageFailure | None = None
+
+
+#: Errors of bad input (a broken capture, config or model file): the same input fails the
+#: same way, so a retry would only repeat the work (deep validation of a long capture).
+NOT_RETRYABLE = (CaptureError, ConfigError, ModelError)
 
 
 class StageFailure(StageError):
@@ -140,7 +148,9 @@ def execute_unit(spec: UnitSpec, store: ArtifactStore, log: StageLog,
     Raises:
         StageFailure: when the stage function, an input load or the commit fails.
     """
-    del upstream
+    for up in upstream:  # an upstream input failure: this unit is skipped, not failed
+        if up.failure is not None:
+            raise up.failure
     st = spec.stage
     if store.is_committed(st.name, spec.key):  # a duplicate or a race: never run twice
         return UnitResult(st.name, spec.subject, spec.key, executed=False)
@@ -162,8 +172,12 @@ def execute_unit(spec: UnitSpec, store: ArtifactStore, log: StageLog,
     except Exception as exc:
         trace = traceback.format_exc()
         log.append("fail", error_type=type(exc).__name__, message=str(exc), **ident)
-        raise StageFailure(st.name, spec.subject, spec.key, type(exc).__name__, str(exc),
-                           attempt, trace) from None
+        failure = StageFailure(st.name, spec.subject, spec.key, type(exc).__name__, str(exc),
+                               attempt, trace)
+        if isinstance(exc, NOT_RETRYABLE):
+            return UnitResult(st.name, spec.subject, spec.key, executed=False,
+                              attempt=attempt, failure=failure)
+        raise failure from None
     seconds = time.perf_counter() - t0
     log.append("finish", seconds=seconds, **ident)
     return UnitResult(st.name, spec.subject, spec.key, executed=True, attempt=attempt,

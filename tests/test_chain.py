@@ -47,6 +47,19 @@ def test_backfill_isolates_a_corrupt_capture(backfill_run):
     assert summary.states[("landmarks", "broken-subject")] == "skipped"
 
 
+def test_unreadable_manifest_fails_validation_once(tiny_subject, tmp_path):
+    capture, _ = tiny_subject
+    broken = tmp_path / "captures" / "no-manifest"
+    shutil.copytree(capture, broken)
+    (broken / "capture.json").write_text("{not json")
+    summary = backfill(tmp_path / "captures", str(tmp_path / "out"), RunConfig(), workers=1, processes=False, progress=False, report=False)
+    (row,) = delta.read_rows(str(tmp_path / "out" / "tables" / "failures")).to_pylist()
+    assert (row["subject"], row["stage"], row["error_type"]) == ("no-manifest", "validate", "CaptureError")
+    assert "capture.json" in row["message"]
+    assert row["attempt"] == 1, "a broken capture is not retried: it would fail the same way"
+    assert summary.states[("landmarks", "no-manifest")] == "skipped"
+
+
 def test_landmark_records_cover_every_phone_frame(backfill_run, tiny_subject):
     root, _, good = backfill_run
     capture_dir, truth_dir = tiny_subject
