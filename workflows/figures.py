@@ -28,17 +28,17 @@ def depth_colormap(depth_mm: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _label(img: np.ndarray, text: str) -> np.ndarray:
+def _label(img: np.ndarray, text: str, scale: float = 0.5) -> np.ndarray:
     out = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img.copy()
-    cv2.putText(out, text, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 0), 1, cv2.LINE_AA)
+    cv2.putText(out, text, (6, int(36 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 0), 2, cv2.LINE_AA)
     return out
 
 
-def _dots(img: np.ndarray, points: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+def _dots(img: np.ndarray, points: np.ndarray, colour: tuple[int, int, int], radius: int = 2) -> np.ndarray:
     out = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.ndim == 2 else img.copy()
     for x, y in points:
         if np.isfinite(x):
-            cv2.circle(out, (round(float(x)), round(float(y))), 2, colour, -1, cv2.LINE_AA)
+            cv2.circle(out, (round(float(x)), round(float(y))), radius, colour, -1, cv2.LINE_AA)
     return out
 
 
@@ -64,10 +64,14 @@ def write_figures(capture_dir: Path, truth_dir: Path, out: Path, prompt: str | N
     for c, name in enumerate(names):
         img = rec.read_frame(name, frame)
         role = capture.rig.camera(name).role
-        views.append(_label(img, f"{name} ({role})"))
+        views.append(_label(img, f"{name} ({role})", scale=1.0))
         pts = hmc["landmarks_2d"][c, frame][hmc["visible"][c, frame]]
-        overlays.append(_label(_dots(img, pts, (0, 255, 0)), name))
-    grid = lambda tiles: np.vstack([np.hstack(tiles[:5]), np.hstack(tiles[5:])])  # noqa: E731
+        overlays.append(_label(_dots(img, pts, (0, 255, 0), radius=3), name, scale=1.0))
+    def grid(tiles: list[np.ndarray]) -> np.ndarray:
+        # Half scale: sensor noise does not compress, and docs images live in the repo.
+        full = np.vstack([np.hstack(tiles[:5]), np.hstack(tiles[5:])])
+        return cv2.resize(full, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+
     written += [out / "hmc_views.png", out / "hmc_landmarks.png"]
     cv2.imwrite(str(written[3]), grid(views)[:, :, ::-1])
     cv2.imwrite(str(written[4]), grid(overlays)[:, :, ::-1])
