@@ -102,6 +102,8 @@ def test_truth_is_consistent_and_imperfect(tiny_subject):
     assert diff.max() > 0.001
     corr = np.corrcoef(truth.rig.deltas[k].ravel(), generic.deltas[k].ravel())[0, 1]
     assert corr > 0.9
+    # At rest the lips touch (ICT identities part them; the generator seals them).
+    assert truth.rig.inner_lip_gap(np.zeros(d.size)) < 0.0002
     # Performances only approximate the art priors.
     expr = truth.expressions()
     i = list(expr["prompts"]).index("jaw_drop_max")

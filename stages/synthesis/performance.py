@@ -162,7 +162,8 @@ def hmc_timeline(
             no_blink[span] = True
             segments.append(Segment(kind, t, t + n, eye=extra.get("eye")))
         elif kind == "mouth_closed":
-            b[window, idx("mouthPress_L")] = b[window, idx("mouthPress_R")] = rng.uniform(0.05, 0.2)
+            # A light press only: ICT's mouthPress parts the lips by ~0.7 mm at 0.2.
+            b[window, idx("mouthPress_L")] = b[window, idx("mouthPress_R")] = rng.uniform(0.0, 0.08)
             segments.append(Segment("mouth_closed", t, t + n))
         elif kind == "speech":
             b[window] = np.maximum(b[window], _speech(definition, rng, n, fps))
