@@ -11,12 +11,14 @@ TINY_SEED = 11
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny synthetic dataset with one subject: OUT/captures/<id> and OUT/ground_truth/<id>."""
-    from stages.synthesis.generate import generate
-    from stages.synthesis.presets import get_preset
+    """A tiny synthetic dataset with one subject: OUT/captures/<id> and OUT/ground_truth/<id>.
+
+    Made through the ``pgt synth`` command itself.
+    """
+    from pipeline.cli import main
 
     out = tmp_path_factory.mktemp("tiny")
-    generate(get_preset("tiny"), 1, TINY_SEED, out, progress=False)
+    assert main(["synth", "--preset", "tiny", "--subjects", "1", "--seed", str(TINY_SEED), "--out", str(out), "--quiet"]) == 0
     return out
 
 
