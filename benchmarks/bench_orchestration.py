@@ -109,6 +109,16 @@ def _one_run(client, caps, out: str, label: str) -> dict:
             "scheduler_rss_after_mb": round(after / 2**20, 1)}
 
 
+def _median_row(runs: list[dict], label: str) -> dict:
+    """Median of every numeric column over repeated runs (a fresh cluster each time)."""
+    row: dict = {"label": f"{label} (median of {len(runs)})"}
+    for k in runs[0]:
+        if k != "label":
+            vals = [x[k] for x in runs if x[k] is not None]
+            row[k] = round(float(np.median(vals)), 3) if vals else None
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark and writes the results."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,16 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subjects", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="folder for the fake captures and outputs")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh + cached runs, each into a new output")
     args = ap.parse_args(argv)
     n = args.subjects or (500 if args.quick else 5000)
     workers = default_n_workers(args.workers)
     with tempfile.TemporaryDirectory(prefix="pgt-bench-", dir=args.workdir) as tmp:
         caps = _make_captures(Path(tmp) / "caps", n)
         out = str(Path(tmp) / "out")
-        with open_client(workers=workers, processes=True) as client:
-            rows = [_one_run(client, caps, out, "fresh"), _one_run(client, caps, out, "cached")]
-    result = {"subjects": n, "workers": workers, "cpus": os.cpu_count(),
-              "python": platform.python_version(), "time": time.time(), "runs": rows}
+        runs = []
+        for r in range(args.repeats):
+            with open_client(workers=workers, processes=True) as client:
+                runs += [_one_run(client, caps, f"{out}{r}", "fresh"), _one_run(client, caps, f"{out}{r}", "cached")]
+    rows = [_median_row([x for x in runs if x["label"] == label], label) for label in ("fresh", "cached")]
+    result = {"subjects": n, "workers": workers, "cpus": os.cpu_count(), "repeats": args.repeats,
+              "python": platform.python_version(), "time": time.time(), "medians": rows, "runs": runs}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     cols = ["label", "units", "executed", "cached", "fingerprint_s", "plan_s", "execute_s",
