@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pa_fs
-from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 from deltalake.exceptions import (
     CommitFailedError,
     DeltaError,
@@ -45,6 +45,7 @@ __all__ = [
     "append_rows",
     "exists",
     "history",
+    "optimize",
     "read_rows",
     "replace_rows",
     "sql_predicate",
@@ -142,9 +143,10 @@ def read_rows(
     dt = _open(uri, version=version, storage_options=storage_options)
     try:
         schema = _plain_string_schema(pa.schema(dt.schema().to_arrow()))  # arro3 -> pyarrow
-        # Prune files first (partition values exactly, other columns by min/max stats),
-        # then filter rows exactly with pyarrow.
-        pruning = sql_predicate(filters) if filters else None
+        # Prune files in delta-rs first (partition values exactly, other columns by min/max
+        # stats), then filter rows exactly with pyarrow. Tuple filters, not a SQL string:
+        # the SQL path costs ~0.6 s per call on a 20-file table (measured, deltalake 1.6.6).
+        pruning = _pruning_tuples(filters) if filters else None
         dataset = dt.to_pyarrow_dataset(
             schema=schema, filesystem=_native_filesystem(uri), file_pruning_predicate=pruning
         )
@@ -162,6 +164,7 @@ def append_rows(
     partition_by: list[str] | None = None,
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
+    writer_properties: WriterProperties | None = None,
 ) -> int:
     """Append ``table`` to the Delta table at ``uri`` in one commit (create it if missing).
 
@@ -172,6 +175,7 @@ def append_rows(
         storage_options: object-store options passed to deltalake.
         commit_metadata: extra string entries stored in the commit's commitInfo (e.g.
             ``{"pgt.run_id": ...}``); they show up in :func:`history`.
+        writer_properties: Parquet writer settings (row-group size, compression).
 
     Returns:
         The version of the commit that added the rows.
@@ -184,6 +188,7 @@ def append_rows(
         partition_by=partition_by,
         storage_options=storage_options,
         commit_metadata=commit_metadata,
+        writer_properties=writer_properties,
     )
 
 
@@ -195,6 +200,7 @@ def replace_rows(
     partition_by: list[str] | None = None,
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
+    writer_properties: WriterProperties | None = None,
 ) -> int:
     """Atomically replace every row matching ``predicate`` by ``table`` (one commit).
 
@@ -211,6 +217,7 @@ def replace_rows(
         partition_by: partition columns, used only when the table is created.
         storage_options: object-store options passed to deltalake.
         commit_metadata: extra string entries stored in the commit's commitInfo.
+        writer_properties: Parquet writer settings (row-group size, compression).
 
     Returns:
         The version of the commit.
@@ -226,6 +233,7 @@ def replace_rows(
         partition_by=partition_by,
         storage_options=storage_options,
         commit_metadata=commit_metadata,
+        writer_properties=writer_properties,
     )
 
 
@@ -255,6 +263,50 @@ def sql_predicate(predicate: Mapping[str, object]) -> str:
         else:
             parts.append(f"{ident} = {_sql_literal(column, value)}")
     return " AND ".join(parts)
+
+
+def optimize(
+    uri: str,
+    *,
+    zorder_by: Sequence[str] | None = None,
+    target_size: int | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    writer_properties: WriterProperties | None = None,
+) -> dict[str, Any]:
+    """Compact small files (optionally Z-ordered by ``zorder_by``) in one commit.
+
+    The commit rewrites files without changing rows (``dataChange = false``), so readers
+    and time travel are unaffected; old files stay until ``vacuum``. A log checkpoint is
+    written right after it so that opening the table stays fast. A conflict with a
+    concurrent writer is retried like any other commit.
+
+    Returns:
+        deltalake's metrics dict plus ``version`` (the optimize commit's version).
+    """
+    last: BaseException | None = None
+    for attempt in range(MAX_ATTEMPTS):
+        dt = _open(uri, storage_options=storage_options)
+        try:
+            if zorder_by:
+                metrics = dt.optimize.z_order(
+                    list(zorder_by), target_size=target_size, writer_properties=writer_properties
+                )
+            else:
+                metrics = dt.optimize.compact(
+                    target_size=target_size, writer_properties=writer_properties
+                )
+            version = dt.version()
+            # Checkpoint right away: otherwise every open replays the optimize commit's
+            # thousands of remove actions on top of the last checkpoint (measured: table open
+            # 103 ms -> 11 ms on a 5,000-file table).
+            dt.create_checkpoint()
+            return {**metrics, "version": version}
+        except DeltaError as exc:
+            if not _is_conflict(exc):
+                raise StorageError(f"{uri}: optimize failed: {exc}") from exc
+            last = exc
+        time.sleep(min(_MAX_BACKOFF_S, _BASE_BACKOFF_S * (2**attempt)) * (0.5 + random.random()))
+    raise StorageError(f"{uri}: optimize still conflicting after {MAX_ATTEMPTS} attempts: {last}")
 
 
 # ----------------------------------------------------------------------------- internals
@@ -290,6 +342,15 @@ def _native_filesystem(uri: str) -> pa_fs.FileSystem | None:
     return pa_fs.SubTreeFileSystem(os.path.abspath(root), pa_fs.LocalFileSystem())
 
 
+def _open_or_none(uri: str, storage_options: Mapping[str, str] | None) -> DeltaTable | None:
+    try:
+        return DeltaTable(str(uri), storage_options=_opts(storage_options))
+    except TableNotFoundError:
+        return None
+    except (DeltaError, OSError) as exc:
+        raise StorageError(f"{uri}: cannot open the table: {exc}") from exc
+
+
 def _sql_literal(column: object, value: object) -> str:
     if isinstance(value, bool):  # before int: bool is an int subclass
         return "true" if value else "false"
@@ -305,6 +366,23 @@ def _sql_literal(column: object, value: object) -> str:
     if hasattr(value, "item"):
         return _sql_literal(column, value.item())
     raise StorageError(f"predicate on {column!r}: unsupported value type {type(value).__name__}")
+
+
+def _pruning_tuples(filters: Mapping[str, object]) -> list[tuple[str, str, Any]] | None:
+    """deltalake tuple filters for the equality / membership filters (None-valued skipped)."""
+    out: list[tuple[str, str, Any]] = []
+    for column, value in filters.items():
+        if value is None:
+            continue  # IS NULL has no tuple form; the row filter handles it
+        if isinstance(value, list | tuple | set | frozenset):
+            out.append((column, "in", [_plain(v) for v in value]))
+        else:
+            out.append((column, "=", _plain(value)))
+    return out or None
+
+
+def _plain(value: object) -> object:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _filter_expression(filters: Mapping[str, object]) -> pc.Expression:
@@ -351,6 +429,7 @@ def _commit_with_retry(
     partition_by: list[str] | None,
     storage_options: Mapping[str, str] | None,
     commit_metadata: Mapping[str, str] | None = None,
+    writer_properties: WriterProperties | None = None,
 ) -> int:
     if not isinstance(table, pa.Table):
         raise StorageError(f"{uri}: expected a pyarrow.Table, got {type(table).__name__}")
@@ -361,10 +440,8 @@ def _commit_with_retry(
     last: BaseException | None = None
     for attempt in range(MAX_ATTEMPTS):
         try:
-            target: str | DeltaTable = str(uri)
-            if exists(uri, storage_options=storage_options):
-                # Reload each attempt: the retry must see the commits that beat us.
-                target = _open(uri, storage_options=storage_options)
+            # Reload each attempt: the retry must see the commits that beat us.
+            target: str | DeltaTable = _open_or_none(uri, storage_options) or str(uri)
             write_deltalake(
                 target,
                 table,
@@ -373,7 +450,13 @@ def _commit_with_retry(
                 partition_by=partition_by if isinstance(target, str) else None,
                 storage_options=opts if isinstance(target, str) else None,
                 commit_properties=CommitProperties(custom_metadata=custom),
+                writer_properties=writer_properties,
             )
+            if isinstance(target, DeltaTable):
+                # the handle now points at our commit; confirm by token, else search.
+                head = target.history(1)
+                if head and head[0].get(_TOKEN_KEY) == token:
+                    return int(head[0]["version"])
             return _version_of_token(uri, token, storage_options)
         except (DeltaError, OSError) as exc:
             if isinstance(exc, DeltaError) and not _is_conflict(exc):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from deltalake import WriterProperties
 
 from pipeline.errors import StorageError
 from storage import delta
@@ -37,6 +38,7 @@ __all__ = [
     "label_schema",
     "labels_to_arrow",
     "validate_label_table",
+    "writer_properties",
 ]
 
 LABEL_SCHEMA_VERSION = 1
@@ -47,6 +49,9 @@ STATUSES = ("ok", "rejected", "failed")
 LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation")
 #: Partitioning of the Delta table (see docs/storage.md "Partitioning" for the measurement).
 PARTITION_BY: list[str] | None = None
+#: Parquet row-group size of label files: small enough that reading one subject out of a
+#: compacted multi-subject file decodes ~16k rows, not the whole file (row-group stats).
+ROW_GROUP_ROWS = 16_384
 #: The columns that identify what one write_subject_round replaces.
 REPLACE_KEY = ("subject_id", "label_round", "label_source")
 
@@ -273,6 +278,11 @@ def labels_to_arrow(
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
+def writer_properties() -> WriterProperties:
+    """Parquet settings of label files (zstd, :data:`ROW_GROUP_ROWS` rows per group)."""
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD")
+
+
 def blendshape_matrix(table: pa.Table, names: Sequence[str]) -> np.ndarray:
     """Stack the ``bs_<name>`` columns of a label table into a (T, K) float32 matrix.
 
@@ -346,28 +356,57 @@ class LabelTable:
                     f"{self.uri}: write_subject_round needs one {col} per write, got {values[:5]}"
                 )
             key[col] = values[0]
-        if self.exists():
-            existing = blendshape_names_of(self._delta_schema())
-            mine = blendshape_names_of(table.schema)
-            if existing != mine:
-                raise StorageError(
-                    f"{self.uri}: blendshape columns differ from the table's "
-                    f"({len(mine)} vs {len(existing)} names; first difference at "
-                    f"{_first_diff(mine, existing)}); a new rig needs a new table"
-                )
+        pairs = table.group_by(["recording_id", "frame_index"]).aggregate([])
+        if pairs.num_rows != table.num_rows:
+            raise StorageError(
+                f"{self.uri}: {table.num_rows - pairs.num_rows} duplicate "
+                "(recording_id, frame_index) rows in one write_subject_round"
+            )
         run_ids = pc.unique(table.column("run_id")).to_pylist()
         meta = {
             "pgt.table": "labels",
             "pgt.run_id": ",".join(map(str, run_ids)),
             **{f"pgt.{k}": str(v) for k, v in key.items()},
         }
-        return delta.replace_rows(
+        try:
+            return delta.replace_rows(
+                self.uri,
+                table,
+                key,
+                partition_by=self.partition_by,
+                storage_options=self.storage_options,
+                commit_metadata=meta,
+                writer_properties=writer_properties(),
+            )
+        except StorageError as exc:
+            self._explain_schema_mismatch(table, exc)
+            raise
+
+    def _explain_schema_mismatch(self, table: pa.Table, exc: StorageError) -> None:
+        """Re-raise a rejected write as a clear rig mismatch when the bs_ columns differ
+        (checked only after a failure: it costs one more table open)."""
+        if not self.exists():
+            return
+        existing = blendshape_names_of(self._delta_schema())
+        mine = blendshape_names_of(table.schema)
+        if existing != mine:
+            raise StorageError(
+                f"{self.uri}: blendshape columns differ from the table's "
+                f"({len(mine)} vs {len(existing)} names; first difference at "
+                f"{_first_diff(mine, existing)}); a new rig needs a new table"
+            ) from exc
+
+    def optimize(self) -> dict[str, Any]:
+        """Compact the table's small per-subject files, Z-ordered by ``subject_id``.
+
+        One commit that changes no rows; keeps one-subject reads fast and full scans cheap
+        after many :meth:`write_subject_round` commits (see docs/storage.md).
+        """
+        return delta.optimize(
             self.uri,
-            table,
-            key,
-            partition_by=self.partition_by,
+            zorder_by=["subject_id"],
             storage_options=self.storage_options,
-            commit_metadata=meta,
+            writer_properties=writer_properties(),
         )
 
     def read(
