@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.runlog import OutputLayout, StageLog, write_json
 from pipeline.stage import CAPTURE, Chain, Stage, config_values, content_key, to_jsonable
 from pipeline.tasks import InputRef, StageFailure, UnitSpec, execute_unit
+from storage import delta
 
 #: Published rows are flushed every this many units or seconds, whichever comes first.
 PUBLISH_BATCH = 256
@@ -104,6 +105,7 @@ class _Run:
         self.ac = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         self.blocked = False
         self.to_publish: list[Unit] = []
+        self.published_tables: set[str] = set()
         self.timings: dict[str, float] = {}
         self.last_flush = time.monotonic()
         self.bar = tqdm(total=0, desc="stages", unit="task",
@@ -265,6 +267,7 @@ class _Run:
             assert u.stage.publish is not None
             by_table.setdefault(u.stage.publish.table, []).append(u)
         self.to_publish, self.last_flush = [], time.monotonic()
+        self.published_tables.update(by_table)
         for table, units in by_table.items():
             uri = self.layout.table(table)
             try:
@@ -298,7 +301,18 @@ class _Run:
             if self.ac.is_empty() and self.blocked:
                 raise RuntimeError("planner deadlock: blocked units with nothing running")
         self.bar.close()
+        self.compact_published()
         self.timings["execute"] = time.perf_counter() - t0
+
+    def compact_published(self) -> None:
+        """Compacts each table this run published to: one commit per subject otherwise
+        leaves thousands of small files whose opening dominates every read
+        (docs/storage.md). Rows and history are unchanged; a failure only costs speed."""
+        for table in sorted(self.published_tables):
+            try:
+                delta.optimize(self.layout.table(table), storage_options=self.storage_options)
+            except Exception as exc:  # noqa: BLE001 - compaction is an optimisation
+                self.log.append("compact-failed", run_id=self.run_id, table=table, message=str(exc))
 
     def write_plan(self) -> None:
         """Writes the planned units with their keys and states (``plan.json``)."""
