@@ -17,7 +17,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from stages.synthesis.generate import generate
     from stages.synthesis.presets import get_preset
 
-    ids = generate(get_preset(args.preset), args.subjects, args.seed, Path(args.out), progress=not args.quiet)
+    ids = generate(get_preset(args.preset), args.subjects, args.seed, Path(args.out), progress=not args.quiet, workers=args.workers)
     print(f"wrote {len(ids)} subject(s) to {Path(args.out) / 'captures'} (truth in {Path(args.out) / 'ground_truth'})")
     return 0
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=1, help="number of subjects")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     p.add_argument("--out", required=True, help="output folder (captures/ and ground_truth/ inside)")
+    p.add_argument("--workers", type=int, default=1, help="subjects generated in parallel processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_synth)
 

@@ -159,16 +159,21 @@ class BlendshapeRig:
         return np.linalg.norm(diff, axis=-1)
 
     def save(self, path: str | Path) -> None:
-        """Writes neutral and deltas (float32) with the definition's name and version."""
-        np.savez_compressed(
-            path,
-            rig_name=np.array(self.definition.name),
-            rig_version=np.array(self.definition.version),
-            blendshape_names=np.array(self.definition.blendshape_names),
-            model_version=np.array(self.model.version),
-            neutral=self.neutral.astype(np.float32),
-            deltas=self.deltas.astype(np.float32),
-        )
+        """Writes neutral and deltas (float32) with the definition's name and version.
+
+        The bytes depend on the content only (no zip dates), and the write is atomic.
+        """
+        from storage.capture_files import atomic_write_bytes, encode_npz
+
+        arrays = {
+            "rig_name": np.array(self.definition.name),
+            "rig_version": np.array(self.definition.version),
+            "blendshape_names": np.array(self.definition.blendshape_names),
+            "model_version": np.array(self.model.version),
+            "neutral": self.neutral.astype(np.float32),
+            "deltas": self.deltas.astype(np.float32),
+        }
+        atomic_write_bytes(Path(path), encode_npz(arrays, compress=True))
 
     @classmethod
     def load(cls, path: str | Path, model: FaceModel, definition: RigDefinition | None = None) -> BlendshapeRig:

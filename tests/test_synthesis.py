@@ -250,3 +250,25 @@ def test_mediapipe_finds_standard_faces(tmp_path, record_property):
     assert len(frames) == 240
     assert found >= 0.95 * len(frames)
     assert np.median(mm) < EMBEDDING_MEDIAN_MM
+
+
+def test_parallel_generation_gives_the_same_subjects(tmp_path):
+    from dataclasses import replace
+
+    from stages.synthesis.generate import generate
+    from stages.synthesis.presets import ScriptTiming
+
+    micro = replace(
+        get_preset("tiny"), prompts=("neutral", "jaw_drop_max"), phone_frames_per_prompt=1, hmc_size=48,
+        hmc_peaks_per_recording=1,
+        script=ScriptTiming(neutral_s=1.0, peak_s=0.4, eye_event_s=0.2, mouth_closed_s=0.2, speech_s=0.3, rest_s=0.05),
+    )
+    serial = generate(micro, 2, 3, tmp_path / "serial", progress=False, workers=1)
+    parallel = generate(micro, 2, 3, tmp_path / "parallel", progress=False, workers=2)
+    assert serial == parallel and len(set(serial)) == 2
+    a, b = tmp_path / "serial" / "captures", tmp_path / "parallel" / "captures"
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
+    assert not mismatch and not errors
+    assert LabelTable(str(tmp_path / "parallel" / "ground_truth" / "labels")).subjects() == sorted(serial)

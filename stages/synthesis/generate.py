@@ -253,16 +253,21 @@ def _write_subject_truth(truth_dir: Path, config: SynthConfig, seed: int, index:
         "landmarks": "478 MediaPipe (embedding) then 68 Multi-PIE; HMC files keep iris (468-477) and the 68",
     })
     _write_npz(truth_dir / "identity.npz", identity=subject.identity.astype(np.float32), detail=subject.detail, neutral=rig.neutral, shape_gain=subject.shape_gain.astype(np.float32))
-    _write_npz(
-        truth_dir / "rig.npz", rig_name=np.array(rig.definition.name), rig_version=np.array(rig.definition.version),
-        blendshape_names=np.array(rig.definition.blendshape_names), model_version=np.array(rig.model.version),
-        neutral=rig.neutral.astype(np.float32), deltas=rig.deltas.astype(np.float32),
-    )
+    rig.save(truth_dir / "rig.npz")
 
 
-def generate(config: SynthConfig, n_subjects: int, seed: int, out: Path, progress: bool = True) -> list[str]:
-    """Synthesizes ``n_subjects`` subjects. Returns their ids."""
-    ids = []
-    for index in tqdm(range(n_subjects), desc="subjects", disable=not progress or n_subjects < 2):
-        ids.append(generate_subject(config, seed, index, Path(out), progress=progress))
-    return ids
+def generate(config: SynthConfig, n_subjects: int, seed: int, out: Path, progress: bool = True, workers: int = 1) -> list[str]:
+    """Synthesizes ``n_subjects`` subjects, ``workers`` at a time. Returns their ids.
+
+    Subjects are independent (each draws from its own (seed, index) stream), so the
+    output does not depend on ``workers``.
+    """
+    if workers <= 1 or n_subjects < 2:
+        return [generate_subject(config, seed, i, Path(out), progress=progress)
+                for i in tqdm(range(n_subjects), desc="subjects", disable=not progress or n_subjects < 2)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(generate_subject, config, seed, i, Path(out), progress=False) for i in range(n_subjects)]
+        return [f.result() for f in tqdm(futures, desc="subjects", disable=not progress)]
