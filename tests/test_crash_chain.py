@@ -1,0 +1,105 @@
+"""Crash safety of the real chain: a `pgt backfill` of tiny subjects, SIGKILLed and rerun.
+
+(`tests/test_dag.py::test_crash_safety` kills the DAG at finer points, mid-write and
+mid-publish, with light test stages; this test does it with the product's own stages.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import ArtifactStore
+from pipeline.config import RunConfig
+from pipeline.runlog import read_stage_log
+from storage import delta
+from workflows.label import backfill
+
+REPO = Path(__file__).resolve().parents[1]
+KILL_AFTER_FINISHES = (1, 2, 3, 4, 5)
+
+
+@pytest.fixture(scope="module")
+def captures(tiny_subject, tmp_path_factory) -> Path:
+    """Three copies of the tiny subject under their own ids, and one corrupt capture."""
+    capture, _ = tiny_subject
+    root = tmp_path_factory.mktemp("crash") / "captures"
+    for i in range(3):
+        name = f"crash-{i}"
+        shutil.copytree(capture, root / name)
+        manifest = root / name / "capture.json"
+        manifest.write_text(manifest.read_text().replace(capture.name, name))
+    shutil.copytree(capture, root / "zz-corrupt")
+    (root / "zz-corrupt" / "capture.json").write_text("{")
+    return root
+
+
+def _artifacts(out: Path) -> dict[tuple[str, str], dict]:
+    """(stage, key) -> content hashes of the committed parts (provenance left out)."""
+    store = ArtifactStore(str(out / "artifacts"))
+    return {(s, k): {n: p["sha256"] for n, p in store.marker(s, k)["parts"].items()} for s, k in store.committed()}
+
+
+def _landmark_rows(out: Path) -> list[dict]:
+    rows = delta.read_rows(str(out / "tables" / "landmarks")).to_pylist()
+    return sorted(rows, key=lambda r: (r["subject_id"], r["expression"], r["frame_index"]))
+
+
+def _failures(out: Path, run_id: str) -> list[tuple]:
+    rows = delta.read_rows(str(out / "tables" / "failures")).to_pylist()
+    return sorted((r["subject"], r["stage"], r["error_type"], r["message"], r["attempt"]) for r in rows if r["run_id"] == run_id)
+
+
+def _finishes(out: Path) -> int:
+    return sum(e["event"] == "finish" for e in read_stage_log(str(out)))
+
+
+def _run(captures: Path, out: Path):
+    return backfill(captures, str(out), RunConfig(), workers=1, processes=False, progress=False, report=False)
+
+
+def test_killed_backfills_resume_to_the_uninterrupted_result(captures, tmp_path):
+    base_out = tmp_path / "baseline"
+    base = _run(captures, base_out)
+    ref_artifacts, ref_rows = _artifacts(base_out), _landmark_rows(base_out)
+    ref_failures = _failures(base_out, base.run_id)
+    assert len(ref_artifacts) == 6 and len(ref_rows) == 30 and len(ref_failures) == 1
+
+    for k in KILL_AFTER_FINISHES:
+        out = tmp_path / f"kill-after-{k}"
+        cmd = [sys.executable, "-m", "pipeline.cli", "backfill", str(captures), "--out", str(out), "--workers", "1", "--quiet"]
+        with open(tmp_path / f"kill-{k}.log", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, start_new_session=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO)})
+            deadline = time.monotonic() + 240
+            try:
+                while _finishes(out) < k and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert _finishes(out) >= k, (k, (tmp_path / f"kill-{k}.log").read_text()[-2000:])
+        assert len(_artifacts(out)) < len(ref_artifacts), f"kill after {k} landed after the run"
+
+        again = _run(captures, out)
+        assert _artifacts(out) == ref_artifacts, k
+        assert _landmark_rows(out) == ref_rows, k  # no duplicated or lost row
+        assert _failures(out, again.run_id) == ref_failures, k
+        runs = delta.read_rows(str(out / "tables" / "runs")).to_pylist()
+        assert again.run_id in {r["run_id"] for r in runs}
+        events = read_stage_log(str(out))
+        for key in {e["key"] for e in events if e["event"] == "finish"}:
+            mine = [e for e in events if e.get("key") == key]
+            finished = [e["time"] for e in mine if e["event"] == "finish"]
+            assert len(finished) == 1, f"kill after {k}: {key} committed twice"
+            late = [e for e in mine if e["event"] == "start" and e["time"] > finished[0]]
+            assert not late, f"kill after {k}: {key} started again after it was committed"
+        print(f"kill after {k}: resumed with {again.counts}; {json.dumps(len(events))} log events")
