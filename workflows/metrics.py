@@ -175,7 +175,3 @@ def format_summary(summaries: dict[tuple[str, int], MetricsSummary]) -> str:
             lines.append(f"  {m:<{width}}  {value:>8}   {per_subject}")
     return "\n".join(lines)
 
-
-def rows_of(out_uri: str) -> pa.Table:
-    """The metrics table's current rows."""
-    return delta.read_rows(out_uri)

@@ -77,7 +77,7 @@ PRESETS: dict[str, SynthConfig] = {
         hmc_peaks_per_recording=2,
         script=ScriptTiming(neutral_s=2.0, peak_s=1.0, eye_event_s=0.5, mouth_closed_s=0.5, speech_s=0.8, rest_s=0.1),
     ),
-    # Benchmarks: all 60 prompts, realistic resolutions, 4 x ~11 s = 44 s of HMC.
+    # Benchmarks: all 60 prompts, realistic resolutions, 4 x 16.5 s = 66 s of HMC.
     "standard": SynthConfig(name="standard"),
 }
 
