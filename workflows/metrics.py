@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from pipeline.errors import ConfigError
 from rigs.definition import RigDefinition, load_default_rig_definition
