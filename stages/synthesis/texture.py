@@ -79,16 +79,6 @@ class PhotoTexture:
         return out
 
 
-def _face_oval_order() -> list[int]:
-    from mediapipe.python.solutions.face_mesh_connections import FACEMESH_FACE_OVAL
-
-    nxt = dict(FACEMESH_FACE_OVAL)
-    order = [10]
-    while nxt[order[-1]] != order[0]:
-        order.append(nxt[order[-1]])
-    return order
-
-
 def _part_albedo(model: FaceModel, skin: np.ndarray) -> np.ndarray:
     albedo = np.tile(skin, (model.n_vertices, 1)).astype(np.float32)
     for part, rgb in PART_ALBEDO.items():
@@ -111,6 +101,7 @@ def build_photo_texture(photo_path: Path, model: FaceModel | None = None, feathe
 
     from rigs.embedding import umeyama
     from rigs.raycast import vertex_normals
+    from stages.landmarks import FACE_OVAL
 
     model = model or load_ict_face_model()
     photo = cv2.imread(str(photo_path), cv2.IMREAD_COLOR)[:, :, ::-1].copy()
@@ -130,9 +121,9 @@ def build_photo_texture(photo_path: Path, model: FaceModel | None = None, feathe
     warp = RBFInterpolator(lm_uv[:468], lm[:468, :2] - lm_uv[:468], kernel="thin_plate_spline", smoothing=1.0)
     uv = uv + warp(uv)
 
-    oval = PolyPath(lm[_face_oval_order(), :2])
-    inside = oval.contains_points(uv)
-    edge = np.min(np.linalg.norm(uv[:, None] - lm[_face_oval_order(), None, :2].reshape(1, -1, 2), axis=2), axis=1)
+    oval_points = lm[list(FACE_OVAL), :2]
+    inside = PolyPath(oval_points).contains_points(uv)
+    edge = np.min(np.linalg.norm(uv[:, None] - oval_points[None], axis=2), axis=1)
     weight = np.where(inside, np.clip(edge / feather_px, 0, 1), 0.0)
     normals = vertex_normals(model.neutral.astype(np.float64), model.triangles) @ rot.T
     weight *= np.clip(normals[:, 2] / 0.3, 0, 1)
