@@ -115,8 +115,9 @@ def test_landmarks_match_the_capture_calibration(tiny_subject):
     capture_dir, truth_dir = tiny_subject
     capture, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
     errors = []
-    for prompt in capture.phone_expressions:
-        verts = truth.rig.pose(*[truth.expressions()[k][list(truth.expressions()["prompts"]).index(prompt)] for k in ("b", "gaze")])
+    expressions = truth.expressions()
+    for i, prompt in enumerate(capture.phone_expressions):
+        verts = truth.rig.pose(expressions["b"][i], expressions["gaze"][i])
         points = landmark_points(truth, verts)
         gt = truth.phone(prompt)
         for k in range(capture.phone_frame_count(prompt)):
@@ -164,8 +165,9 @@ def test_images_align_with_the_landmarks(tiny_subject):
             hit = scene.render(renderer.cameras[name]).hit
             shifts.append(_shift(rec.read_frame(name, frame), image, hit))
     tint = np.array(truth.meta["tint"])
+    expressions = truth.expressions()
     for i, prompt in enumerate(capture.phone_expressions):
-        verts = truth.rig.pose(*[truth.expressions()[k][i] for k in ("b", "gaze")])
+        verts = truth.rig.pose(expressions["b"][i], expressions["gaze"][i])
         for k in range(capture.phone_frame_count(prompt)):
             cam = _phone_camera(capture, truth, prompt, k)
             clean = render_phone(verts, truth.rig.model.triangles, cam, texture, tint, np.random.default_rng(0), noise=False)
@@ -184,7 +186,8 @@ def test_depth_is_truedepth_like(tiny_subject):
     capture, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
     prompt = capture.phone_expressions[0]
     frame = capture.read_phone_frame(prompt, 0)
-    verts = truth.rig.pose(*[truth.expressions()[k][0] for k in ("b", "gaze")])
+    expressions = truth.expressions()
+    verts = truth.rig.pose(expressions["b"][0], expressions["gaze"][0])
     g = Scene(verts, truth.rig.model.triangles).render(_phone_camera(capture, truth, prompt, 0))
     on_face = g.hit & (frame.depth_mm > 0)
     residual = frame.depth_mm[on_face] / 1000.0 - g.depth[on_face]

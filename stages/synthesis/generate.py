@@ -179,11 +179,12 @@ def render_phone_burst(config: SynthConfig, subject: SyntheticSubject, verts: np
     """Renders one prompt's burst of RGBD frames from slightly different angles."""
     triangles = subject.rig.model.triangles
     points = landmark_points(subject, verts)
+    scene = Scene(verts, triangles)  # the head does not move within a burst; the camera does
     frames = []
     for _ in range(config.phone_frames_per_prompt):
         cam = phone_camera(config.phone_width, config.phone_hfov_deg, rng, config.phone_distance_m)
         shot = render_phone(verts, triangles, cam, texture, subject.tint, rng)
-        pix, visible = project_visible(Scene(verts, triangles), cam, points)
+        pix, visible = project_visible(scene, cam, points)
         r_cam_head = cam.R_world_from_camera.T  # x_cam = R x_head + t
         pose = np.c_[r_cam_head, -r_cam_head @ cam.t_world_from_camera]
         frames.append(PhoneTruthFrame(shot, pix, visible, pose))
