@@ -50,9 +50,9 @@ def config_options(cls: type = RunConfig, prefix: str = "") -> dict[str, datacla
     """Flattened ``section.field`` -> dataclass field, for the CLI."""
     out: dict[str, dataclasses.Field] = {}
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
-            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-            out.update(config_options(type(sub()) if sub else f.type, f"{prefix}{f.name}."))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):  # a section: recurse into its fields
+            out.update(config_options(type(default), f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = f
     return out
