@@ -14,16 +14,17 @@ import numpy as np
 from pipeline.errors import ModelError
 
 
-@dataclass(frozen=True, eq=False)
-class Camera:
-    """A calibrated camera.
+@dataclass(frozen=True)
+class PinholeIntrinsics:
+    """A pinhole camera (no distortion) in pixels.
 
     Attributes:
-        width, height: image size in pixels.
-        fx, fy, cx, cy: pinhole intrinsics in pixels.
-        distortion: (5,) OpenCV [k1, k2, p1, p2, k3].
-        R_world_from_camera: (3, 3) rotation.
-        t_world_from_camera: (3,) camera centre in the world frame, metres.
+        width: image width in pixels.
+        height: image height in pixels.
+        fx: focal length along x, pixels.
+        fy: focal length along y, pixels.
+        cx: principal point x, pixels (OpenCV: pixel centres at integers).
+        cy: principal point y, pixels.
     """
 
     width: int
@@ -32,9 +33,43 @@ class Camera:
     fy: float
     cx: float
     cy: float
+
+    @property
+    def K(self) -> np.ndarray:
+        """The (3, 3) float64 camera matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]."""
+        return np.array(
+            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]],
+            dtype=np.float64,
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return (self.width, self.height)
+
+
+@dataclass(frozen=True, eq=False)
+class Camera:
+    """A calibrated camera.
+
+    Attributes:
+        intrinsics: image size and pinhole parameters in pixels.
+        distortion: (5,) OpenCV [k1, k2, p1, p2, k3].
+        R_world_from_camera: (3, 3) rotation.
+        t_world_from_camera: (3,) camera centre in the world frame, metres.
+    """
+
+    intrinsics: PinholeIntrinsics
     distortion: np.ndarray = field(default_factory=lambda: np.zeros(5))
     R_world_from_camera: np.ndarray = field(default_factory=lambda: np.eye(3))
     t_world_from_camera: np.ndarray = field(default_factory=lambda: np.zeros(3))
+
+    width = property(lambda self: self.intrinsics.width)
+    height = property(lambda self: self.intrinsics.height)
+    fx = property(lambda self: self.intrinsics.fx)
+    fy = property(lambda self: self.intrinsics.fy)
+    cx = property(lambda self: self.intrinsics.cx)
+    cy = property(lambda self: self.intrinsics.cy)
 
     def __post_init__(self) -> None:
         if np.shape(self.distortion) != (5,):
@@ -62,29 +97,30 @@ class Camera:
         x /= np.linalg.norm(x)
         y = np.cross(z, x)
         return cls(
-            width, height, focal, focal, (width - 1) / 2, (height - 1) / 2,
+            PinholeIntrinsics(width, height, focal, focal, (width - 1) / 2, (height - 1) / 2),
             np.zeros(5) if distortion is None else np.asarray(distortion, float),
             np.stack([x, y, z], 1), np.asarray(position, float),
         )
 
     @property
     def K(self) -> np.ndarray:
-        return np.array([[self.fx, 0, self.cx], [0, self.fy, self.cy], [0, 0, 1.0]])
+        return self.intrinsics.K
 
     def scaled(self, factor: float) -> Camera:
         """The same camera with an image ``factor`` times the size (intrinsics scaled)."""
         w, h = round(self.width * factor), round(self.height * factor)
-        return Camera(
+        intr = PinholeIntrinsics(
             w, h, self.fx * factor, self.fy * factor,
             (self.cx + 0.5) * factor - 0.5, (self.cy + 0.5) * factor - 0.5,
-            self.distortion, self.R_world_from_camera, self.t_world_from_camera,
+        )
+        return Camera(
+            intr, self.distortion, self.R_world_from_camera, self.t_world_from_camera,
         )
 
     def moved(self, R: np.ndarray, t: np.ndarray) -> Camera:
         """The camera expressed in another frame: world' = R world + t."""
         return Camera(
-            self.width, self.height, self.fx, self.fy, self.cx, self.cy, self.distortion,
-            R @ self.R_world_from_camera, R @ self.t_world_from_camera + t,
+            self.intrinsics, self.distortion, R @ self.R_world_from_camera, R @ self.t_world_from_camera + t,
         )
 
     def to_camera(self, points: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rigs.camera import PinholeIntrinsics  # the capture's intrinsics are the cameras' own
 from storage.capture_layout import DEPTH_UNIT_M
 
 
@@ -21,40 +22,6 @@ def _frozen_array(value: object, dtype: type, shape: tuple[int, ...]) -> np.ndar
         raise ValueError(f"expected shape {shape}, got {arr.shape}")
     arr.flags.writeable = False
     return arr
-
-
-@dataclass(frozen=True)
-class PinholeIntrinsics:
-    """A pinhole camera (no distortion) in pixels.
-
-    Attributes:
-        width: image width in pixels.
-        height: image height in pixels.
-        fx: focal length along x, pixels.
-        fy: focal length along y, pixels.
-        cx: principal point x, pixels (OpenCV: pixel centres at integers).
-        cy: principal point y, pixels.
-    """
-
-    width: int
-    height: int
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-
-    @property
-    def K(self) -> np.ndarray:
-        """The (3, 3) float64 camera matrix [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]."""
-        return np.array(
-            [[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]],
-            dtype=np.float64,
-        )
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) in pixels."""
-        return (self.width, self.height)
 
 
 @dataclass(frozen=True)

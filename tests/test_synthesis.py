@@ -43,7 +43,7 @@ def _phone_camera(capture: Capture, truth: SubjectTruth, prompt: str, k: int) ->
     intr = capture.phone_intrinsics(prompt)
     pose = truth.phone(prompt)["head_in_camera"][k]
     r, t = pose[:, :3], pose[:, 3]
-    return Camera(intr.width, intr.height, intr.fx, intr.fy, intr.cx, intr.cy, np.zeros(5), r.T, -r.T @ t)
+    return Camera(intr, np.zeros(5), r.T, -r.T @ t)
 
 
 def test_same_seed_gives_identical_bytes(tiny_root: Path, tmp_path: Path):

@@ -17,7 +17,7 @@ import numpy as np
 from rigs.camera import Camera
 from rigs.raycast import Scene, make_gbuffer, vertex_normals
 from stages.synthesis.texture import PhotoTexture
-from storage.capture_types import HmcCamera, HmcRig, PinholeIntrinsics
+from storage.capture_types import HmcCamera, HmcRig
 
 HMC_SIZE = 400
 RIG_VERSION = "synthetic-hmc-1"
@@ -49,7 +49,7 @@ def default_hmc_rig(size: int = HMC_SIZE) -> HmcRig:
             cam = cam.scaled(size / HMC_SIZE)
         cameras.append(HmcCamera(
             name=name, role=role, mirrored=mirrored,
-            intrinsics=PinholeIntrinsics(cam.width, cam.height, cam.fx, cam.fy, cam.cx, cam.cy),
+            intrinsics=cam.intrinsics,
             distortion=cam.distortion, R_headset_from_camera=cam.R_world_from_camera,
             t_headset_from_camera=cam.t_world_from_camera,
         ))
@@ -60,8 +60,7 @@ def rig_cameras(rig: HmcRig) -> dict[str, Camera]:
     """The rig's cameras as :class:`rigs.camera.Camera` in the headset frame."""
     return {
         c.name: Camera(
-            c.intrinsics.width, c.intrinsics.height, c.intrinsics.fx, c.intrinsics.fy,
-            c.intrinsics.cx, c.intrinsics.cy, np.asarray(c.distortion),
+            c.intrinsics, np.asarray(c.distortion),
             np.asarray(c.R_headset_from_camera), np.asarray(c.t_headset_from_camera),
         )
         for c in rig.cameras
