@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import RunConfig
 from pipeline.stage import StageConfig
 from stages.landmarks import detect_landmarks_for_capture
 from stages.synthesis.generate import landmark_points
 from stages.synthesis.truth import SubjectTruth
 from storage.capture import Capture
+from workflows.config import RunConfig
 
 RESULTS = Path(__file__).parent / "results" / "landmarks.json"
 

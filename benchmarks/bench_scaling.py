@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import RunConfig
 from stages.synthesis.generate import generate
 from stages.synthesis.presets import get_preset
+from workflows.config import RunConfig
 from workflows.label import backfill
 
 RESULTS = Path(__file__).parent / "results" / "scaling.json"

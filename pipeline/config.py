@@ -1,53 +1,21 @@
-"""The run config: typed dataclasses, each field documented where it is declared.
+"""Generic helpers over typed run configs (frozen dataclasses, one section per stage).
 
+The engine knows no product config: each stage's section sits beside the stage
+(``stages/<name>.py``) and the product gathers them in ``workflows.config.RunConfig``.
 Stages declare the dotted fields they read (e.g. ``"landmarks.detector"``); only those
-enter their cache keys. ``pgt`` exposes every field as ``--section.field VALUE``.
+enter their cache keys. ``pgt`` exposes every field as ``--set section.field=VALUE``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import __version__
 from pipeline.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class ValidateConfig:
-    """Capture validation before anything reads the capture."""
-
-    deep: bool = True
-    """Decode every image (slow on long recordings) instead of checking headers only."""
-
-
-@dataclass(frozen=True)
-class LandmarksConfig:
-    """Landmarks and face mask per phone frame (SPEC §3 item 1)."""
-
-    detector: str = "mediapipe"
-    """mediapipe, face_alignment (needs ``weights``) or precomputed (needs ``precomputed_dir``)."""
-    weights: str = ""
-    """Local face-alignment weights file; never downloaded."""
-    precomputed_dir: str = ""
-    """Folder of precomputed landmark files, ``<expression>/<index:06d>.npz``."""
-    min_confidence: float = 0.5
-    """Frames whose detection confidence is below this are rejected."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a labelling run reads."""
-
-    validate: ValidateConfig = field(default_factory=ValidateConfig)
-    landmarks: LandmarksConfig = field(default_factory=LandmarksConfig)
-    pipeline_version: str = __version__
-    """Written into every label row."""
-
-
-def config_options(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Flattened ``section.field`` -> dataclass field, for the CLI."""
+def config_options(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Flattened ``section.field`` -> dataclass field of the config class ``cls``, for the CLI."""
     out: dict[str, dataclasses.Field] = {}
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -58,7 +26,7 @@ def config_options(cls: type = RunConfig, prefix: str = "") -> dict[str, datacla
     return out
 
 
-def with_overrides(config: RunConfig, overrides: dict[str, str]) -> RunConfig:
+def with_overrides(config: Any, overrides: dict[str, str]) -> Any:
     """A copy of ``config`` with ``{"section.field": "text"}`` values parsed to field types."""
     for dotted, text in overrides.items():
         parts = dotted.split(".")

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from pipeline import records
 from pipeline.artifacts import ArtifactStore, fingerprint_captures
-from pipeline.chain import default_chain
 from pipeline.cluster import gpu_resources, open_client
 from pipeline.errors import ConfigError
 from pipeline.runlog import OutputLayout, StageLog, write_json
@@ -322,7 +321,7 @@ class _Run:
 
 
 def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
-              chain: Chain | None = None, workers: int | None = None,
+              chain: Chain, workers: int | None = None,
               scheduler_address: str | None = None, progress: bool = True,
               retries: int = 1, processes: bool = True, run_id: str | None = None,
               storage_options: dict[str, Any] | None = None, tables_uri: str | None = None,
@@ -334,7 +333,7 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         captures: capture folders, one per subject.
         out: output root (folder or fsspec URL); layout in docs/orchestration.md.
         config: the run config (dataclass / mapping); stages read their declared fields.
-        chain: the stages; defaults to :func:`pipeline.chain.default_chain`.
+        chain: the stages (the product's is :func:`workflows.chain.default_chain`).
         workers: embedded LocalCluster worker count (default: CPUs, memory-capped).
         scheduler_address: use this existing Dask scheduler instead.
         progress: show a progress bar (only on a terminal).
@@ -353,7 +352,6 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
     Raises:
         ConfigError: for an empty chain, a missing config field or duplicate subjects.
     """
-    chain = chain if chain is not None else default_chain()
     if not len(chain):
         raise ConfigError("the chain has no stages")
     layout = OutputLayout(str(out), tables_uri)

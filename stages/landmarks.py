@@ -30,6 +30,20 @@ FACE_OVAL = (
 OVAL_68 = tuple(range(17)) + tuple(range(26, 16, -1))
 
 
+@dataclass(frozen=True)
+class LandmarksConfig:
+    """Landmarks and face mask per phone frame (SPEC §3 item 1)."""
+
+    detector: str = "mediapipe"
+    """mediapipe, face_alignment (needs ``weights``) or precomputed (needs ``precomputed_dir``)."""
+    weights: str = ""
+    """Local face-alignment weights file; never downloaded."""
+    precomputed_dir: str = ""
+    """Folder of precomputed landmark files, ``<expression>/<index:06d>.npz``."""
+    min_confidence: float = 0.5
+    """Frames whose detection confidence is below this are rejected."""
+
+
 @dataclass(frozen=True, eq=False)
 class Detection:
     """Landmarks of one image.

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pipeline.errors import CaptureError
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Capture validation before anything reads the capture."""
+
+    deep: bool = True
+    """Decode every image (slow on long recordings) instead of checking headers only."""
 
 
 def validate_capture_stage(capture: str, config):

@@ -15,7 +15,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Made through the ``pgt synth`` command itself.
     """
-    from pipeline.cli import main
+    from workflows.cli import main
 
     out = tmp_path_factory.mktemp("tiny")
     assert main(["synth", "--preset", "tiny", "--subjects", "1", "--seed", str(TINY_SEED), "--out", str(out), "--quiet"]) == 0

@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.config import RunConfig
 from rigs.definition import load_default_rig_definition
 from stages.synthesis.truth import SubjectTruth
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable, blendshape_matrix
+from workflows.config import RunConfig
 from workflows.label import backfill, find_captures
 from workflows.metrics import MetricsJob, run_metrics, score_recording
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.cli import main
+from workflows.cli import main
 
 
 def test_validate_prints_a_summary_of_a_valid_capture(tiny_subject, capsys):

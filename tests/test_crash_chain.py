@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.config import RunConfig
 from pipeline.runlog import read_stage_log
 from storage import delta
+from workflows.config import RunConfig
 from workflows.label import backfill
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_killed_backfills_resume_to_the_uninterrupted_result(captures, tmp_path)
 
     for k in KILL_AFTER_FINISHES:
         out = tmp_path / f"kill-after-{k}"
-        cmd = [sys.executable, "-m", "pipeline.cli", "backfill", str(captures), "--out", str(out), "--workers", "1", "--quiet"]
+        cmd = [sys.executable, "-m", "workflows.cli", "backfill", str(captures), "--out", str(out), "--workers", "1", "--quiet"]
         with open(tmp_path / f"kill-{k}.log", "wb") as log:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log, start_new_session=True,
                                     env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -6,7 +6,6 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.stage import StageConfig
 from stages.landmarks import (
@@ -18,6 +17,7 @@ from stages.landmarks import (
     make_detector,
 )
 from tests.capture_factory import make_capture
+from workflows.config import RunConfig
 
 
 def _config(**overrides) -> StageConfig:

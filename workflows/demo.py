@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import RunConfig
 from pipeline.status import status
 from stages.synthesis.generate import generate
 from stages.synthesis.presets import get_preset
+from workflows.config import RunConfig
 from workflows.label import backfill
 from workflows.metrics import MetricsJob, format_summary, run_metrics
 

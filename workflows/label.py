@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import RunConfig
 from pipeline.dag import RunSummary, run_chain
 from pipeline.errors import ConfigError
+from pipeline.stage import Chain
+from workflows.chain import default_chain
+from workflows.config import RunConfig
 
 
 def find_captures(source: str | Path) -> list[Path]:
@@ -37,14 +39,16 @@ def find_captures(source: str | Path) -> list[Path]:
     return sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def label_subject(capture: str | Path, out: str, config: RunConfig | None = None, **run_options) -> RunSummary:
-    """Runs the chain on one subject's capture."""
-    return run_chain([Path(capture)], out, config or RunConfig(), **run_options)
+def label_subject(capture: str | Path, out: str, config: RunConfig | None = None, chain: Chain | None = None,
+                  **run_options) -> RunSummary:
+    """Runs the chain (default: the product's) on one subject's capture."""
+    return run_chain([Path(capture)], out, config or RunConfig(), chain=chain or default_chain(), **run_options)
 
 
-def backfill(source: str | Path, out: str, config: RunConfig | None = None, **run_options) -> RunSummary:
-    """Runs the chain on every capture of ``source`` (a root folder or a listing file)."""
+def backfill(source: str | Path, out: str, config: RunConfig | None = None, chain: Chain | None = None,
+             **run_options) -> RunSummary:
+    """Runs the chain (default: the product's) on every capture of ``source`` (a root folder or a listing file)."""
     captures = find_captures(source)
     if not captures:
         raise ConfigError(f"{source}: no captures found")
-    return run_chain(captures, out, config or RunConfig(), **run_options)
+    return run_chain(captures, out, config or RunConfig(), chain=chain or default_chain(), **run_options)

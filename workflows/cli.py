@@ -42,7 +42,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace):
-    from pipeline.config import RunConfig, with_overrides
+    from pipeline.config import with_overrides
+    from workflows.config import RunConfig
 
     overrides = {}
     for item in args.set or []:
@@ -102,13 +103,14 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from pipeline.config import config_options
+    from workflows.config import RunConfig
 
     p.add_argument("--out", required=True, help="output root (artifacts, tables, runs)")
     p.add_argument("--workers", type=int, help="embedded LocalCluster workers (default: fits the machine)")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler to use instead")
     p.add_argument("--retries", type=int, default=1, help="extra attempts of a failing stage")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    names = ", ".join(config_options())
+    names = ", ".join(config_options(RunConfig))
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=f"config override; one of: {names}")
 
 

@@ -2,6 +2,7 @@
 
 Adding a stage is a local change: write its module under ``stages/`` with a module-level
 function, then append one :class:`~pipeline.stage.Stage` to :data:`STAGES`.
+The chain lives above the engine (``pipeline/`` never imports ``stages/`` or ``workflows/``).
 Stages are listed in execution order: each input names ``"capture"`` or an earlier stage.
 """
 
