@@ -1,15 +1,22 @@
 """Content-addressed artifact store on any fsspec filesystem, with an atomic commit.
 
-Layout: ``<root>/<stage>/<key>/`` holds the serialized parts (``arrays.npz``,
-``meta.json``, ``table.<name>.parquet``, ``value.json``, ...) and the marker
-``_COMMITTED``. Commit protocol:
+Layout: ``<root>/<stage>/<key>/`` holds the marker ``_COMMITTED`` and one or more part
+folders ``data.<time_ns>.<uuid>/`` (``arrays.npz``, ``meta.json``,
+``table.<name>.parquet``, ``value.json``, ...). Commit protocol, safe against duplicate
+and concurrent executions of the same key (two runs, a re-executed Dask task), even when
+their bytes differ (training stages are not bit-reproducible):
 
-1. each part is written to ``<part>.tmp-<uuid>`` and renamed into place;
-2. the marker (JSON: kind, part sizes and sha256, provenance) is written to a temporary
-   name and renamed to ``_COMMITTED``.
+1. every part is written into a part folder of the writer's own (a unique name);
+2. the marker (JSON: kind, the part folder's name, each part's size and sha256,
+   provenance) is published with ONE atomic put-if-absent (:func:`put_if_absent`);
+3. the writer that lost the race deletes its own part folder and returns the winner's
+   marker. Readers load exactly the parts the marker names, so a committed artifact is
+   always one writer's complete, self-consistent output.
 
 Only a marked artifact exists for readers, so a crash at any point leaves either no
-artifact (rerun rewrites it) or a complete one (rerun skips the stage).
+artifact (rerun rewrites it) or a complete one (rerun skips the stage). Part folders that
+no marker names (a killed writer's) are removed only once older than
+:data:`STALE_TMP_S`, never while another writer may still be filling them.
 
 Capture fingerprints (the key of the ``"capture"`` input) are computed by
 :func:`capture_fingerprint`: by default the manifest's bytes plus every file's relative
@@ -19,6 +26,7 @@ path, size and mtime (fast, make-like); ``mode="content"`` hashes every byte ins
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,8 +48,13 @@ if TYPE_CHECKING:
 
 MARKER = "_COMMITTED"
 ATTEMPT_PREFIX = "_attempt."
-PUBLISHED_PREFIX = "_PUBLISHED."
 _TMP = ".tmp-"
+#: Prefix of a writer's part folder, ``data.<time_ns>.<uuid12>``.
+DATA_PREFIX = "data"
+#: Part folders and marker temporaries no marker names are garbage once this old (a
+#: generous bound on one writer's staging time, so a live writer's are never touched).
+STALE_TMP_S = 6 * 3600.0
+_STAMP_RE = re.compile(r"\.(\d{19})\.[0-9a-f]{12}$")
 _FP_BATCH = 64
 
 #: Test hook: ``"<point>:<stage>"`` pauses (sleeps) at a commit point so a test can
@@ -87,6 +100,45 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
+def _stamped(prefix: str) -> str:
+    """``<prefix>.<time_ns>.<uuid12>``: unique, and its age is readable from the name."""
+    return f"{prefix}.{time.time_ns():019d}.{uuid.uuid4().hex[:12]}"
+
+
+def put_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Creates ``path`` holding ``data`` unless it exists; True when this call created it.
+
+    Local disk: the bytes go to a temporary file (fsynced), which is hard-linked to
+    ``path``; ``link(2)`` fails when ``path`` exists, so exactly one of any number of
+    concurrent callers wins and readers never see a partial file. Other stores use
+    fsspec's ``pipe_file(mode="create")``: a conditional PUT (``If-None-Match: *``) on
+    S3 through s3fs, atomic there. Where an fsspec implementation only checks existence
+    before writing, the file is read back and the call wins only if it holds ``data``:
+    a loser then never deletes the parts a marker names, but two callers may both
+    believe they won (both part folders stay intact; readers follow the marker).
+    """
+    if is_local(fs):
+        tmp = f"{path}.{_stamped('tmp')}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return fs.cat_file(path) == data
+
+
 class ArtifactStore:
     """Artifacts of every stage, addressed by ``(stage, key)``.
 
@@ -124,6 +176,13 @@ class ArtifactStore:
             return json.loads(self.fs.cat_file(f"{self.path(stage, key)}/{MARKER}"))
         except FileNotFoundError:
             raise StorageError(f"artifact {stage}/{key} is not committed") from None
+        except ValueError:
+            raise StorageError(f"artifact {stage}/{key}: the marker is not JSON") from None
+
+    def _parts_dir(self, stage: str, key: str, marker: dict[str, Any]) -> str:
+        # format 1 (before part folders) kept its parts beside the marker
+        sub = marker.get("dir")
+        return f"{self.path(stage, key)}/{sub}" if sub else self.path(stage, key)
 
     def begin_attempt(self, stage: str, key: str, run_id: str) -> int:
         """Records one more execution attempt of ``key`` in ``run_id``; returns its number.
@@ -145,38 +204,61 @@ class ArtifactStore:
     def commit(self, stage: str, key: str, value: Any, provenance: dict[str, Any]) -> dict:
         """Serialises ``value`` and commits it under ``(stage, key)``; idempotent.
 
+        Concurrent commits of one key each stage into their own part folder; one
+        put-if-absent of the marker picks the winner; the others discard their copy.
+
         Returns:
-            The marker written (or the existing one when already committed).
+            The marker that is committed: this call's, or the one that was there first.
         """
         if self.is_committed(stage, key):
             return self.marker(stage, key)
         kind, files = encode(value)
         folder = self.path(stage, key)
-        if not self.fs.isdir(folder):
-            self.fs.makedirs(folder, exist_ok=True)
-        parts: dict[str, dict[str, Any]] = {}
-        for name, data in files.items():
-            tmp = f"{folder}/{name}{_TMP}{uuid.uuid4().hex}"
-            self.fs.pipe_file(tmp, data)
-            crash_test_pause("staging", stage)
-            self.fs.mv(tmp, f"{folder}/{name}")
-            parts[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        crash_test_pause("marker", stage)
-        marker = {"format": "hmc-pgt-artifact", "format_version": 1, "stage": stage,
-                  "key": key, "kind": kind, "parts": parts,
-                  "committed_at": time.time(), **provenance}
-        atomic_write(self.fs, f"{folder}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
-        self._sweep_tmp(folder)
+        sub = _stamped(DATA_PREFIX)
+        staging = f"{folder}/{sub}"
+        self._sweep(stage, key)  # stale leftovers of killed writers only
+        try:
+            self.fs.makedirs(staging, exist_ok=True)
+            parts: dict[str, dict[str, Any]] = {}
+            for name, data in files.items():
+                self.fs.pipe_file(f"{staging}/{name}", data)
+                crash_test_pause("staging", stage)
+                parts[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            crash_test_pause("marker", stage)
+            marker = {**provenance, "format": "hmc-pgt-artifact", "format_version": 2,
+                      "stage": stage, "key": key, "kind": kind, "dir": sub, "parts": parts,
+                      "committed_at": time.time()}
+            won = put_if_absent(self.fs, f"{folder}/{MARKER}",
+                                json.dumps(marker, sort_keys=True).encode())
+        except BaseException:
+            self._remove(staging)
+            raise
+        if not won:  # a concurrent writer committed first: its parts are the artifact
+            self._remove(staging)
+            return self.marker(stage, key)
         return marker
 
-    def _sweep_tmp(self, folder: str) -> None:
-        """Removes temporaries left by crashed attempts (after the commit only)."""
+    def _remove(self, path: str) -> None:
+        with contextlib.suppress(OSError):  # nothing staged yet, or already gone
+            self.fs.rm(path, recursive=True)
+
+    def _sweep(self, stage: str, key: str) -> None:
+        """Removes part folders and marker temporaries older than :data:`STALE_TMP_S`.
+
+        Younger ones may belong to a live concurrent writer and are left alone; the
+        committed marker's own part folder is never removed.
+        """
+        folder = self.path(stage, key)
         try:
-            for p in self.fs.ls(folder, detail=False):
-                if _TMP in p.rsplit("/", 1)[-1]:
-                    self.fs.rm_file(p)
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
         except (FileNotFoundError, OSError):
-            pass  # a concurrent duplicate may have swept first
+            return
+        committed = self.marker(stage, key).get("dir") if MARKER in names else None
+        cutoff = time.time_ns() - int(STALE_TMP_S * 1e9)
+        for name in names:
+            m = _STAMP_RE.search(name)
+            if m and name != committed and int(m.group(1)) < cutoff:
+                self._remove(f"{folder}/{name}")
 
     def load(self, stage: str, key: str) -> Any:
         """Loads a committed artifact, checking each part's size and sha256.
@@ -185,26 +267,28 @@ class ArtifactStore:
             StorageError: when not committed or a part is missing or corrupt.
         """
         marker = self.marker(stage, key)
-        folder = self.path(stage, key)
-        files: dict[str, bytes] = {}
-        for name, info in marker["parts"].items():
-            try:
-                data = self.fs.cat_file(f"{folder}/{name}")
-            except FileNotFoundError:
-                raise StorageError(f"artifact {stage}/{key}: part {name} is missing") from None
-            if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise StorageError(f"artifact {stage}/{key}: part {name} is corrupt")
-            files[name] = data
-        return decode(marker["kind"], files)
+        return decode(marker["kind"], {name: self._part(stage, key, marker, name)
+                                       for name in marker["parts"]})
 
-    def is_published(self, stage: str, key: str, table: str) -> bool:
-        """True when this artifact's rows were published to ``table``."""
-        return self.fs.exists(f"{self.path(stage, key)}/{PUBLISHED_PREFIX}{table}")
+    def load_part(self, stage: str, key: str, name: str) -> tuple[str, bytes | None]:
+        """``(kind, bytes)`` of one part of a committed artifact (``None`` when it has
+        no such part), checked like :meth:`load`: e.g. the rows to publish, without the
+        arrays beside them.
+        """
+        marker = self.marker(stage, key)
+        if name not in marker["parts"]:
+            return marker["kind"], None
+        return marker["kind"], self._part(stage, key, marker, name)
 
-    def mark_published(self, stage: str, key: str, table: str, uri: str) -> None:
-        """Records that the rows are in the table (written after the Delta commit)."""
-        atomic_write(self.fs, f"{self.path(stage, key)}/{PUBLISHED_PREFIX}{table}",
-                     json.dumps({"table": uri, "time": time.time()}).encode())
+    def _part(self, stage: str, key: str, marker: dict[str, Any], name: str) -> bytes:
+        info = marker["parts"][name]
+        try:
+            data = self.fs.cat_file(f"{self._parts_dir(stage, key, marker)}/{name}")
+        except FileNotFoundError:
+            raise StorageError(f"artifact {stage}/{key}: part {name} is missing") from None
+        if len(data) != info["size"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise StorageError(f"artifact {stage}/{key}: part {name} is corrupt")
+        return data
 
     def committed(self, stage: str | None = None) -> Iterator[tuple[str, str]]:
         """Every committed ``(stage, key)``, optionally of one stage."""

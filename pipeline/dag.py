@@ -104,7 +104,11 @@ class _Run:
         self.ac = as_completed(loop=client.loop, with_results=True, raise_errors=False)
         self.blocked = False
         self.to_publish: list[Unit] = []
+        self.to_retract: list[Unit] = []
         self.published_tables: set[str] = set()
+        # what each published table holds (read once; kept current by this run's commits)
+        self.indexes = {st.publish.table: records.TableIndex.read(
+            layout.table(st.publish.table), storage_options) for st in chain if st.publish}
         self.timings: dict[str, float] = {}
         self.last_flush = time.monotonic()
         self.bar = tqdm(total=0, desc="stages", unit="task",
@@ -215,6 +219,7 @@ class _Run:
         self.units[(unit.stage.name, unit.subject)] = unit
         self.log.append("skip", run_id=self.run_id, key=unit.key, stage=unit.stage.name,
                         subject=unit.subject, reason=reason)
+        self._retract(unit)
 
     # -- completion -------------------------------------------------------------------
     def _complete(self, fut: Future, result: Any) -> None:
@@ -240,45 +245,80 @@ class _Run:
         fut.release()
         self.bar.update(1)
 
-    def _fail(self, unit: Unit, exc: BaseException) -> None:
+    def _fail(self, unit: Unit, exc: BaseException, *, retract: bool = True) -> None:
         unit.state = "failed"
         unit.reason = (f"{exc.error_type}: {exc.message}" if isinstance(exc, StageFailure)
                        else f"{type(exc).__name__}: {exc}")
         attempt = exc.attempt if isinstance(exc, StageFailure) else self.retries + 1
-        self.failures.append(records.failure_from(exc, unit.stage, unit.subject,
-                                                  unit.key or "", self.run_id, attempt))
+        self.record_failures([records.failure_from(exc, unit.stage, unit.subject,
+                                                   unit.key or "", self.run_id, attempt)])
+        if retract:
+            self._retract(unit)
+
+    def record_failures(self, failures: list[records.FailureRecord]) -> None:
+        """Appends failure rows to the failures table now, so a driver crash loses none."""
+        self.failures.extend(failures)
+        try:
+            records.write_failures(self.layout, failures, self.storage_options)
+        except Exception as exc:  # noqa: BLE001 - run.json still lists them at the end
+            self.log.append("failure-record-failed", run_id=self.run_id, message=str(exc))
 
     def _publish(self, unit: Unit) -> None:
-        """Queues a committed unit's rows for its table (flushed in batches)."""
+        """Queues a committed unit's rows unless its table already holds its key."""
         pub = unit.stage.publish
-        if pub is None or unit.key is None or \
-                self.store.is_published(unit.stage.name, unit.key, pub.table):
+        if pub is None or unit.key is None:
+            return
+        if unit.state == "cached" and unit.key in self.indexes[pub.table].keys:
             return
         self.to_publish.append(unit)
-        if len(self.to_publish) >= PUBLISH_BATCH or \
+        self._maybe_flush()
+
+    def _retract(self, unit: Unit) -> None:
+        """Queues the deletion of rows a now failed or skipped unit published earlier."""
+        pub = unit.stage.publish
+        if pub is not None and self.indexes[pub.table].holds(unit.stage.name, unit.subject):
+            self.to_retract.append(unit)
+            self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self.to_publish) + len(self.to_retract) >= PUBLISH_BATCH or \
                 time.monotonic() - self.last_flush > PUBLISH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
-        """Publishes queued rows: one Delta commit per table and predicate group."""
+        """Publishes queued rows and retractions: one Delta commit per table and group."""
         by_table: dict[str, list[Unit]] = {}
         for u in self.to_publish:
             assert u.stage.publish is not None
             by_table.setdefault(u.stage.publish.table, []).append(u)
-        self.to_publish, self.last_flush = [], time.monotonic()
+        retract: dict[tuple[str, str], list[Unit]] = {}
+        for u in self.to_retract:
+            assert u.stage.publish is not None
+            retract.setdefault((u.stage.publish.table, u.stage.name), []).append(u)
+        self.to_publish, self.to_retract, self.last_flush = [], [], time.monotonic()
         self.published_tables.update(by_table)
+        self.published_tables.update(table for table, _ in retract)
         for table, units in by_table.items():
-            uri = self.layout.table(table)
+            uri, index = self.layout.table(table), self.indexes[table]
             try:
                 records.publish_rows(self.store, [(u.stage, u.subject, u.key or "")
-                                                  for u in units], uri, self.storage_options)
+                                                  for u in units], uri, self.storage_options,
+                                     index)
             except Exception:  # isolate the bad unit; a bad table must not stop the run
                 for u in units:
                     try:
                         records.publish_rows(self.store, [(u.stage, u.subject, u.key or "")],
-                                             uri, self.storage_options)
+                                             uri, self.storage_options, index)
                     except Exception as exc:
-                        self._fail(u, exc)
+                        self._fail(u, exc, retract=False)
+        for (table, _), units in retract.items():
+            try:
+                records.retract_rows(units[0].stage, [u.subject for u in units],
+                                     self.layout.table(table), self.storage_options,
+                                     self.indexes[table])
+            except Exception as exc:  # noqa: BLE001 - the failure rows say what failed
+                self.log.append("retract-failed", run_id=self.run_id, table=table,
+                                message=str(exc))
 
     def loop(self) -> None:
         """Runs until every unit is resolved."""
@@ -374,9 +414,8 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         write_json(f"{run_dir}/run.json", record, storage_options)
         run = _Run(cl, chain, config, subjects, store, log, layout, run_id, retries,
                    progress, storage_options)
-        for name, err in bad:
-            run.failures.append(records.failure_from(err, None, name, "", run_id, 1,
-                                                     stage_name=CAPTURE))
+        run.record_failures([records.failure_from(err, None, name, "", run_id, 1,
+                                                  stage_name=CAPTURE) for name, err in bad])
         run.timings["fingerprint"] = t_fp
         run.loop()
         return run

@@ -4,7 +4,10 @@ Tables under ``<tables>/``:
 
 * ``failures``: one row per unit that still failed after its retries, per run;
 * ``runs``: one row per finished run (counts, config, versions);
-* any table a stage publishes to (``Stage.publish``).
+* any table a stage publishes to (``Stage.publish``). Its rows carry three extra columns,
+  :data:`STAGE_COLUMN`, :data:`VERSION_COLUMN` and :data:`KEY_COLUMN` (the stage, its
+  version and the content key of the artifact they came from), so a run can tell whether
+  the table holds what it planned (:class:`TableIndex`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline.artifacts import ArtifactStore, crash_test_pause
-from pipeline.errors import ConfigError, StageError
+from pipeline.errors import ConfigError, StageError, StorageError
 from pipeline.runlog import OutputLayout, write_json
-from pipeline.serialize import rows_of
+from pipeline.serialize import decode_table
 from pipeline.stage import Chain, Stage, to_jsonable
 from pipeline.tasks import StageFailure
 
@@ -47,6 +50,12 @@ RUN_SCHEMA = pa.schema([
     ("skipped", pa.int32()), ("config_json", pa.string()), ("chain_json", pa.string()),
     ("versions_json", pa.string()),
 ])
+
+#: Columns added to every published row (provenance; names reserved).
+STAGE_COLUMN = "_stage"
+VERSION_COLUMN = "_stage_version"
+KEY_COLUMN = "_artifact_key"
+PROVENANCE_COLUMNS = (STAGE_COLUMN, VERSION_COLUMN, KEY_COLUMN)
 
 _PACKAGES = ("hmc-pgt", "dask", "distributed", "numpy", "pyarrow", "deltalake", "fsspec")
 
@@ -148,20 +157,88 @@ def _predicate(stage: Stage, subject: str | None, rows: pa.Table) -> dict[str, A
     return pred
 
 
+@dataclass
+class TableIndex:
+    """Which artifacts a published table holds, read from its provenance columns.
+
+    Attributes:
+        keys: every ``_artifact_key`` in the table.
+        slices: every ``(_stage, subject_id)`` with rows (``subject_id`` ``None`` when the
+            table has no such column).
+    """
+
+    keys: set[str]
+    slices: set[tuple[str, str | None]]
+
+    @classmethod
+    def read(cls, table_uri: str, storage_options: dict[str, Any] | None = None) -> TableIndex:
+        """Reads the index of a table (empty when the table does not exist).
+
+        Raises:
+            StorageError: when the table exists but lacks the provenance columns (it was
+                written by a pgt before 0.2: delete it, the next run rebuilds it).
+        """
+        from storage import delta
+
+        kwargs: dict[str, Any] = {"storage_options": storage_options} if storage_options else {}
+        if not delta.exists(table_uri, **kwargs):
+            return cls(set(), set())
+        names = delta.table_schema(table_uri, **kwargs).names
+        if not set(PROVENANCE_COLUMNS) <= set(names):
+            raise StorageError(
+                f"{table_uri}: published table lacks the provenance columns "
+                f"{list(PROVENANCE_COLUMNS)} (written by an older pgt); delete it and rerun: "
+                "it is rebuilt from the committed artifacts")
+        cols = [STAGE_COLUMN, KEY_COLUMN] + (["subject_id"] if "subject_id" in names else [])
+        rows = delta.read_rows(table_uri, columns=cols, **kwargs)
+        distinct = rows.group_by(cols).aggregate([]).to_pydict()
+        subjects = distinct.get("subject_id", [None] * len(distinct[KEY_COLUMN]))
+        return cls(set(distinct[KEY_COLUMN]),
+                   set(zip(distinct[STAGE_COLUMN], subjects, strict=True)))
+
+    def holds(self, stage: str, subject: str | None) -> bool:
+        """True when the table has rows of this stage (and subject, for subject stages)."""
+        if subject is None:
+            return any(st == stage for st, _ in self.slices)
+        return (stage, subject) in self.slices
+
+
+def _rows_of(store: ArtifactStore, stage: Stage, key: str) -> pa.Table:
+    """The rows an artifact publishes, read without the rest of the artifact."""
+    assert stage.publish is not None
+    name = stage.publish.rows
+    kind, data = store.load_part(stage.name, key, "table.parquet")
+    if kind == "output":
+        kind, data = store.load_part(stage.name, key, f"table.{name}.parquet")
+    if data is None or kind not in ("table", "output"):
+        raise StageError(f"stage {stage.name}: artifact {key} has no table {name!r} to publish")
+    rows = decode_table(data)
+    clash = set(PROVENANCE_COLUMNS) & set(rows.column_names)
+    if clash:
+        raise StageError(f"stage {stage.name}: published rows use reserved columns {sorted(clash)}")
+    n = rows.num_rows
+    return (rows.append_column(STAGE_COLUMN, pa.array([stage.name] * n, pa.string()))
+            .append_column(VERSION_COLUMN, pa.array([stage.version] * n, pa.string()))
+            .append_column(KEY_COLUMN, pa.array([key] * n, pa.string())))
+
+
 def publish_rows(store: ArtifactStore, units: list[tuple[Stage, str | None, str]],
-                 table_uri: str, storage_options: dict[str, Any] | None = None) -> int:
-    """Replaces the units' slices of one Delta table by their rows, then marks them.
+                 table_uri: str, storage_options: dict[str, Any] | None = None,
+                 index: TableIndex | None = None) -> int:
+    """Replaces the units' slices of one Delta table by their rows (with provenance).
 
     Units whose predicates differ only in the first predicate column (usually
     ``subject_id``) share one commit (an ``IN`` predicate), so a backfill makes a few
     commits, not one per subject. Idempotent: after a crash at any point, publishing the
-    same artifacts again replaces the same slices with the same rows.
+    same artifacts again replaces the same slices with the same rows. ``index`` (updated
+    in place) lets a unit without rows skip its commit when its slice is already empty.
 
     Args:
         store: the artifact store.
         units: ``(stage, subject, key)`` of committed artifacts publishing to this table.
         table_uri: the Delta table.
         storage_options: object-store options.
+        index: what the table holds; updated with the published keys.
 
     Returns:
         The number of rows written.
@@ -172,7 +249,10 @@ def publish_rows(store: ArtifactStore, units: list[tuple[Stage, str | None, str]
     for stage, subject, key in units:
         pub = stage.publish
         assert pub is not None
-        rows = rows_of(store.load(stage.name, key), pub.rows)
+        rows = _rows_of(store, stage, key)
+        if not rows.num_rows and index is not None and not index.holds(stage.name, subject):
+            index.keys.add(key)  # nothing to write, nothing stale to replace
+            continue
         pred = _predicate(stage, subject, rows)
         rest = tuple((c, pred[c]) for c in pub.predicate_columns[1:])
         groups.setdefault((stage.name, pub.partition_by, rest), []).append((rows, pred))
@@ -186,22 +266,57 @@ def publish_rows(store: ArtifactStore, units: list[tuple[Stage, str | None, str]
                            partition_by=list(partition_by) if partition_by else None,
                            **kwargs)
         n += rows.num_rows
-    crash_test_pause("publish", units[0][0].name)
-    for stage, _, key in units:
-        assert stage.publish is not None
-        store.mark_published(stage.name, key, stage.publish.table, table_uri)
+    if units:
+        crash_test_pause("publish", units[0][0].name)
+    if index is not None:
+        for stage, subject, key in units:
+            index.keys.add(key)
+            index.slices.add((stage.name, subject))
     return n
+
+
+def retract_rows(stage: Stage, subjects: list[str | None], table_uri: str,
+                 storage_options: dict[str, Any] | None = None,
+                 index: TableIndex | None = None) -> None:
+    """Deletes the rows a stage published for subjects whose unit now fails (one commit).
+
+    A failed or skipped unit's previous rows must not stand in as current; they stay
+    readable through the table's history (Delta time travel). ``None`` in ``subjects``
+    (a dataset stage) deletes every row of the stage.
+    """
+    from storage import delta
+
+    kwargs: dict[str, Any] = {"storage_options": storage_options} if storage_options else {}
+    if not delta.exists(table_uri, **kwargs):
+        return
+    pred: dict[str, Any] = {STAGE_COLUMN: stage.name}
+    named = sorted({s for s in subjects if s is not None})
+    if named and None not in subjects:
+        pred["subject_id"] = named
+    empty = delta.table_schema(table_uri, **kwargs).empty_table()
+    delta.replace_rows(table_uri, empty, pred, **kwargs)
+    if index is not None:
+        index.slices = {(st, s) for st, s in index.slices
+                        if st != stage.name or ("subject_id" in pred and s not in named)}
+
+
+def write_failures(layout: OutputLayout, failures: list[FailureRecord],
+                   storage_options: dict[str, Any] | None = None) -> None:
+    """Appends failure rows to ``<tables>/failures`` in one commit (as they happen)."""
+    from storage import delta
+
+    if failures:
+        kwargs = {"storage_options": storage_options} if storage_options else {}
+        delta.append_rows(layout.table("failures"), failures_table(failures), **kwargs)
 
 
 def finish_run(record: dict[str, Any], summary: RunSummary, layout: OutputLayout,
                storage_options: dict[str, Any] | None = None) -> None:
-    """Appends failures and the run row to their tables and rewrites ``run.json``."""
+    """Appends the run row to its table and rewrites ``run.json`` (failure rows were
+    written as each unit failed, :func:`write_failures`)."""
     from storage import delta
 
     kwargs = {"storage_options": storage_options} if storage_options else {}
-    if summary.failures:
-        delta.append_rows(layout.table("failures"), failures_table(summary.failures),
-                          **kwargs)
     record.update(status="finished", finished=summary.finished, counts=summary.counts,
                   failures=[asdict(f) for f in summary.failures])
     row = {

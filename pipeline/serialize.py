@@ -157,14 +157,6 @@ def output_names(value: Any) -> set[str]:
     return set()
 
 
-def rows_of(value: Any, rows: str) -> pa.Table:
-    """The publishable table of an output (a bare table, or ``tables[rows]``).
-
-    Raises:
-        StageError: when the output has no such table.
-    """
-    if isinstance(value, pa.Table):
-        return value
-    if isinstance(value, StageOutput) and rows in value.tables:
-        return value.tables[rows]
-    raise StageError(f"stage output has no table {rows!r} to publish")
+def decode_table(data: bytes) -> pa.Table:
+    """One ``table*.parquet`` part as an Arrow table (see ``ArtifactStore.load_part``)."""
+    return pq.read_table(io.BytesIO(data))

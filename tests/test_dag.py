@@ -102,7 +102,8 @@ def test_artifact_roundtrip_and_commit_protocol(tmp_path: Path) -> None:
     assert not store.is_committed("s", "half")
     assert ("s", "half") not in set(store.committed())
     # corruption is detected; object arrays are refused (no pickle)
-    (tmp_path / "art" / "s" / "k1" / "arrays.npz").write_bytes(b"junk")
+    parts = tmp_path / "art" / "s" / "k1" / store.marker("s", "k1")["dir"]
+    (parts / "arrays.npz").write_bytes(b"junk")
     with pytest.raises(StorageError, match="corrupt"):
         store.load("s", "k1")
     with pytest.raises(StageError):
