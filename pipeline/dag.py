@@ -22,9 +22,18 @@ from tqdm import tqdm
 from pipeline import records
 from pipeline.artifacts import ArtifactStore, fingerprint_captures
 from pipeline.cluster import gpu_resources, open_client
+from pipeline.config import validate_config
 from pipeline.errors import ConfigError
 from pipeline.runlog import OutputLayout, StageLog, write_json
-from pipeline.stage import CAPTURE, Chain, Stage, config_values, content_key, to_jsonable
+from pipeline.stage import (
+    CAPTURE,
+    Chain,
+    Stage,
+    config_values,
+    content_key,
+    key_config,
+    library_versions,
+)
 from pipeline.tasks import InputRef, StageFailure, UnitSpec, execute_unit
 from storage import delta
 
@@ -81,18 +90,61 @@ class RunSummary:
         return not self.counts.get("failed") and not self.counts.get("skipped")
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """What a run checks and reads before anything runs (errors here stop the run early).
+
+    Attributes:
+        values: stage -> declared config field -> value (what the stage receives).
+        key_values: stage -> the same fields as they enter the key (files fingerprinted).
+        libraries: distribution -> installed version, over every stage's declaration.
+        indexes: published table name -> what it holds.
+    """
+
+    values: dict[str, dict[str, Any]]
+    key_values: dict[str, dict[str, Any]]
+    libraries: dict[str, str]
+    indexes: dict[str, records.TableIndex]
+
+
+def _prepare(chain: Chain, config: Any, layout: OutputLayout,
+             storage_options: dict[str, Any] | None) -> _Prepared:
+    validate_config(config)
+    values = {st.name: config_values(st, config) for st in chain}  # missing fields fail here
+    return _Prepared(
+        values=values,
+        key_values={st.name: key_config(st, config) for st in chain},
+        libraries=library_versions(sorted({n for st in chain for n in st.library_versions})),
+        indexes={st.publish.table: records.TableIndex.read(layout.table(st.publish.table),
+                                                           storage_options)
+                 for st in chain if st.publish})
+
+
+def _check_worker_libraries(client: Client, libraries: dict[str, str]) -> None:
+    """The workers run the stages: their library versions must be the ones in the keys."""
+    if not libraries:
+        return
+    for worker, found in client.run(library_versions, list(libraries)).items():
+        if found != libraries:
+            diff = {n: (libraries[n], found.get(n)) for n in libraries
+                    if found.get(n) != libraries[n]}
+            raise ConfigError(f"worker {worker} has other library versions than the driver "
+                              f"(driver, worker): {diff}; content keys would not describe "
+                              "the outputs")
+
+
 class _Run:
     """One run's planning and completion loop."""
 
-    def __init__(self, client: Client, chain: Chain, config: Any,
+    def __init__(self, client: Client, chain: Chain, prep: _Prepared,
                  subjects: dict[str, tuple[str, str]], store: ArtifactStore, log: StageLog,
                  layout: OutputLayout, run_id: str, retries: int, progress: bool,
                  storage_options: dict[str, Any] | None) -> None:
         self.client, self.chain, self.subjects = client, chain, subjects
         self.store, self.log, self.layout, self.run_id = store, log, layout, run_id
         self.retries, self.storage_options = retries, storage_options
-        self.values = {st.name: config_values(st, config) for st in chain}
-        self.values_json = {n: to_jsonable(v) for n, v in self.values.items()}
+        self.values, self.key_values = prep.values, prep.key_values
+        self.libraries = prep.libraries
         self.gpu = gpu_resources(client)
         self.tag = hashlib.sha256(f"{store.fs.protocol}:{store.root}".encode()).hexdigest()[:8]
         self.units: dict[UnitId, Unit] = {}
@@ -107,8 +159,7 @@ class _Run:
         self.to_retract: list[Unit] = []
         self.published_tables: set[str] = set()
         # what each published table holds (read once; kept current by this run's commits)
-        self.indexes = {st.publish.table: records.TableIndex.read(
-            layout.table(st.publish.table), storage_options) for st in chain if st.publish}
+        self.indexes = prep.indexes
         self.timings: dict[str, float] = {}
         self.last_flush = time.monotonic()
         self.bar = tqdm(total=0, desc="stages", unit="task",
@@ -195,7 +246,8 @@ class _Run:
     def _launch(self, unit: Unit, refs: list[Any], ikeys: dict[str, Any],
                 deps: list[Future]) -> None:
         st = unit.stage
-        unit.key = content_key(st, self.values_json[st.name], ikeys, unit.subject)
+        unit.key = content_key(st, self.key_values[st.name], ikeys, unit.subject,
+                               self.libraries)
         self.units[(st.name, unit.subject)] = unit
         if self.store.is_committed(st.name, unit.key):
             unit.state = "cached"
@@ -390,29 +442,32 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         The run summary; failed subjects are in ``summary.failures``, never raised.
 
     Raises:
-        ConfigError: for an empty chain, a missing config field or duplicate subjects.
+        ConfigError: for an empty chain, a bad or missing config field, a file the config
+            names that does not exist, or workers whose library versions differ.
+        StorageError: for a published table written without provenance columns.
     """
     if not len(chain):
         raise ConfigError("the chain has no stages")
     layout = OutputLayout(str(out), tables_uri)
     run_id = run_id or records.new_run_id()
-    for st in chain:
-        config_values(st, config)  # fail fast on a missing field
+    prep = _prepare(chain, config, layout, storage_options)  # fail fast, before any record
     store = ArtifactStore(layout.artifacts, storage_options)
     run_dir = layout.run_dir(run_id)
     log = StageLog(run_dir, storage_options)
     started = time.time()
     paths = [str(Path(c).resolve()) for c in captures]
     record = records.run_record(run_id, started, layout, chain, config, retries)
+    record["libraries"] = prep.libraries
     write_json(f"{run_dir}/run.json", record, storage_options)
 
     def _execute(cl: Client) -> _Run:
+        _check_worker_libraries(cl, prep.libraries)
         t0 = time.perf_counter()
         subjects, bad = fingerprint_captures(cl, paths, fingerprint)
         t_fp = time.perf_counter() - t0
         record["subjects"] = {s: p for s, (p, _) in subjects.items()}
         write_json(f"{run_dir}/run.json", record, storage_options)
-        run = _Run(cl, chain, config, subjects, store, log, layout, run_id, retries,
+        run = _Run(cl, chain, prep, subjects, store, log, layout, run_id, retries,
                    progress, storage_options)
         run.record_failures([records.failure_from(err, None, name, "", run_id, 1,
                                                   stage_name=CAPTURE) for name, err in bad])
@@ -427,12 +482,18 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
                                                  storage_options=storage_options):
             return _execute(cl)
 
-    if client is not None:
-        run = _with_report(client)
-    else:
-        with open_client(workers=workers, scheduler_address=scheduler_address,
-                         processes=processes) as cl:
-            run = _with_report(cl)
+    try:
+        if client is not None:
+            run = _with_report(client)
+        else:
+            with open_client(workers=workers, scheduler_address=scheduler_address,
+                             processes=processes) as cl:
+                run = _with_report(cl)
+    except Exception as exc:  # the record must not say "running" for ever
+        record.update(status="failed", finished=time.time(),
+                      error=f"{type(exc).__name__}: {exc}"[:4000])
+        write_json(f"{run_dir}/run.json", record, storage_options)
+        raise
     run.write_plan()
     counts = Counter(u.state for u in run.units.values())
     counts["failed"] += sum(1 for f in run.failures if f.stage == CAPTURE)

@@ -5,7 +5,10 @@ typed output. Everything that can change its output is part of its declaration, 
 content key (:func:`content_key`) identifies an output without running the stage:
 
 * ``name`` and ``version`` (bump the version whenever the code's output changes);
-* the values of the declared ``config_fields`` (dotted paths into the run config);
+* the values of the declared ``config_fields`` (dotted paths into the run config); a
+  field declared with :func:`pipeline.config.path_field` enters by the fingerprint of
+  the file or folder it names, not by its path (:func:`key_config`);
+* the installed versions of the declared ``library_versions`` (e.g. ``"mediapipe"``);
 * the keys of its inputs (other stages' artifacts, or the capture's fingerprint).
 
 Calling convention, used by the executor (``pipeline.tasks``):
@@ -34,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipeline.config import fingerprint_path, path_kind
 from pipeline.errors import ConfigError
 
 #: The reserved input name of a stage that reads the subject's capture folder.
@@ -84,6 +88,8 @@ class Stage:
             ``StageOutput``); empty means "not checked".
         publish: optional Delta table the output rows are published to.
         description: one line for status reports and docs.
+        library_versions: distribution names (``importlib.metadata``) whose installed
+            versions change the output, e.g. ``("mediapipe",)``; they enter the key.
     """
 
     name: str
@@ -96,6 +102,7 @@ class Stage:
     outputs: tuple[str, ...] = ()
     publish: Publish | None = None
     description: str = ""
+    library_versions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name) or self.name == CAPTURE:
@@ -104,7 +111,7 @@ class Stage:
             raise ConfigError(f"stage {self.name}: version must be a non-empty string")
         if not callable(self.fn):
             raise ConfigError(f"stage {self.name}: fn is not callable")
-        for attr in ("inputs", "config_fields", "outputs"):
+        for attr in ("inputs", "config_fields", "outputs", "library_versions"):
             if not isinstance(getattr(self, attr), tuple):
                 raise ConfigError(f"stage {self.name}: {attr} must be a tuple")
         if len(set(self.inputs)) != len(self.inputs):
@@ -175,6 +182,52 @@ def config_values(stage: Stage, config: Any) -> dict[str, Any]:
     return {f: get_config_value(config, f) for f in stage.config_fields}
 
 
+def _field_of(config: Any, dotted: str) -> dataclasses.Field | None:
+    """The dataclass field a dotted path ends at (``None`` inside mappings)."""
+    *parents, name = dotted.split(".")
+    owner = get_config_value(config, ".".join(parents)) if parents else config
+    if dataclasses.is_dataclass(owner) and not isinstance(owner, type):
+        return next((f for f in dataclasses.fields(owner) if f.name == name), None)
+    return None
+
+
+def _keyable(value: Any, f: dataclasses.Field | None, where: str) -> Any:
+    kind = path_kind(f) if f is not None else None
+    if kind and value:
+        try:
+            return {kind: fingerprint_path(value, kind)}
+        except ConfigError as exc:
+            raise ConfigError(f"config field {where}: {exc}") from None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a whole section
+        return {g.name: _keyable(getattr(value, g.name), g, f"{where}.{g.name}")
+                for g in dataclasses.fields(value)}
+    return to_jsonable(value)
+
+
+def key_config(stage: Stage, config: Any) -> dict[str, Any]:
+    """The declared fields as they enter the content key: JSON values, with every
+    :func:`~pipeline.config.path_field` replaced by its content fingerprint.
+
+    Raises:
+        ConfigError: for a missing field, or a named file or folder that does not exist.
+    """
+    return {f: _keyable(get_config_value(config, f), _field_of(config, f), f)
+            for f in stage.config_fields}
+
+
+def library_versions(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Installed version of each distribution (``"not installed"`` when absent)."""
+    import importlib.metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def to_jsonable(value: Any) -> Any:
     """Converts a config value to plain JSON types, deterministically.
 
@@ -216,15 +269,18 @@ def canonical_json(value: Any) -> str:
 
 
 def content_key(stage: Stage, values: Mapping[str, Any], input_keys: Mapping[str, Any],
-                subject: str | None) -> str:
+                subject: str | None, libraries: Mapping[str, str] | None = None) -> str:
     """The artifact key of one stage execution: sha256 hex of its canonical description.
 
     Args:
         stage: the stage.
-        values: declared config field -> value (see :func:`config_values`).
+        values: declared config field -> value as it enters the key (see
+            :func:`key_config`: files named by the config by their fingerprint).
         input_keys: input name -> upstream key (a capture fingerprint or artifact key),
             or for a dataset stage ``{subject: key}``.
         subject: the subject id for subject-scoped stages, ``None`` for dataset stages.
+        libraries: version of each of ``stage.library_versions`` (see
+            :func:`library_versions`).
     """
     payload = {
         "stage": stage.name,
@@ -234,6 +290,12 @@ def content_key(stage: Stage, values: Mapping[str, Any], input_keys: Mapping[str
         "config": {f: values[f] for f in stage.config_fields},
         "inputs": dict(input_keys),
     }
+    if stage.library_versions:
+        libraries = libraries or {}
+        missing = [n for n in stage.library_versions if n not in libraries]
+        if missing:
+            raise ConfigError(f"stage {stage.name}: no version given for {missing}")
+        payload["libraries"] = {n: libraries[n] for n in stage.library_versions}
     return hashlib.sha256(canonical_json(payload).encode("ascii")).hexdigest()
 
 

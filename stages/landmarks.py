@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
+from pipeline.config import check_fields, path_field
 from pipeline.errors import ConfigError
 
 #: MediaPipe face-oval landmark indices, in order around the face.
@@ -30,18 +31,31 @@ FACE_OVAL = (
 OVAL_68 = tuple(range(17)) + tuple(range(26, 16, -1))
 
 
+#: Landmark detectors by config name.
+DetectorName = Literal["mediapipe", "face_alignment", "precomputed"]
+
+
 @dataclass(frozen=True)
 class LandmarksConfig:
     """Landmarks and face mask per phone frame (SPEC §3 item 1)."""
 
-    detector: str = "mediapipe"
+    detector: DetectorName = "mediapipe"
     """mediapipe, face_alignment (needs ``weights``) or precomputed (needs ``precomputed_dir``)."""
-    weights: str = ""
-    """Local face-alignment weights file; never downloaded."""
-    precomputed_dir: str = ""
-    """Folder of precomputed landmark files, ``<expression>/<index:06d>.npz``."""
+    weights: str = path_field(kind="file")
+    """Local face-alignment weights file; never downloaded. Its bytes enter the cache key."""
+    precomputed_dir: str = path_field(kind="folder")
+    """Folder of precomputed landmark files, ``<expression>/<index:06d>.npz``; its files enter the cache key."""
     min_confidence: float = 0.5
-    """Frames whose detection confidence is below this are rejected."""
+    """Frames whose detection confidence is below this are rejected; in [0, 1]."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ConfigError(f"landmarks.min_confidence must be in [0, 1], got {self.min_confidence}")
+        if self.detector == "face_alignment" and not self.weights:
+            raise ConfigError("landmarks.detector=face_alignment needs landmarks.weights (a local file)")
+        if self.detector == "precomputed" and not self.precomputed_dir:
+            raise ConfigError("landmarks.detector=precomputed needs landmarks.precomputed_dir")
 
 
 @dataclass(frozen=True, eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import check_fields
 from pipeline.errors import CaptureError
 
 
@@ -13,6 +14,9 @@ class ValidateConfig:
 
     deep: bool = True
     """Decode every image (slow on long recordings) instead of checking headers only."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def validate_capture_stage(capture: str, config):

@@ -29,7 +29,7 @@ def test_validate_lists_problems_with_exit_status_1(tiny_subject, tmp_path, caps
 
 def test_unknown_config_option_is_a_clear_error(tiny_subject, tmp_path, capsys):
     capture, _ = tiny_subject
-    assert main(["label", str(capture), "--out", str(tmp_path), "--set", "landmarks.nope=1"]) == 1
+    assert main(["label", str(capture), "--out", str(tmp_path), "--set", "landmarks.nope=1"]) == 2
     assert "unknown config option 'landmarks.nope'" in capsys.readouterr().err
 
 

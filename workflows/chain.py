@@ -23,6 +23,7 @@ STAGES: list[Stage] = [
         config_fields=("landmarks.detector", "landmarks.weights", "landmarks.precomputed_dir", "landmarks.min_confidence"),
         outputs=("rows",), publish=Publish(table="landmarks", predicate_columns=("subject_id",)),
         description="MediaPipe landmarks, confidence and face mask per phone frame",
+        library_versions=("mediapipe", "opencv-contrib-python"),
     ),
 ]
 

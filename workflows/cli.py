@@ -42,18 +42,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace):
-    from pipeline.config import with_overrides
+    """The run config with the ``--set`` overrides, checked (a bad one is a usage error)."""
+    from pipeline.config import validate_config, with_overrides
+    from pipeline.errors import ConfigError
     from workflows.config import RunConfig
 
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            from pipeline.errors import ConfigError
-
             raise ConfigError(f"--set expects section.field=VALUE, got {item!r}")
         overrides[key] = value
-    return with_overrides(RunConfig(), overrides)
+    config = with_overrides(RunConfig(), overrides)
+    validate_config(config)
+    return config
 
 
 def _run_options(args: argparse.Namespace) -> dict:
@@ -73,13 +75,13 @@ def _print_summary(summary) -> int:
 def _cmd_label(args: argparse.Namespace) -> int:
     from workflows.label import label_subject
 
-    return _print_summary(label_subject(args.capture, args.out, _run_config(args), **_run_options(args)))
+    return _print_summary(label_subject(args.capture, args.out, args.config, **_run_options(args)))
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from workflows.label import backfill
 
-    return _print_summary(backfill(args.captures, args.out, _run_config(args), **_run_options(args)))
+    return _print_summary(backfill(args.captures, args.out, args.config, **_run_options(args)))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -111,7 +113,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=1, help="extra attempts of a failing stage")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     names = ", ".join(config_options(RunConfig))
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help=f"config override; one of: {names}")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help=f"config override (checked before anything runs; a bad one exits with status 2); one of: {names}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "set"):  # a bad config is a usage error: exit 2 before anything runs
+        try:
+            args.config = _run_config(args)
+        except PgtError as exc:
+            print(f"pgt {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except PgtError as exc:
