@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import PgtError
+from pipeline.errors import PgtError, printable
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -29,7 +29,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     rig = load_rig_definition(args.rig_definition) if args.rig_definition else load_default_rig_definition()
     problems = validate_capture(Path(args.capture), deep=not args.shallow, prompts={p.name for p in rig.prompts})
     if problems:
-        print(f"{args.capture}: {len(problems)} problem(s)", file=sys.stderr)
+        print(f"{printable(args.capture)}: {len(problems)} problem(s)", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1

@@ -13,8 +13,9 @@ import os
 import re
 import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -240,73 +241,112 @@ def encode_npz(arrays: dict[str, np.ndarray], compress: bool = False) -> bytes:
 _KEYPOINT_ARRAYS = {"points": 3, "confidence": 2}  # name -> ndim
 
 
-def _read_npy_member(zf: zipfile.ZipFile, name: str, ndim: int, limits: CaptureLimits) -> np.ndarray:
-    """Reads one float32 array of a .npz after checking its declared sizes.
+class _Contract(Exception):
+    """A readable archive that breaks the keypoints contract (dtype, shape, size, length)."""
 
-    The zip entry's declared size and the .npy header's dtype and shape are checked
-    against ``limits.max_array_bytes`` before any array data is inflated, and no more
-    bytes than the header promises are ever read: a small archive cannot inflate into a
-    large allocation, and an object (pickled) array is refused without unpickling.
+
+@dataclass(frozen=True)
+class _NpyHeader:
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    nbytes: int
+
+
+def _npy_header(member: BinaryIO, name: str) -> _NpyHeader:
+    version = np.lib.format.read_magic(member)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f'array "{name}" has an unsupported .npy version {version}')
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)  # fmt: skip
+    shape, fortran, dtype = read(member, max_header_size=10000)
+    return _NpyHeader(tuple(shape), bool(fortran), dtype, math.prod(shape) * dtype.itemsize)
+
+
+def _keypoint_headers(zf: zipfile.ZipFile, limits: CaptureLimits) -> dict[str, _NpyHeader]:
+    """Checks both arrays' declared sizes, dtypes and shapes before any data is inflated.
 
     Raises:
-        ValueError: what is wrong, in words (the caller adds the file).
+        _Contract: what is wrong, in words (the caller adds the file).
     """
-    info = zf.getinfo(f"{name}.npy")
-    if info.file_size > limits.max_array_bytes:
-        raise ValueError(
-            f'array "{name}" declares {info.file_size} bytes, more than the limit of '
-            f"{limits.max_array_bytes}"
-        )
-    with zf.open(info) as member:
-        version = np.lib.format.read_magic(member)
-        if version not in ((1, 0), (2, 0), (3, 0)):
-            raise ValueError(f'array "{name}" has an unsupported .npy version {version}')
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(member, max_header_size=10000)
-        if dtype != np.float32 or len(shape) != ndim:
+    headers = {}
+    for name, ndim in _KEYPOINT_ARRAYS.items():
+        info = zf.getinfo(f"{name}.npy")
+        if info.file_size > limits.max_array_bytes + 4096:  # + the .npy header
+            raise _Contract(
+                f'array "{name}" declares {info.file_size} bytes, more than the limit of '
+                f"{limits.max_array_bytes}"
+            )
+        with zf.open(info) as member:
+            h = _npy_header(member, name)
+        if h.dtype != np.float32 or len(h.shape) != ndim:
             dims = "(T, P, 2)" if ndim == 3 else "(T, P)"
-            raise ValueError(
-                f"{name} must be {dims} float32, got {tuple(shape)} {dtype}"
-                + (" (pickled objects are refused)" if dtype.hasobject else "")
+            refused = " (pickled objects are refused)" if h.dtype.hasobject else ""
+            raise _Contract(f"{name} must be {dims} float32, got {h.shape} {h.dtype}{refused}")
+        if h.nbytes > limits.max_array_bytes:
+            raise _Contract(
+                f'array "{name}" of shape {h.shape} needs {h.nbytes} bytes, more than the '
+                f"limit of {limits.max_array_bytes}"
             )
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes > limits.max_array_bytes:
-            raise ValueError(
-                f'array "{name}" of shape {tuple(shape)} needs {nbytes} bytes, more than '
-                f"the limit of {limits.max_array_bytes}"
-            )
-        data = member.read(nbytes)
-    if len(data) != nbytes:
-        raise ValueError(f'array "{name}" is truncated: {len(data)} of {nbytes} bytes')
-    order = "F" if fortran else "C"
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order).copy(order="C")
+        headers[name] = h
+    points, conf = headers["points"].shape, headers["confidence"].shape
+    if points[2] != 2:
+        raise _Contract(f"points must be (T, P, 2) float32, got {points} float32")
+    if conf != points[:2]:
+        raise _Contract(
+            f"confidence must be (T, P) float32 matching points {points[:2]}, got {conf} float32"
+        )
+    return headers
+
+
+def _read_npy_data(zf: zipfile.ZipFile, name: str, h: _NpyHeader) -> np.ndarray:
+    """Reads exactly the bytes the (already checked) header promises."""
+    with zf.open(f"{name}.npy") as member:
+        _npy_header(member, name)
+        data = member.read(h.nbytes)
+    if len(data) != h.nbytes:
+        raise _Contract(f'array "{name}" is truncated: {len(data)} of {h.nbytes} bytes')
+    order = "F" if h.fortran else "C"
+    return np.frombuffer(data, dtype=h.dtype).reshape(h.shape, order=order).copy(order="C")
 
 
 def load_keypoint_arrays(
-    path: Path, root: Path, limits: CaptureLimits = LIMITS
+    path: Path, root: Path, frame_count: int | None = None, limits: CaptureLimits = LIMITS
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``points`` and ``confidence`` arrays of a keypoints .npz, read with bounds.
 
+    The zip entries' declared sizes and the .npy headers (dtype, shape, frame count) are
+    checked before any array data is inflated, and no more bytes than a header promises
+    are read: a small archive cannot inflate into a large allocation, and an object
+    (pickled) array is refused without unpickling.
+
+    Args:
+        path: the archive.
+        root: the capture folder (reads stay inside it).
+        frame_count: the recording's frames; when given, T must equal it.
+        limits: the size limits.
+
     Raises:
         CaptureError: the file is missing or unusable (see :mod:`storage.capture_fs`), not
-            a zip archive, lacks an array, or an array is not float32, has the wrong rank,
-            or is larger than the limits.
+            a zip archive, lacks an array, or an array has the wrong dtype, rank, shape or
+            frame count, is larger than the limits, or is truncated.
     """
     with open_capture_file(path, root, limits.max_keypoints_bytes) as fh:
         try:
             with zipfile.ZipFile(fh) as zf:
                 names = set(zf.namelist())
-                wanted = {f"{n}.npy" for n in _KEYPOINT_ARRAYS}
-                if not wanted <= names:
-                    listed = sorted(n.removesuffix(".npy") for n in names)[:10]
-                    raise ValueError(f'must hold arrays "points" and "confidence", has {listed}')
-                points, confidence = (
-                    _read_npy_member(zf, n, ndim, limits) for n, ndim in _KEYPOINT_ARRAYS.items()
-                )
+                if not {f"{n}.npy" for n in _KEYPOINT_ARRAYS} <= names:
+                    raise _Contract(  # member names are content: counted, not quoted
+                        f'must hold arrays "points" and "confidence" '
+                        f"(has {len(names)} member{'s' if len(names) != 1 else ''})"
+                    )
+                headers = _keypoint_headers(zf, limits)
+                t = headers["points"].shape[0]
+                if frame_count is not None and t != frame_count:
+                    raise _Contract(f"has {t} frames, the recording has {frame_count}")
+                points, confidence = (_read_npy_data(zf, n, h) for n, h in headers.items())
+        except _Contract as exc:
+            raise CaptureError(path, str(exc)) from None
         except (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError,
                 NotImplementedError, RuntimeError) as exc:  # RuntimeError: encrypted entry
             raise CaptureError(path, f"cannot read keypoints archive ({_first_line(exc)})") from None
@@ -328,24 +368,14 @@ def check_keypoints(
         ((points (T, P, 2) float32 px, confidence (T, P) float32 in [0, 1]) or None, problems).
     """
     try:
-        points, confidence = load_keypoint_arrays(path, root, limits)
+        points, confidence = load_keypoint_arrays(path, root, frame_count, limits)
     except CaptureError as exc:
         return None, [exc.problem]
     problems = []
-    if points.shape[2] != 2:
-        problems.append(f"points must be (T, P, 2) float32, got {points.shape} {points.dtype}")
-    if confidence.shape != points.shape[:2]:
-        problems.append(
-            f"confidence must be (T, P) float32 matching points {points.shape[:2]}, "
-            f"got {confidence.shape} {confidence.dtype}"
-        )
-    if not problems:
-        if frame_count is not None and points.shape[0] != frame_count:
-            problems.append(f"has {points.shape[0]} frames, the recording has {frame_count}")
-        if not np.all(np.isfinite(confidence) & (confidence >= 0) & (confidence <= 1)):
-            problems.append("confidence must be finite and within [0, 1]")
-        if np.isinf(points).any():
-            problems.append("points must be finite pixels (NaN marks an undetected point)")
+    if not np.all(np.isfinite(confidence) & (confidence >= 0) & (confidence <= 1)):
+        problems.append("confidence must be finite and within [0, 1]")
+    if np.isinf(points).any():
+        problems.append("points must be finite pixels (NaN marks an undetected point)")
     if problems:
         return None, problems
     return (points, confidence), []

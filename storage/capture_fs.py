@@ -51,7 +51,7 @@ class CaptureLimits:
     """Width x height of one image (64 Mpx: an 8-bit RGB decodes to at most 192 MiB)."""
     max_keypoints_bytes: int = 256 * _MIB
     """Size of one keypoints .npz file."""
-    max_array_bytes: int = 512 * _MIB
+    max_array_bytes: int = 256 * _MIB
     """Decoded size of one keypoints array, from its zip entry and .npy header."""
     max_entries: int = 1_000_000
     """Files and folders in one capture folder (all levels)."""
@@ -175,10 +175,11 @@ def open_capture_file(path: str | Path, root: str | Path, max_bytes: int) -> Ite
         if exc.errno == errno.ENXIO:  # a socket
             raise CaptureError(path, "is a socket, not a regular file") from None
         raise CaptureError(path, f"cannot read file ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CaptureError(path, f"is {file_kind(st.st_mode)}, not a regular file")
     with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CaptureError(path, f"is {file_kind(st.st_mode)}, not a regular file")
         if st.st_size == 0:
             raise CaptureError(path, "empty file")
         if st.st_size > max_bytes:
@@ -191,15 +192,16 @@ def open_capture_file(path: str | Path, root: str | Path, max_bytes: int) -> Ite
 def read_capture_bytes(path: str | Path, root: str | Path, max_bytes: int) -> bytes:
     """The bytes of a regular capture file, read after the checks of :func:`open_capture_file`.
 
-    Never reads more than ``max_bytes`` (a file growing while read is refused).
+    Never reads more than ``max_bytes``; a file changing size while read is refused.
     """
     with open_capture_file(path, root, max_bytes) as fh:
+        size = os.fstat(fh.fileno()).st_size  # checked <= max_bytes
         try:
-            data = fh.read(max_bytes + 1)
+            data = fh.read(size + 1)  # not max_bytes + 1: read() allocates what it is asked
         except OSError as exc:
             raise CaptureError(path, f"cannot read file ({exc.strerror})") from None
-    if len(data) > max_bytes:
-        raise CaptureError(path, f"file grew past the limit of {_mib(max_bytes)} while read")
+    if len(data) != size:
+        raise CaptureError(path, "file changed size while being read")
     return data
 
 

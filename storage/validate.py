@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import CaptureError
+from pipeline.errors import CaptureError, printable
 from storage.capture import Capture
 from storage.capture_files import check_keypoints, check_timestamps, read_json
 from storage.capture_fs import (
@@ -57,6 +57,9 @@ from storage.hmc_schema import (
 from storage.png_io import ImageKind, header_problem, read_image, read_png_header, size_problem
 
 __all__ = ["ProgressCallback", "summarize_capture", "validate_capture"]
+
+#: A hostile document can hold millions of faults; one file's report stops at this many.
+MAX_PROBLEMS_PER_FILE = 50
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each image (or RGB + depth pair) is checked."""
@@ -109,6 +112,13 @@ class _Validator:
     def add(self, path: Path, problem: str) -> None:
         self.errors.append(CaptureError(path, problem))
 
+    def add_all(self, path: Path, problems: list[str]) -> None:
+        """Reports a document's problems, at most :data:`MAX_PROBLEMS_PER_FILE` of them."""
+        for problem in problems[:MAX_PROBLEMS_PER_FILE]:
+            self.add(path, problem)
+        if len(problems) > MAX_PROBLEMS_PER_FILE:
+            self.add(path, f"... and {len(problems) - MAX_PROBLEMS_PER_FILE} more problems")
+
     def read_json(self, path: Path) -> object | None:
         try:
             return read_json(path, self.root)
@@ -159,8 +169,7 @@ class _Validator:
         if obj is None:
             return None
         manifest, problems = check_manifest(obj)
-        for problem in problems:
-            self.add(path, problem)
+        self.add_all(path, problems)
         if is_safe_name(manifest.subject_id) and manifest.subject_id != folder_name(self.root):
             self.add(
                 path,
@@ -180,8 +189,7 @@ class _Validator:
         obj = self.read_json(intr_path)
         if obj is not None:
             intr, problems = check_phone_intrinsics(obj)
-            for problem in problems:
-                self.add(intr_path, problem)
+            self.add_all(intr_path, problems)
         found: dict[str, set[int]] = {"rgb": set(), "depth": set()}
         for name in self.listing(folder):
             m = PHONE_FILE_RE.fullmatch(name)
@@ -219,8 +227,7 @@ class _Validator:
         if obj is None:
             return None
         rig, problems = check_rig(obj)
-        for problem in problems:
-            self.add(path, problem)
+        self.add_all(path, problems)
         # Cameras listed but invalid are still known names: reporting their folders or
         # segment references as unknown would only repeat the rig's problem.
         listed = obj.get("cameras") if isinstance(obj, dict) else None
@@ -295,8 +302,7 @@ class _Validator:
             self.errors.append(exc)
             return len(indices), None
         values, problems = check_timestamps(data)
-        for problem in problems:
-            self.add(ts_path, problem)
+        self.add_all(ts_path, problems)
         if values is not None and len(values) != len(indices):
             self.add(
                 ts_path,
@@ -332,8 +338,7 @@ class _Validator:
             return
         names = None if rig is None else self.camera_names
         _, problems = check_segments(obj, frame_count, names, self.prompts)
-        for problem in problems:
-            self.add(path, problem)
+        self.add_all(path, problems)
 
     def check_keypoints(self, recording: str, frame_count: int | None) -> None:
         folder = self.layout.keypoints_dir(recording)
@@ -347,8 +352,7 @@ class _Validator:
                 self.add(entry, "keypoint files must be named <rig camera>.npz")
                 continue
             _, problems = check_keypoints(entry, self.root, frame_count)
-            for problem in problems:
-                self.add(entry, problem)
+            self.add_all(entry, problems)
 
     # --------------------------------------------------------------------------- images
 
@@ -421,7 +425,7 @@ def summarize_capture(path: str | Path) -> str:
             problems at once).
     """
     cap = Capture.open(path)
-    lines = [f"subject {cap.subject_id}  ({cap.root})"]
+    lines = [f"subject {cap.subject_id}  ({printable(str(cap.root))})"]
     counts = {e: cap.phone_frame_count(e) for e in cap.phone_expressions}
     lines.append(f"phone: {len(counts)} expressions, {sum(counts.values())} RGBD frames")
     width = max(len(e) for e in counts)
