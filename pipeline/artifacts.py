@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
-import re
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import CaptureError, ConfigError, StorageError
+from pipeline.errors import CaptureError, StorageError, printable
 from pipeline.serialize import decode, encode
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ _FP_BATCH = 64
 PAUSE_ENV = "PGT_TEST_PAUSE_AT"
 #: Test hook: a file touched when the pause is reached.
 PAUSE_FLAG_ENV = "PGT_TEST_PAUSE_FLAG"
-
-_SUBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def crash_test_pause(point: str, stage: str) -> None:
@@ -310,23 +308,30 @@ def read_subject_id(capture: str | Path) -> str:
     """The capture's subject id: ``capture.json``'s ``subject_id``, else the folder name.
 
     An unreadable manifest falls back to the folder name, so the subject still runs and
-    the ``validate`` stage reports the problem in its failure record.
+    the ``validate`` stage reports the problem in its failure record. The manifest is read
+    with the capture boundary's checks (contained, regular file, size and depth limits).
 
     Raises:
         CaptureError: when the folder is missing or the id is unsafe.
     """
+    from storage.capture_files import read_json  # the capture format lives in storage/
+    from storage.capture_layout import unsafe_name_reason
+
     folder = Path(capture)
     manifest = folder / "capture.json"
-    subject = folder.name
-    if manifest.is_file():
-        try:
-            subject = json.loads(manifest.read_text()).get("subject_id", subject)
-        except (OSError, ValueError, AttributeError):
-            subject = folder.name
-    elif not folder.is_dir():
+    if not folder.is_dir():
         raise CaptureError(folder, "capture folder does not exist")
-    if not isinstance(subject, str) or not _SUBJECT_RE.match(subject) or ".." in subject:
-        raise CaptureError(manifest, f"unsafe subject id {subject!r}")
+    subject: object = folder.name
+    try:
+        doc = read_json(manifest, folder)
+        if isinstance(doc, dict) and "subject_id" in doc:
+            subject = doc["subject_id"]
+    except CaptureError:
+        pass  # validation reports it, with the subject's own failure record
+    reason = unsafe_name_reason(subject, "subject id")
+    if reason:
+        raise CaptureError(manifest, f"unsafe {reason}")
+    assert isinstance(subject, str)
     return subject
 
 
@@ -334,32 +339,50 @@ def capture_fingerprint(capture: str | Path,
                         mode: Literal["stat", "content"] = "stat") -> tuple[str, str]:
     """``(subject_id, fingerprint)`` of a capture folder.
 
-    ``stat`` hashes the manifest's bytes and, for every file, its relative path, size and
-    ``st_mtime_ns``; ``content`` hashes every file's bytes.
+    ``stat`` hashes the manifest's bytes and, for every entry, its relative path (as
+    bytes: names need not be UTF-8), type, size and ``st_mtime_ns``; ``content`` hashes
+    every regular file's bytes instead of its mtime. No symlink is followed (a link's
+    target text is hashed) and nothing but regular files is opened, so a FIFO or a link
+    leading outside the capture is never read.
 
     Raises:
-        CaptureError: when the folder is missing or the subject id is unsafe.
+        CaptureError: the folder is missing, the subject id is unsafe, or the folder is
+            over the capture limits (entries, depth).
     """
+    from storage.capture_fs import LIMITS, read_capture_bytes, scan_tree
+
     folder = Path(capture)
     subject = read_subject_id(folder)
     h = hashlib.sha256(f"hmc-pgt-capture-fp:{mode}\n".encode())
-    manifest = folder / "capture.json"
-    if manifest.is_file():
-        h.update(hashlib.sha256(manifest.read_bytes()).digest())
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        for name in sorted(names):
-            p = Path(root, name)
-            rel = p.relative_to(folder).as_posix()
-            st = p.stat()
-            h.update(f"{rel}\0{st.st_size}\0".encode())
-            if mode == "content":
-                with p.open("rb") as f:
-                    for block in iter(lambda f=f: f.read(1 << 20), b""):
-                        h.update(block)
-            else:
-                h.update(f"{st.st_mtime_ns}\n".encode())
+    try:
+        h.update(hashlib.sha256(read_capture_bytes(folder / "capture.json", folder,
+                                                   LIMITS.max_json_bytes)).digest())
+    except CaptureError as exc:  # still a distinct key; validation reports the problem
+        h.update(exc.problem.encode())
+    entries, _ = scan_tree(folder)  # problems are the validate stage's to report
+    for e in entries:
+        kind = stat.S_IFMT(e.st.st_mode)
+        h.update(e.rel + f"\0{kind}\0{e.st.st_size}\0".encode())
+        if e.link is not None:
+            h.update(e.link + b"\0")
+        elif mode == "content" and stat.S_ISREG(e.st.st_mode):
+            _hash_file(h, folder, e.rel)
+        else:
+            h.update(f"{e.st.st_mtime_ns}\n".encode())
     return subject, h.hexdigest()
+
+
+def _hash_file(h: Any, folder: Path, rel: bytes) -> None:
+    """Feeds one regular file's bytes to ``h`` (opened without following links or blocking)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(os.path.join(os.fsencode(folder), rel), flags)
+    except OSError as exc:
+        h.update(f"unreadable:{exc.errno}".encode())
+        return
+    with os.fdopen(fd, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
 
 
 def fingerprint_many(captures: list[str], mode: Literal["stat", "content"] = "stat"
@@ -376,8 +399,9 @@ def fingerprint_many(captures: list[str], mode: Literal["stat", "content"] = "st
             out.append((*capture_fingerprint(c, mode), None))
         except CaptureError as exc:
             out.append((None, None, exc))
-        except OSError as exc:
-            out.append((None, None, CaptureError(c, f"{type(exc).__name__}: {exc}")))
+        except Exception as exc:  # noqa: BLE001 - hostile input must not stop the run
+            out.append((None, None, CaptureError(c, f"cannot fingerprint the capture "
+                                                    f"({type(exc).__name__})")))
     return out
 
 
@@ -385,23 +409,32 @@ def fingerprint_captures(client: Client, captures: list[str], mode: str = "stat"
                          ) -> tuple[dict[str, tuple[str, str]], list[tuple[str, BaseException]]]:
     """Fingerprints captures on the cluster, ``_FP_BATCH`` per task.
 
+    Two captures declaring one subject id both fail (neither can be trusted to be the
+    subject's), each with an error naming both folders; the other subjects run.
+
     Returns:
         ``({subject: (path, fingerprint)}`` sorted by subject, ``[(folder name, error)]``).
-
-    Raises:
-        ConfigError: when two captures have the same subject id.
     """
     batches = [captures[i:i + _FP_BATCH] for i in range(0, len(captures), _FP_BATCH)]
     futs = client.map(fingerprint_many, batches, mode=mode, pure=False)
-    subjects: dict[str, tuple[str, str]] = {}
+    claims: dict[str, list[tuple[str, str]]] = {}
     bad: list[tuple[str, BaseException]] = []
     for batch, result in zip(batches, client.gather(futs), strict=True):
         for path, (subject, fp, err) in zip(batch, result, strict=True):
             if err is not None:
-                bad.append((Path(path).name, err))
-            elif subject in subjects:
-                raise ConfigError(f"subject {subject!r} appears twice: "
-                                  f"{subjects[subject][0]} and {path}")
+                bad.append((printable(Path(path).name), err))
             else:
-                subjects[subject] = (path, fp)
+                claims.setdefault(subject, []).append((path, fp))
+    subjects: dict[str, tuple[str, str]] = {}
+    for subject, found in claims.items():
+        folders = sorted({p for p, _ in found})
+        if len(folders) == 1:  # one capture (perhaps listed twice)
+            subjects[subject] = found[0]
+            continue
+        for path in folders:
+            others = " and ".join(p for p in folders if p != path)
+            bad.append((printable(Path(path).name), CaptureError(
+                Path(path) / "capture.json",
+                f"subject id {subject!r} is also declared by {others}; "
+                f"duplicate subject ids are not run")))
     return dict(sorted(subjects.items())), bad

@@ -8,6 +8,7 @@ upstream unit is resolved, over the subjects whose inputs all succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -466,6 +467,11 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         subjects, bad = fingerprint_captures(cl, paths, fingerprint)
         t_fp = time.perf_counter() - t0
         record["subjects"] = {s: p for s, (p, _) in subjects.items()}
+        # Captures refused before any stage (unsafe or duplicate ids, unusable folders) are
+        # recorded now, so that `pgt status` counts them even if the run dies later.
+        record["capture_failures"] = [
+            {"subject": name, "error_type": type(err).__name__, "message": str(err)[:4000]}
+            for name, err in bad]
         write_json(f"{run_dir}/run.json", record, storage_options)
         run = _Run(cl, chain, prep, subjects, store, log, layout, run_id, retries,
                    progress, storage_options)
@@ -489,21 +495,22 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
             with open_client(workers=workers, scheduler_address=scheduler_address,
                              processes=processes) as cl:
                 run = _with_report(cl)
-    except Exception as exc:  # the record must not say "running" for ever
+        run.write_plan()
+        counts = Counter(u.state for u in run.units.values())
+        counts["failed"] += sum(1 for f in run.failures if f.stage == CAPTURE)
+        summary = RunSummary(
+            run_id=run_id, out=str(out), started=started, finished=time.time(),
+            counts={k: counts.get(k, 0) for k in ("done", "cached", "failed", "skipped")},
+            failures=tuple(run.failures),
+            keys={uid: u.key for uid, u in run.units.items() if u.key},
+            states={uid: u.state for uid, u in run.units.items()}, run_dir=run_dir,
+            timings=run.timings)
+        records.finish_run(record, summary, layout, storage_options)
+    except BaseException as exc:  # never leave the run "running" for ever in `pgt status`
         record.update(status="failed", finished=time.time(),
                       error=f"{type(exc).__name__}: {exc}"[:4000])
-        write_json(f"{run_dir}/run.json", record, storage_options)
+        with contextlib.suppress(Exception):  # the original error matters more
+            write_json(f"{run_dir}/run.json", record, storage_options)
         raise
-    run.write_plan()
-    counts = Counter(u.state for u in run.units.values())
-    counts["failed"] += sum(1 for f in run.failures if f.stage == CAPTURE)
-    summary = RunSummary(
-        run_id=run_id, out=str(out), started=started, finished=time.time(),
-        counts={k: counts.get(k, 0) for k in ("done", "cached", "failed", "skipped")},
-        failures=tuple(run.failures),
-        keys={uid: u.key for uid, u in run.units.items() if u.key},
-        states={uid: u.state for uid, u in run.units.items()}, run_dir=run_dir,
-        timings=run.timings)
-    records.finish_run(record, summary, layout, storage_options)
     summary.timings["total"] = time.time() - started  # records included
     return summary

@@ -9,6 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """``text`` made storable as UTF-8: undecodable file-name bytes become ``\\xNN``."""
+    try:  # file names decoded by the OS hold their bad bytes as surrogate escapes
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # other lone surrogates (e.g. from a JSON string)
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 class PgtError(Exception):
     """Base class of every error the product raises on purpose."""
 
@@ -30,9 +39,10 @@ class CaptureError(PgtError):
     """
 
     def __init__(self, path: str | Path, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        # File names need not be UTF-8: keep messages printable and storable.
+        self.path = printable(str(path))
+        self.problem = printable(problem)
+        super().__init__(f"{self.path}: {self.problem}")
 
     def __reduce__(self):  # keeps the two fields through pickling (Dask workers)
         return (type(self), (self.path, self.problem))

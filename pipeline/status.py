@@ -4,7 +4,9 @@ The latest run is the one with the newest ``started`` in ``runs/*/run.json``. It
 ``plan.json`` gives each planned unit's key; a committed artifact makes a unit ``done``
 whatever the run's fate, a ``fail`` event in the stage log (or the final plan) makes it
 ``failed``, and everything else of the run's subjects x stages is ``pending`` (e.g. work
-a crashed run never reached).
+a crashed run never reached). Captures refused before any stage (unsafe or duplicate
+subject ids, unusable folders) count as ``failed`` units of the stage ``capture``, so the
+failed units agree with the run's rows in the failures table.
 """
 
 from __future__ import annotations
@@ -127,5 +129,9 @@ def status(out: str, *, storage_options: dict[str, Any] | None = None) -> Status
             else:
                 state, reason = "pending", ""
             units.append(UnitStatus(st["name"], subject, state, key, reason))
+    # Captures refused before any stage ran: one failure row each in the failures table.
+    for f in rec.get("capture_failures") or []:
+        units.append(UnitStatus("capture", f["subject"], "failed", None,
+                                f"{f['error_type']}: {f['message']}"))
     return StatusReport(out=out, run_id=run_id, run_status=rec.get("status", "running"),
                         units=tuple(units))

@@ -22,13 +22,20 @@ class ValidateConfig:
 def validate_capture_stage(capture: str, config):
     """Raises :class:`CaptureError` listing every problem; returns the summary otherwise.
 
-    The failure record of a broken subject then carries the validator's messages.
+    Peak segments' prompts are checked against the embedded rig definition's prompts (the
+    rig the chain labels with). The failure record of a broken subject then carries the
+    validator's messages.
     """
     from pipeline.serialize import StageOutput
+    from rigs.definition import load_default_rig_definition
     from storage.capture import Capture
     from storage.validate import summarize_capture, validate_capture
 
-    problems = validate_capture(capture, deep=bool(config["validate.deep"]), progress=lambda done, total: None)
+    prompts = {p.name for p in load_default_rig_definition().prompts}
+    problems = validate_capture(
+        capture, deep=bool(config["validate.deep"]), progress=lambda done, total: None,
+        prompts=prompts,
+    )  # fmt: skip
     if problems:
         detail = "; ".join(str(p) for p in problems[:20])
         more = f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""

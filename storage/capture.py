@@ -23,7 +23,14 @@ import numpy as np
 
 from pipeline.errors import CaptureError
 from storage.capture_files import check_keypoints, read_json, read_timestamps
-from storage.capture_layout import PHONE_FILE_RE, CaptureLayout, folder_name, resolve_inside
+from storage.capture_fs import dir_problem, file_exists, list_dir
+from storage.capture_layout import (
+    PHONE_FILE_RE,
+    CaptureLayout,
+    first_gap,
+    folder_name,
+    resolve_inside,
+)
 from storage.capture_schema import (
     Manifest,
     parse_manifest,
@@ -45,13 +52,6 @@ from storage.hmc_schema import (
 from storage.png_io import read_image
 
 __all__ = ["Capture", "Recording"]
-
-
-def _size_problem(what: str, img: np.ndarray, width: int, height: int, source: str) -> str | None:
-    h, w = img.shape[:2]
-    if (w, h) != (width, height):
-        return f"{what} is {w}x{h} but {source} is {width}x{height}"
-    return None
 
 
 class Capture:
@@ -82,7 +82,7 @@ class Capture:
         if not root.is_dir():
             raise CaptureError(root, "capture folder does not exist or is not a folder")
         layout = CaptureLayout(root)
-        manifest = parse_manifest(read_json(layout.manifest), layout.manifest)
+        manifest = parse_manifest(read_json(layout.manifest, root), layout.manifest)
         if manifest.subject_id != folder_name(root):
             raise CaptureError(
                 layout.manifest,
@@ -126,7 +126,7 @@ class Capture:
         Raises:
             CaptureError: rig.json is missing or invalid.
         """
-        return parse_rig(read_json(self.rig_path), self.rig_path)
+        return parse_rig(read_json(self.rig_path, self._root), self.rig_path)
 
     # ------------------------------------------------------------------------- phone
 
@@ -147,7 +147,9 @@ class Capture:
         self._check_expression(expression)
         if expression not in self._intrinsics:
             path = self.layout.phone_intrinsics(expression)
-            self._intrinsics[expression] = parse_phone_intrinsics(read_json(path), path)
+            self._intrinsics[expression] = parse_phone_intrinsics(
+                read_json(path, self._root), path
+            )
         return self._intrinsics[expression]
 
     def phone_frame_count(self, expression: str) -> int:
@@ -164,17 +166,17 @@ class Capture:
 
     def _count_phone_frames(self, expression: str) -> int:
         folder = self.layout.phone_dir(expression)
-        if not folder.is_dir():
+        if not file_exists(folder):
             raise CaptureError(folder, "missing expression folder (listed in capture.json)")
         indices = sorted(
             int(m.group(1))
-            for m in (PHONE_FILE_RE.match(p.name) for p in folder.iterdir())
+            for m in (PHONE_FILE_RE.fullmatch(name) for name in list_dir(folder, self._root))
             if m and m.group(2) == "rgb"
         )
         if not indices:
             raise CaptureError(folder, "expression has no frames (no 000000_rgb.png)")
-        if indices != list(range(len(indices))):
-            missing = sorted(set(range(indices[-1] + 1)) - set(indices))[0]
+        missing = first_gap(indices)
+        if missing is not None:
             raise CaptureError(
                 self.layout.phone_rgb(expression, missing),
                 f"missing file: frames must be numbered 0..N-1 without gaps ({len(indices)} frames found)",
@@ -196,14 +198,9 @@ class Capture:
         intr = self.phone_intrinsics(expression)
         rgb_path = self.layout.phone_rgb(expression, index)
         depth_path = self.layout.phone_depth(expression, index)
-        rgb = read_image(rgb_path, "rgb")
-        problem = _size_problem("RGB", rgb, intr.width, intr.height, "intrinsics.json")
-        if problem:
-            raise CaptureError(rgb_path, problem)
-        depth = read_image(depth_path, "depth")
-        problem = _size_problem("depth", depth, intr.width, intr.height, "RGB")
-        if problem:
-            raise CaptureError(depth_path, problem)
+        size = (intr.width, intr.height)
+        rgb = read_image(rgb_path, "rgb", self._root, expected=size, source="intrinsics.json")
+        depth = read_image(depth_path, "depth", self._root, expected=size, source="RGB")
         return PhoneFrame(expression, index, rgb, depth, intr, rgb_path, depth_path)
 
     def iter_phone_frames(self, expression: str) -> Iterator[PhoneFrame]:
@@ -226,8 +223,11 @@ class Capture:
             )
         if name not in self._recordings:
             folder = self.layout.recording_dir(name)
-            if not folder.is_dir():
+            if not file_exists(folder):
                 raise CaptureError(folder, "missing recording folder (listed in capture.json)")
+            problem = dir_problem(folder, self._root)
+            if problem:
+                raise CaptureError(folder, problem)
             self._recordings[name] = Recording(self, name)
         return self._recordings[name]
 
@@ -267,7 +267,9 @@ class Recording:
         """
         self.rig.camera(camera)
         if camera not in self._timestamps:
-            self._timestamps[camera] = read_timestamps(self._layout.timestamps(self.name, camera))
+            self._timestamps[camera] = read_timestamps(
+                self._layout.timestamps(self.name, camera), self.capture.root
+            )
         return self._timestamps[camera]
 
     @functools.cached_property
@@ -301,7 +303,9 @@ class Recording:
             CaptureError: segments.json missing or invalid (names the file).
         """
         path = self._layout.segments(self.name)
-        return parse_segments(read_json(path), path, self.frame_count, set(self.cameras))
+        return parse_segments(
+            read_json(path, self.capture.root), path, self.frame_count, set(self.cameras)
+        )
 
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.frame_count:
@@ -321,11 +325,10 @@ class Recording:
         cam = self.rig.camera(camera)
         self._check_index(index)
         path = self._layout.hmc_frame(self.name, camera, index)
-        img = read_image(path, "mono")
-        problem = _size_problem("image", img, cam.width, cam.height, f"rig camera {camera}")
-        if problem:
-            raise CaptureError(path, problem)
-        return img
+        return read_image(
+            path, "mono", self.capture.root, expected=cam.intrinsics.size,
+            source=f"rig camera {camera}",
+        )  # fmt: skip
 
     def iter_frames(
         self, cameras: Sequence[str] | None = None, start: int = 0, stop: int | None = None
@@ -384,8 +387,8 @@ class Recording:
         """
         self.rig.camera(camera)
         path = self._layout.keypoints(self.name, camera)
-        if not path.exists():
+        if not file_exists(path):  # a dangling symlink is an error, not "no keypoints"
             return None
-        result, problems = check_keypoints(path, self.frame_count)
+        result, problems = check_keypoints(path, self.capture.root, self.frame_count)
         raise_problems(path, problems)
         return result

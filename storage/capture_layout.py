@@ -30,9 +30,37 @@ WINK_EYES = ("left", "right")
 # Entries of a recording folder that are not camera folders.
 RESERVED_RECORDING_ENTRIES = (SEGMENTS_NAME, KEYPOINTS_DIR)
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-PHONE_FILE_RE = re.compile(r"^(\d{6,})_(rgb|depth)\.png$")
-HMC_FILE_RE = re.compile(r"^(\d{6,})\.png$")
+# Matched with fullmatch only: "$" would also match before a final newline. ASCII digits
+# only: "\d" matches every Unicode digit, which int() then accepts.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PHONE_FILE_RE = re.compile(r"([0-9]{6,9})_(rgb|depth)\.png")
+HMC_FILE_RE = re.compile(r"([0-9]{6,9})\.png")
+
+
+_ECHOABLE = re.compile(r"[A-Za-z0-9_.\-/ ]{0,64}")
+
+
+def describe(value: object) -> str:
+    """A short description of a parsed JSON value, for messages.
+
+    Numbers, booleans and short plain names are shown as written (strings quoted);
+    anything else only by its type and size, so that no file content of any length or
+    character set ends up in a message, a failure record or a log.
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        text = repr(value)
+        return text if len(text) <= 32 else f"a number of {len(text)} characters"
+    if isinstance(value, str):
+        return repr(value) if _ECHOABLE.fullmatch(value) else f"a string of {len(value)} characters"
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'s' if len(value) != 1 else ''}"
+    if isinstance(value, dict):
+        return f"an object with {len(value)} key{'s' if len(value) != 1 else ''}"
+    return type(value).__name__
 
 
 def unsafe_name_reason(name: object, what: str) -> str | None:
@@ -50,9 +78,9 @@ def unsafe_name_reason(name: object, what: str) -> str | None:
     """
     if not isinstance(name, str):
         return f"{what} must be a string, got {type(name).__name__}"
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
         return (
-            f"{what} {name!r} is not a safe name (1-64 characters from A-Z a-z 0-9 _ . -, "
+            f"{what} {describe(name)} is not a safe name (1-64 characters from A-Z a-z 0-9 _ . -, "
             "starting with a letter or digit, no '..')"
         )
     return None
@@ -66,6 +94,18 @@ def is_safe_name(name: object) -> bool:
 def folder_name(root: Path) -> str:
     """The name of folder ``root`` as written ("." allowed; symlinks are not followed)."""
     return Path(os.path.abspath(root)).name
+
+
+def first_gap(indices: list[int]) -> int | None:
+    """The smallest index missing from sorted unique ``indices`` (0..N-1 expected), or None.
+
+    Linear in the number of files, whatever the indices (a file named 999999999.png must
+    not cost a billion steps).
+    """
+    for expected, index in enumerate(indices):
+        if index != expected:
+            return expected
+    return None
 
 
 def frame_stem(index: int) -> str:

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import CaptureError
+from storage.capture_fs import LIMITS
 from storage.capture_layout import (
     DEPTH_UNIT_M,
     FORMAT_NAME,
     FORMAT_VERSION,
     RIG_RELPATH,
+    describe,
     resolve_inside,
     unsafe_name_reason,
 )
@@ -79,26 +81,31 @@ class FieldReader:
         if value is None and (optional or key not in self.obj):
             return None
         if not isinstance(value, str) or not value:
-            self.problem(f'field "{key}" must be a non-empty string, got {value!r}')
+            self.problem(f'field "{key}" must be a non-empty string, got {describe(value)}')
             return None
         return value
 
     def boolean(self, key: str) -> bool | None:
         value = self.raw(key)
         if key in self.obj and not isinstance(value, bool):
-            self.problem(f'field "{key}" must be true or false, got {value!r}')
+            self.problem(f'field "{key}" must be true or false, got {describe(value)}')
             return None
         return value
 
-    def integer(self, key: str, *, minimum: int | None = None) -> int | None:
+    def integer(
+        self, key: str, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         value = self.raw(key)
         if key not in self.obj:
             return None
         if not is_number(value) or not isinstance(value, int):
-            self.problem(f'field "{key}" must be an integer, got {value!r}')
+            self.problem(f'field "{key}" must be an integer, got {describe(value)}')
             return None
         if minimum is not None and value < minimum:
-            self.problem(f'field "{key}" must be >= {minimum}, got {value}')
+            self.problem(f'field "{key}" must be >= {minimum}, got {describe(value)}')
+            return None
+        if maximum is not None and value > maximum:
+            self.problem(f'field "{key}" must be <= {maximum}, got {describe(value)}')
             return None
         return value
 
@@ -107,10 +114,10 @@ class FieldReader:
         if key not in self.obj:
             return None
         if not is_number(value) or not math.isfinite(value):
-            self.problem(f'field "{key}" must be a finite number, got {value!r}')
+            self.problem(f'field "{key}" must be a finite number, got {describe(value)}')
             return None
         if positive and value <= 0:
-            self.problem(f'field "{key}" must be > 0, got {value!r}')
+            self.problem(f'field "{key}" must be > 0, got {describe(value)}')
             return None
         return float(value)
 
@@ -135,7 +142,7 @@ class FieldReader:
             if reason:
                 self.problem(f'field "{key}": {reason}')
             elif item in out:
-                self.problem(f'field "{key}": {what} {item!r} is listed twice')
+                self.problem(f'field "{key}": {what} {describe(item)} is listed twice')
             else:
                 out.append(item)
         if not out:
@@ -171,7 +178,7 @@ def check_manifest(obj: object) -> tuple[Manifest, list[str]]:
     f = FieldReader(obj, problems)
     fmt = f.string("format")
     if fmt is not None and fmt != FORMAT_NAME:
-        f.problem(f'field "format" must be "{FORMAT_NAME}", got {fmt!r}')
+        f.problem(f'field "format" must be "{FORMAT_NAME}", got {describe(fmt)}')
     version = f.integer("format_version")
     if version is not None and version != FORMAT_VERSION:
         f.problem(f"unsupported format_version {version} (this reader reads {FORMAT_VERSION})")
@@ -186,7 +193,7 @@ def check_manifest(obj: object) -> tuple[Manifest, list[str]]:
     hf = FieldReader(hmc, problems, "hmc")
     rig_path = hf.string("rig") or RIG_RELPATH
     if resolve_inside(Path("."), rig_path) is None:
-        hf.problem(f'field "rig" must be a relative path inside the capture, got {rig_path!r}')
+        hf.problem(f'field "rig" must be a relative path inside the capture, got {describe(rig_path)}')
         rig_path = RIG_RELPATH
     recordings = hf.names("recordings", "recording")
     subject_id = subject if isinstance(subject, str) else ""
@@ -217,8 +224,9 @@ def manifest_to_json(manifest: Manifest) -> dict[str, Any]:
 def check_pinhole(f: FieldReader) -> PinholeIntrinsics | None:
     """Reads width, height, fx, fy, cx, cy of one object; None if any is bad."""
     n_before = len(f.problems)
-    width = f.integer("width", minimum=1)
-    height = f.integer("height", minimum=1)
+    # Bounded like the images they describe (docs/capture-format.md, "Limits").
+    width = f.integer("width", minimum=1, maximum=LIMITS.max_image_side)
+    height = f.integer("height", minimum=1, maximum=LIMITS.max_image_side)
     fx = f.number("fx", positive=True)
     fy = f.number("fy", positive=True)
     cx = f.number("cx")
@@ -242,7 +250,7 @@ def check_phone_intrinsics(obj: object) -> tuple[PhoneIntrinsics | None, list[st
     pin = check_pinhole(f)
     unit = f.number("depth_unit_m", positive=True)
     if unit is not None and unit != DEPTH_UNIT_M:
-        f.problem(f'field "depth_unit_m" must be {DEPTH_UNIT_M} (millimetres), got {unit!r}')
+        f.problem(f'field "depth_unit_m" must be {DEPTH_UNIT_M} (millimetres), got {describe(unit)}')
     if problems or pin is None:
         return None, problems
     return PhoneIntrinsics(pin.width, pin.height, pin.fx, pin.fy, pin.cx, pin.cy), problems

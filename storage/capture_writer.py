@@ -94,7 +94,7 @@ class CaptureWriter:
     def _rig_or_none(self) -> HmcRig | None:
         """The rig written so far (possibly by an earlier process), or None."""
         if self._rig is None and self.layout.rig.is_file():
-            self._rig = parse_rig(read_json(self.layout.rig), self.layout.rig)
+            self._rig = parse_rig(read_json(self.layout.rig, self.root), self.layout.rig)
         return self._rig
 
     def _intrinsics_or_none(self, expression: str) -> PinholeIntrinsics | None:
@@ -102,7 +102,7 @@ class CaptureWriter:
             path = self.layout.phone_intrinsics(expression)
             if not path.is_file():
                 return None
-            intr, problems = check_phone_intrinsics(read_json(path))
+            intr, problems = check_phone_intrinsics(read_json(path, self.root))
             raise_problems(path, problems)
             assert intr is not None
             self._intrinsics[expression] = intr

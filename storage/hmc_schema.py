@@ -19,6 +19,7 @@ from storage.capture_layout import (
     RESERVED_RECORDING_ENTRIES,
     SEGMENT_KINDS,
     WINK_EYES,
+    describe,
     unsafe_name_reason,
 )
 from storage.capture_schema import FieldReader, check_pinhole, number_array, raise_problems
@@ -47,7 +48,7 @@ def _check_camera(obj: object, i: int, problems: list[str]) -> HmcCamera | None:
             f.problem(f"camera name {name!r} is reserved")
     role = f.string("role")
     if role is not None and role not in CAMERA_ROLES:
-        f.problem(f'field "role" must be one of {", ".join(CAMERA_ROLES)}, got {role!r}')
+        f.problem(f'field "role" must be one of {", ".join(CAMERA_ROLES)}, got {describe(role)}')
     mirrored = f.boolean("mirrored")
     intr = check_pinhole(f)
     arrays = {}
@@ -61,7 +62,7 @@ def _check_camera(obj: object, i: int, problems: list[str]) -> HmcCamera | None:
             arrays[key] = number_array(value, shape)
             if arrays[key] is None:
                 dims = "x".join(str(s) for s in shape)
-                f.problem(f'field "{key}" must be {dims} finite numbers, got {value!r}')
+                f.problem(f'field "{key}" must be {dims} finite numbers, got {describe(value)}')
     rot = arrays.get("R_headset_from_camera")
     if rot is not None:
         err = float(np.abs(rot.T @ rot - np.eye(3)).max())
@@ -161,7 +162,7 @@ def _check_segment(
     n_before = len(problems)
     kind = f.string("kind")
     if kind is not None and kind not in SEGMENT_KINDS:
-        f.problem(f"unknown segment kind {kind!r} (known: {', '.join(SEGMENT_KINDS)})")
+        f.problem(f"unknown segment kind {describe(kind)} (known: {', '.join(SEGMENT_KINDS)})")
     start = f.integer("start", minimum=0)
     end = f.integer("end", minimum=0)
     if start is not None and end is not None and start >= end:
@@ -170,12 +171,12 @@ def _check_segment(
         f.problem(f"end ({end}) is past the recording's {frame_count} frames")
     prompt = f.string("prompt", optional=kind != "peak")
     if kind == "peak" and prompt is not None and prompts is not None and prompt not in prompts:
-        f.problem(f"unknown prompt {prompt!r}")
+        f.problem(f"unknown prompt {describe(prompt)}")
     if kind != "peak" and prompt is not None:
         f.problem('field "prompt" is only allowed on peak segments')
     eye = f.string("eye", optional=kind != "wink")
     if eye is not None and eye not in WINK_EYES:
-        f.problem(f'field "eye" must be "left" or "right", got {eye!r}')
+        f.problem(f'field "eye" must be "left" or "right", got {describe(eye)}')
     if kind != "wink" and eye is not None:
         f.problem('field "eye" is only allowed on wink segments')
     cams = f.raw("cameras", optional=True)
@@ -188,7 +189,7 @@ def _check_segment(
             for cam in cameras:
                 if camera_names is not None and cam not in camera_names:
                     f.problem(
-                        f"unknown camera {cam!r} (the rig has {', '.join(sorted(camera_names))})"
+                        f"unknown camera {describe(cam)} (the rig has {', '.join(sorted(camera_names))})"
                     )
     if len(problems) > n_before:
         return None

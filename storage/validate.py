@@ -3,8 +3,10 @@
 ``validate_capture`` reports *every* problem it finds, each as a
 :class:`~pipeline.errors.CaptureError` naming the file, so that a data engineer can fix a
 capture in one pass. With ``deep=False`` it checks the structure, the JSON documents, the
-timestamps and the PNG headers (33 bytes per image); with ``deep=True`` it also decodes
-every image, one at a time.
+timestamps and the PNG headers; with ``deep=True`` it also decodes every image, one at a
+time. Every read is bounded and stays inside the capture folder
+(:mod:`storage.capture_fs`); a first pass over the folder reports what no reader would
+accept anywhere in it (non-UTF-8 names, symlinks leaving the folder or dangling, FIFOs).
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.errors import CaptureError
+from pipeline.errors import CaptureError, printable
 from storage.capture import Capture
 from storage.capture_files import check_keypoints, check_timestamps, read_json
+from storage.capture_fs import (
+    LIMITS,
+    dir_problem,
+    file_exists,
+    list_dir,
+    read_capture_bytes,
+    scan_tree,
+)
 from storage.capture_layout import (
     HMC_FILE_RE,
     PHONE_FILE_RE,
     RESERVED_RECORDING_ENTRIES,
     SEGMENT_KINDS,
     CaptureLayout,
+    first_gap,
     folder_name,
     is_safe_name,
     resolve_inside,
@@ -43,11 +54,12 @@ from storage.hmc_schema import (
     check_segments,
     frame_count_mismatch,
 )
-from storage.png_io import ImageKind, header_problem, read_image, read_png_header
+from storage.png_io import ImageKind, header_problem, read_image, read_png_header, size_problem
 
 __all__ = ["ProgressCallback", "summarize_capture", "validate_capture"]
 
-_IMAGE_LABEL = {"rgb": "RGB", "depth": "depth", "mono": "image"}
+#: A hostile document can hold millions of faults; one file's report stops at this many.
+MAX_PROBLEMS_PER_FILE = 50
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each image (or RGB + depth pair) is checked."""
@@ -100,17 +112,44 @@ class _Validator:
     def add(self, path: Path, problem: str) -> None:
         self.errors.append(CaptureError(path, problem))
 
+    def add_all(self, path: Path, problems: list[str]) -> None:
+        """Reports a document's problems, at most :data:`MAX_PROBLEMS_PER_FILE` of them."""
+        for problem in problems[:MAX_PROBLEMS_PER_FILE]:
+            self.add(path, problem)
+        if len(problems) > MAX_PROBLEMS_PER_FILE:
+            self.add(path, f"... and {len(problems) - MAX_PROBLEMS_PER_FILE} more problems")
+
     def read_json(self, path: Path) -> object | None:
         try:
-            return read_json(path)
+            return read_json(path, self.root)
         except CaptureError as exc:
             self.errors.append(exc)
             return None
+
+    def folder(self, path: Path, missing: str) -> bool:
+        """True when ``path`` is a usable folder of the capture; reports why not."""
+        problem = dir_problem(path, self.root) if file_exists(path) else missing
+        if problem:
+            self.add(path, problem)
+        return problem is None
+
+    def listing(self, folder: Path) -> list[str]:
+        try:
+            return list_dir(folder, self.root)
+        except CaptureError as exc:
+            self.errors.append(exc)
+            return []
 
     def run(self, progress: ProgressCallback | None) -> list[CaptureError]:
         if not self.root.is_dir():
             self.add(self.root, "capture folder does not exist or is not a folder")
             return self.errors
+        try:
+            _, problems = scan_tree(self.root)
+        except CaptureError as exc:  # over the entry or depth limit: read nothing more
+            self.errors.append(exc)
+            return self.errors
+        self.errors.extend(problems)
         manifest = self.check_manifest()
         if manifest is None:
             return self.errors
@@ -130,8 +169,7 @@ class _Validator:
         if obj is None:
             return None
         manifest, problems = check_manifest(obj)
-        for problem in problems:
-            self.add(path, problem)
+        self.add_all(path, problems)
         if is_safe_name(manifest.subject_id) and manifest.subject_id != folder_name(self.root):
             self.add(
                 path,
@@ -144,33 +182,36 @@ class _Validator:
 
     def check_expression(self, expression: str) -> None:
         folder = self.layout.phone_dir(expression)
-        if not folder.is_dir():
-            self.add(folder, "missing expression folder (listed in capture.json)")
+        if not self.folder(folder, "missing expression folder (listed in capture.json)"):
             return
         intr_path = self.layout.phone_intrinsics(expression)
         intr = None
         obj = self.read_json(intr_path)
         if obj is not None:
             intr, problems = check_phone_intrinsics(obj)
-            for problem in problems:
-                self.add(intr_path, problem)
+            self.add_all(intr_path, problems)
         found: dict[str, set[int]] = {"rgb": set(), "depth": set()}
-        for entry in folder.iterdir():
-            m = PHONE_FILE_RE.match(entry.name)
+        for name in self.listing(folder):
+            m = PHONE_FILE_RE.fullmatch(name)
             if m:
                 found[m.group(2)].add(int(m.group(1)))
-        indices = found["rgb"] | found["depth"]
+        indices = sorted(found["rgb"] | found["depth"])
         if not indices:
             self.add(folder, "expression has no frames (no 000000_rgb.png / 000000_depth.png)")
             return
-        for i in range(max(indices) + 1):
+        gap = first_gap(indices)
+        if gap is not None:
+            self.add(
+                self.layout.phone_rgb(expression, gap),
+                f"missing file: frames must be numbered 0..N-1 without gaps "
+                f"({indices[-1] + 1 - len(indices)} missing)",
+            )
+        for i in indices:
             rgb, depth = (
                 self.layout.phone_rgb(expression, i),
                 self.layout.phone_depth(expression, i),
             )
-            if i not in indices:
-                self.add(rgb, "missing file: frames must be numbered 0..N-1 without gaps")
-            elif i not in found["depth"]:
+            if i not in found["depth"]:
                 self.add(depth, f"missing file: {rgb.name} has no registered depth")
             elif i not in found["rgb"]:
                 self.add(rgb, f"missing file: {depth.name} has no RGB")
@@ -186,8 +227,7 @@ class _Validator:
         if obj is None:
             return None
         rig, problems = check_rig(obj)
-        for problem in problems:
-            self.add(path, problem)
+        self.add_all(path, problems)
         # Cameras listed but invalid are still known names: reporting their folders or
         # segment references as unknown would only repeat the rig's problem.
         listed = obj.get("cameras") if isinstance(obj, dict) else None
@@ -201,16 +241,16 @@ class _Validator:
 
     def check_recording(self, recording: str, rig: HmcRig | None) -> None:
         folder = self.layout.recording_dir(recording)
-        if not folder.is_dir():
-            self.add(folder, "missing recording folder (listed in capture.json)")
+        if not self.folder(folder, "missing recording folder (listed in capture.json)"):
             return
         if rig is None:  # without a rig only the segments can be checked
             self.check_segments(recording, None, None)
             return
         known = self.camera_names | set(RESERVED_RECORDING_ENTRIES)
-        for entry in sorted(folder.iterdir()):
-            if entry.is_dir() and not entry.name.startswith(".") and entry.name not in known:
-                self.add(entry, f"folder {entry.name!r} is not a camera of the rig")
+        for name in self.listing(folder):
+            entry = folder / name
+            if entry.is_dir() and not name.startswith(".") and name not in known:
+                self.add(entry, "folder is not a camera of the rig")
         counts: dict[str, int] = {}
         stamps: dict[str, np.ndarray] = {}
         for cam in rig.cameras:
@@ -238,29 +278,31 @@ class _Validator:
             (number of frame images, valid timestamps or None), or None without a folder.
         """
         cam_dir = self.layout.camera_dir(recording, cam.name)
-        if not cam_dir.is_dir():
-            self.add(cam_dir, f"missing camera folder (the rig has camera {cam.name})")
+        if not self.folder(cam_dir, f"missing camera folder (the rig has camera {cam.name})"):
             return None
         indices = sorted(
-            int(m.group(1)) for m in (HMC_FILE_RE.match(p.name) for p in cam_dir.iterdir()) if m
+            int(m.group(1))
+            for m in (HMC_FILE_RE.fullmatch(name) for name in self.listing(cam_dir))
+            if m
         )
-        missing = sorted(set(range(indices[-1] + 1)) - set(indices)) if indices else []
-        if missing:
+        gap = first_gap(indices)
+        if gap is not None:
             self.add(
-                self.layout.hmc_frame(recording, cam.name, missing[0]),
+                self.layout.hmc_frame(recording, cam.name, gap),
                 f"missing file: frames must be numbered 0..N-1 without gaps "
-                f"({len(missing)} missing in {cam.name})",
+                f"({indices[-1] + 1 - len(indices)} missing in {cam.name})",
             )
         for i in indices:
             path = self.layout.hmc_frame(recording, cam.name, i)
             self.jobs.append(_ImageJob(path, "mono", cam.intrinsics.size, f"rig camera {cam.name}"))
         ts_path = self.layout.timestamps(recording, cam.name)
-        if not ts_path.is_file():
-            self.add(ts_path, f"missing {ts_path.name}")
+        try:
+            data = read_capture_bytes(ts_path, self.root, LIMITS.max_timestamps_bytes)
+        except CaptureError as exc:
+            self.errors.append(exc)
             return len(indices), None
-        values, problems = check_timestamps(ts_path.read_bytes())
-        for problem in problems:
-            self.add(ts_path, problem)
+        values, problems = check_timestamps(data)
+        self.add_all(ts_path, problems)
         if values is not None and len(values) != len(indices):
             self.add(
                 ts_path,
@@ -296,22 +338,21 @@ class _Validator:
             return
         names = None if rig is None else self.camera_names
         _, problems = check_segments(obj, frame_count, names, self.prompts)
-        for problem in problems:
-            self.add(path, problem)
+        self.add_all(path, problems)
 
     def check_keypoints(self, recording: str, frame_count: int | None) -> None:
         folder = self.layout.keypoints_dir(recording)
-        if not folder.is_dir():
+        if not file_exists(folder) or not self.folder(folder, ""):
             return
-        for entry in sorted(folder.iterdir()):
-            if entry.name.startswith("."):
+        for name in self.listing(folder):
+            entry = folder / name
+            if name.startswith("."):
                 continue
             if entry.suffix != ".npz" or entry.stem not in self.camera_names:
                 self.add(entry, "keypoint files must be named <rig camera>.npz")
                 continue
-            _, problems = check_keypoints(entry, frame_count)
-            for problem in problems:
-                self.add(entry, problem)
+            _, problems = check_keypoints(entry, self.root, frame_count)
+            self.add_all(entry, problems)
 
     # --------------------------------------------------------------------------- images
 
@@ -346,9 +387,12 @@ class _Validator:
         expected: tuple[int, int] | None,
         source: str,
     ) -> tuple[int, int] | None:
-        """Checks one image; returns its (width, height) when it could be read, else None."""
+        """Checks one image; returns its (width, height) when it could be read, else None.
+
+        The header is checked (kind, limits, expected size) before any pixel is decoded.
+        """
         try:
-            header = read_png_header(path)
+            header = read_png_header(path, self.root)
         except CaptureError as exc:
             self.errors.append(exc)
             return None
@@ -357,19 +401,17 @@ class _Validator:
             self.add(path, problem)
             return None
         size = (header.width, header.height)
+        problem = size_problem(kind, size, expected, source)
+        if problem:  # the pixels may be fine, but decoding them cannot make the size right
+            self.add(path, problem)
+            return size
         if self.deep:
             try:
-                img = read_image(path, kind)
+                read_image(path, kind, self.root)
             except CaptureError as exc:
                 self.errors.append(exc)
                 return None
-            size = (img.shape[1], img.shape[0])
-        if expected is not None and size != expected:
-            label = _IMAGE_LABEL[kind]
-            self.add(
-                path, f"{label} is {size[0]}x{size[1]} but {source} is {expected[0]}x{expected[1]}"
-            )
-        return size  # even when it differs from the expectation: the pixels themselves are fine
+        return size
 
 
 def summarize_capture(path: str | Path) -> str:
@@ -383,7 +425,7 @@ def summarize_capture(path: str | Path) -> str:
             problems at once).
     """
     cap = Capture.open(path)
-    lines = [f"subject {cap.subject_id}  ({cap.root})"]
+    lines = [f"subject {cap.subject_id}  ({printable(str(cap.root))})"]
     counts = {e: cap.phone_frame_count(e) for e in cap.phone_expressions}
     lines.append(f"phone: {len(counts)} expressions, {sum(counts.values())} RGBD frames")
     width = max(len(e) for e in counts)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import CaptureError
+from storage import png_io
 from storage.capture import Capture
 from storage.capture_types import PinholeIntrinsics, Segment
 from storage.capture_writer import CaptureWriter
@@ -168,13 +169,13 @@ def test_summary(made: MadeCapture) -> None:
 def test_iter_frames_streams_one_frame_at_a_time(made: MadeCapture, monkeypatch) -> None:
     rec = Capture.open(made.root).recording(made.recording)
     reads: list[str] = []
-    real_imread = cv2.imread
+    real_decode = png_io.decode_png
 
-    def counting_imread(path, *args):
+    def counting_decode(data, path):
         reads.append(Path(path).relative_to(made.root).as_posix())
-        return real_imread(path, *args)
+        return real_decode(data, path)
 
-    monkeypatch.setattr(cv2, "imread", counting_imread)
+    monkeypatch.setattr(png_io, "decode_png", counting_decode)
     frames = rec.iter_frames(cameras=["eye_left", "mouth_left"])
     assert inspect.isgenerator(frames)
     assert reads == []  # nothing read before the first step
@@ -212,7 +213,7 @@ def test_iter_frames_fails_at_the_bad_frame(made: MadeCapture) -> None:
     (made.root / REC / "eye_left" / "000003.png").write_bytes(b"garbage, not a png")
     frames = Capture.open(made.root).recording(made.recording).iter_frames()
     assert [next(frames).index for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(CaptureError, match="cannot decode image") as exc:
+    with pytest.raises(CaptureError, match="not a PNG file") as exc:
         next(frames)
     assert exc.value.path.endswith("eye_left/000003.png")
 
@@ -442,11 +443,11 @@ READER_CASES = [
     ("missing-intrinsics", lambda c: c.phone_intrinsics("neutral"),
      "phone/neutral/intrinsics.json", "missing intrinsics.json"),
     ("depth-wrong-dtype", lambda c: c.read_phone_frame("neutral", 1),
-     "phone/neutral/000001_depth.png", "depth must be uint16 millimetres, got uint8"),
+     "phone/neutral/000001_depth.png", "depth must be uint16 millimetres (16-bit, 1 channel), got an 8-bit"),
     ("depth-wrong-size", lambda c: c.read_phone_frame("neutral", 1),
      "phone/neutral/000001_depth.png", "depth is 32x24 but RGB is 64x48"),
     ("garbage-image", lambda c: c.recording("rec000").read_frame("eye_left", 3),
-     f"{REC}/eye_left/000003.png", "cannot decode image"),
+     f"{REC}/eye_left/000003.png", "not a PNG file (bad signature)"),
     ("hmc-wrong-size", lambda c: c.recording("rec000").read_frame("eye_left", 0),
      f"{REC}/eye_left/000000.png", "image is 16x16 but rig camera eye_left is 32x32"),
     ("timestamps-not-increasing", lambda c: c.recording("rec000").timestamps_ns("eye_left"),

@@ -15,7 +15,7 @@ from stages.validation import validate_capture_stage
 #: The default chain, in order. Later issues append their stages here.
 STAGES: list[Stage] = [
     Stage(
-        name="validate", version="1", fn=validate_capture_stage, inputs=("capture",),
+        name="validate", version="2", fn=validate_capture_stage, inputs=("capture",),
         config_fields=("validate.deep",), description="check the capture contract",
     ),
     Stage(

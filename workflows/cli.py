@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.errors import PgtError
+from pipeline.errors import PgtError, printable
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -23,11 +23,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from rigs.definition import load_default_rig_definition, load_rig_definition
     from storage.validate import summarize_capture, validate_capture
 
-    problems = validate_capture(Path(args.capture), deep=not args.shallow)
+    rig = load_rig_definition(args.rig_definition) if args.rig_definition else load_default_rig_definition()
+    problems = validate_capture(Path(args.capture), deep=not args.shallow, prompts={p.name for p in rig.prompts})
     if problems:
-        print(f"{args.capture}: {len(problems)} problem(s)", file=sys.stderr)
+        print(f"{printable(args.capture)}: {len(problems)} problem(s)", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a capture folder; exit status 1 lists the problems")
     p.add_argument("capture", help="a subject's capture folder")
     p.add_argument("--shallow", action="store_true", help="check structure and headers, do not decode images")
+    p.add_argument("--rig-definition", help="rig definition JSON whose prompts peak segments may name (default: the embedded one)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("demo", help="synthesize a subject and run the chain end to end on it")

@@ -8,6 +8,7 @@ change how captures are found or which chain runs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.dag import RunSummary, run_chain
@@ -28,8 +29,8 @@ def find_captures(source: str | Path) -> list[Path]:
     source = Path(source)
     if source.is_file():
         paths = []
-        for line in source.read_text().splitlines():
-            line = line.strip()
+        for raw in source.read_bytes().splitlines():
+            line = os.fsdecode(raw).strip()  # paths need not be UTF-8
             if line and not line.startswith("#"):
                 p = Path(line)
                 paths.append(p if p.is_absolute() else source.parent / p)
