@@ -94,10 +94,11 @@ def test_schema_has_exact_contract_order_dtypes_and_metadata() -> None:
         + [("confidence", F32), ("residual_keypoint_px", F32), ("residual_photometric", F32)]
         + [("status", STR), ("failure_reason", STR), ("label_source", STR)]
         + [("label_round", I16), ("pipeline_version", STR), ("rig_version", STR)]
-        + [("run_id", STR), ("schema_version", I16)]
+        + [("run_id", STR), ("schema_version", I16), ("subject_partition", STR)]
     )
     assert [(f.name, f.type) for f in schema] == expected
-    assert len(schema) == 4 + 53 + 4 + 7 + 3 + 2 + 6
+    assert len(schema) == 4 + 53 + 4 + 7 + 3 + 2 + 6 + 1
+    assert [(f.name, f.type) for f in label_schema(NAMES, version=1)] == expected[:-1]
     assert schema.field("failure_reason").nullable
     assert not schema.field("subject_id").nullable
     assert schema.metadata[b"pgt.label_schema_version"] == str(LABEL_SCHEMA_VERSION).encode()
