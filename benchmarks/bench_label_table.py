@@ -1,112 +1,131 @@
-"""Benchmark of the label table (storage.label_table) on the local filesystem.
+"""Benchmark of the label table's layouts (storage.label_table) on the local filesystem.
 
-Measures, for both layouts (partitioned by ``subject_id`` and unpartitioned):
+Every layout is measured the same way, on a table that has been COMPACTED by that
+layout's maintenance (what a table looks like after a labelling run):
 
-- write throughput of :meth:`LabelTable.write_subject_round` (one commit per subject of
-  ``frames`` x 53 blendshapes) into a fresh table, and of relabelling (replace) them;
-- latency of reading one subject (fresh ``LabelTable``, so table open included) from a
-  ``n_big``-subject table, median of ``repeats`` different subjects; baseline = a full
-  table scan in the same run.
+- build: ``n`` subjects, each ``frames`` HMC time steps x 53 blendshapes in 4 recordings,
+  appended ``batch`` subjects per commit in two commits (recordings 0-1, then 2-3), so a
+  subject starts in two files, as after two writes; then the maintenance (timed);
+- replace one subject: one relabel of one subject (fresh table handle, so table open
+  included), median over ``repeats`` different subjects, with the files the commit
+  removed/added and the rows of OTHER subjects it had to copy;
+- two concurrent writers: two spawned processes, released by a barrier, each relabelling
+  ``concurrent`` different subjects; conflicts = commits that lost a race and were
+  retried by storage.delta (its "lost a race" log records), plus delta-rs's own
+  version-collision retries (``num_retries``), and the wall time;
+- read one subject: fresh ``read(subject_id=...)``, median over 9 subjects;
+- full scan: read every row, median of ``scans``.
 
-Run: ``.venv/bin/python -m benchmarks.bench_label_table [--quick] [--workdir DIR]``.
-Writes ``benchmarks/results/label_table.json`` and prints a markdown table.
+The layouts (``LAYOUTS``) are the old one (label schema v1, unpartitioned, Z-ordered by
+``subject_id``), plain compaction of the unpartitioned table, hash buckets
+(``subject_bucket = crc32(subject_id) % buckets``), and the product's v2 layout
+(partitioned by ``subject_partition``, one file per subject, written through
+:class:`LabelTable`). The option comparison runs at ``--options-subjects``; the headline
+compares the old and the product layout on ``--subjects`` subjects in the same run.
+``deletion_vectors`` records whether deltalake writes deletion vectors for a replace.
+
+Run: ``python -m benchmarks.bench_label_table [--quick]``; writes
+``benchmarks/results/label_table.json`` (then ``python -m benchmarks.report``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import multiprocessing as mp
 import os
 import platform
 import shutil
 import statistics
 import tempfile
 import time
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from storage import delta
-from storage.label_table import LabelTable, labels_to_arrow, writer_properties
+from storage.label_table import (
+    PARTITION_COLUMN,
+    LabelTable,
+    labels_to_arrow,
+    writer_properties,
+)
 
 #: The default rig's 53 names (docs/contracts.md); copied so the benchmark does not depend
 #: on rigs/ being importable.
-NAMES = [
-    "browDown_L",
-    "browDown_R",
-    "browInnerUp_L",
-    "browInnerUp_R",
-    "browOuterUp_L",
-    "browOuterUp_R",
-    "cheekPuff_L",
-    "cheekPuff_R",
-    "cheekSquint_L",
-    "cheekSquint_R",
-    "eyeBlink_L",
-    "eyeBlink_R",
-    "eyeLookDown_L",
-    "eyeLookDown_R",
-    "eyeLookIn_L",
-    "eyeLookIn_R",
-    "eyeLookOut_L",
-    "eyeLookOut_R",
-    "eyeLookUp_L",
-    "eyeLookUp_R",
-    "eyeSquint_L",
-    "eyeSquint_R",
-    "eyeWide_L",
-    "eyeWide_R",
-    "jawForward",
-    "jawLeft",
-    "jawOpen",
-    "jawRight",
-    "mouthClose",
-    "mouthDimple_L",
-    "mouthDimple_R",
-    "mouthFrown_L",
-    "mouthFrown_R",
-    "mouthFunnel",
-    "mouthLeft",
-    "mouthLowerDown_L",
-    "mouthLowerDown_R",
-    "mouthPress_L",
-    "mouthPress_R",
-    "mouthPucker",
-    "mouthRight",
-    "mouthRollLower",
-    "mouthRollUpper",
-    "mouthShrugLower",
-    "mouthShrugUpper",
-    "mouthSmile_L",
-    "mouthSmile_R",
-    "mouthStretch_L",
-    "mouthStretch_R",
-    "mouthUpperUp_L",
-    "mouthUpperUp_R",
-    "noseSneer_L",
-    "noseSneer_R",
-]
+NAMES = """browDown_L browDown_R browInnerUp_L browInnerUp_R browOuterUp_L browOuterUp_R
+cheekPuff_L cheekPuff_R cheekSquint_L cheekSquint_R eyeBlink_L eyeBlink_R eyeLookDown_L
+eyeLookDown_R eyeLookIn_L eyeLookIn_R eyeLookOut_L eyeLookOut_R eyeLookUp_L eyeLookUp_R
+eyeSquint_L eyeSquint_R eyeWide_L eyeWide_R jawForward jawLeft jawOpen jawRight mouthClose
+mouthDimple_L mouthDimple_R mouthFrown_L mouthFrown_R mouthFunnel mouthLeft mouthLowerDown_L
+mouthLowerDown_R mouthPress_L mouthPress_R mouthPucker mouthRight mouthRollLower
+mouthRollUpper mouthShrugLower mouthShrugUpper mouthSmile_L mouthSmile_R mouthStretch_L
+mouthStretch_R mouthUpperUp_L mouthUpperUp_R noseSneer_L noseSneer_R""".split()  # noqa: SIM905
 
 RESULTS = Path(__file__).parent / "results" / "label_table.json"
-#: Write benchmark: the two partitioning choices.
-LAYOUTS = {"partitioned": ["subject_id"], "unpartitioned": None}
-#: Read benchmark tables: (partition_by, how it is filled).
-READ_TABLES = {
-    "partitioned, backfill": (["subject_id"], "batch"),
-    "unpartitioned, backfill": (None, "batch"),
-    "unpartitioned, 1 commit/subject": (None, "per_subject"),
+RECORDINGS = 4  # the standard preset: 4 HMC recordings of 16.5 s at 30 fps = 495 frames each
+KEY = {"label_round": 0, "label_source": "self_supervision"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way of storing the label table.
+
+    Attributes:
+        name: label in the results.
+        rows: ``"v1"`` (label schema v1: no partition column), ``"v2"`` (current schema)
+            or ``"bucket"`` (v1 columns plus an int16 ``subject_bucket``).
+        partition_by: Delta partition columns.
+        maintenance: ``"zorder"`` (optimize Z-ordered by subject_id) or ``"compact"``
+            (optimize's bin-packing, which never merges partitions).
+        product: written, compacted and read through :class:`LabelTable` (the v2 code).
+        buckets: number of hash buckets (``rows="bucket"`` only).
+    """
+
+    name: str
+    rows: str
+    partition_by: tuple[str, ...] | None
+    maintenance: str
+    product: bool = False
+    buckets: int = 0
+
+
+OLD = Layout("old: v1, unpartitioned, z-order", "v1", None, "zorder")
+PRODUCT = Layout(
+    "v2: partitioned by subject, compact", "v2", (PARTITION_COLUMN,), "compact", product=True
+)
+LAYOUTS = {
+    "old": OLD,
+    "compact": Layout("v1, unpartitioned, plain compact", "v1", None, "compact"),
+    "bucket": Layout(
+        "hash buckets (64), compact", "bucket", ("subject_bucket",), "compact", buckets=64
+    ),
+    "product": PRODUCT,
 }
 
 
-def synth_subject(subject_id: str, frames: int, rng: np.random.Generator, run_id: str) -> pa.Table:
-    """Random but schema-valid labels of one subject (one recording of ``frames`` steps)."""
+def subject_id(i: int) -> str:
+    return f"s{i:05d}"
+
+
+def bucket_of(sid: str, buckets: int) -> int:
+    """Stable across processes and Python versions (unlike hash())."""
+    return zlib.crc32(sid.encode()) % buckets
+
+
+def synth_recording(sid: str, rec: int, frames: int, rng: np.random.Generator, run_id: str):
+    """Random but schema-valid v2 labels of one recording."""
     q = rng.normal(size=(frames, 4))
     q[:, 0] = np.abs(q[:, 0]) + 1.0
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     return labels_to_arrow(
-        subject_id,
-        "rec000",
+        sid,
+        f"rec{rec:03d}",
         np.arange(frames),
         np.arange(frames, dtype=np.int64) * 33_333_333,
         rng.random((frames, len(NAMES)), dtype=np.float32),
@@ -117,173 +136,311 @@ def synth_subject(subject_id: str, frames: int, rng: np.random.Generator, run_id
         confidence=rng.random(frames),
         residual_keypoint_px=rng.random(frames),
         residual_photometric=rng.random(frames),
-        label_source="self_supervision",
-        label_round=0,
         pipeline_version="bench",
         rig_version="ict-53",
         run_id=run_id,
+        **KEY,
     )
 
 
-def bench_writes(uri: str, n: int, frames: int, partition_by: list[str] | None) -> dict:
-    """Write n subjects one commit each, then relabel them all; rows/s of both."""
-    rng = np.random.default_rng(0)
-    tables = [synth_subject(f"w{i:05d}", frames, rng, "r0") for i in range(n)]
-    relabels = [synth_subject(f"w{i:05d}", frames, rng, "r1") for i in range(n)]
-    lt = LabelTable(uri, partition_by=partition_by)
-    out = {}
-    for phase, batch in (("write", tables), ("replace", relabels)):
-        lat = []
-        t0 = time.perf_counter()
-        for t in batch:
-            s = time.perf_counter()
-            lt.write_subject_round(t)
-            lat.append(time.perf_counter() - s)
-        dt = time.perf_counter() - t0
-        out[f"{phase}_rows_per_s"] = n * frames / dt
-        out[f"{phase}_commit_median_ms"] = 1e3 * statistics.median(lat)
-    assert lt.read().num_rows == n * frames
+def shape_rows(layout: Layout, t: pa.Table) -> pa.Table:
+    """v2 rows -> the layout's rows."""
+    if layout.rows == "v2":
+        return t
+    t = t.drop_columns([PARTITION_COLUMN])
+    if layout.rows == "bucket":
+        b = [bucket_of(s, layout.buckets) for s in t.column("subject_id").to_pylist()]
+        t = t.append_column("subject_bucket", pa.array(b, pa.int16()))
+    return t
+
+
+def subject_rows(layout: Layout, sid: str, frames: int, seed: int, run_id: str) -> pa.Table:
+    rng = np.random.default_rng([seed, int(sid[1:])])
+    per = frames // RECORDINGS
+    recs = [synth_recording(sid, r, per, rng, run_id) for r in range(RECORDINGS)]
+    return shape_rows(layout, pa.concat_tables(recs))
+
+
+def replace(layout: Layout, uri: str, rows: pa.Table) -> int:
+    """Relabel one subject the way the layout's code does."""
+    if layout.product:
+        return LabelTable(uri).write_subject_round(rows)
+    sid = rows.column("subject_id")[0].as_py()
+    pred: dict[str, Any] = {"subject_id": sid, **KEY}
+    if layout.rows == "bucket":
+        pred = {"subject_bucket": bucket_of(sid, layout.buckets), **pred}
+    return delta.replace_rows(uri, rows, pred, writer_properties=writer_properties())
+
+
+def read_one(layout: Layout, uri: str, sid: str) -> pa.Table:
+    if layout.rows == "bucket":
+        filters = {"subject_bucket": bucket_of(sid, layout.buckets), "subject_id": sid}
+        return delta.read_rows(uri, filters=filters)
+    return LabelTable(uri).read(subject_id=sid)  # v1 tables are read (and upgraded) too
+
+
+def full_scan(layout: Layout, uri: str) -> pa.Table:
+    return delta.read_rows(uri) if layout.rows == "bucket" else LabelTable(uri).read()
+
+
+def build(layout: Layout, uri: str, n: int, frames: int, batch: int) -> dict:
+    """n subjects, batch per commit, recordings 0-1 then 2-3 (two files per subject)."""
+    t0 = time.perf_counter()
+    pb = list(layout.partition_by) if layout.partition_by else None
+    for start in range(0, n, batch):
+        tables = [
+            subject_rows(layout, subject_id(i), frames, 1, "build")
+            for i in range(start, min(n, start + batch))
+        ]
+        recs = pa.concat_tables(tables)
+        half = pa.compute.is_in(recs.column("recording_id"), pa.array(["rec000", "rec001"]))
+        for part in (recs.filter(half), recs.filter(pa.compute.invert(half))):
+            delta.append_rows(uri, part, partition_by=pb, writer_properties=writer_properties())
+    out = {
+        "build_s": time.perf_counter() - t0,
+        "files_before_maintenance": len(delta.data_files(uri)),
+    }
+    t0 = time.perf_counter()
+    if layout.product:
+        LabelTable(uri).optimize()
+    else:
+        zorder = ["subject_id"] if layout.maintenance == "zorder" else None
+        delta.optimize(uri, zorder_by=zorder, writer_properties=writer_properties())
+    out["maintenance_s"] = time.perf_counter() - t0
+    files = delta.data_files(uri)
+    out["data_files"] = len(files)
+    out["bytes_on_disk"] = sum(Path(f).stat().st_size for f in files)
     return out
 
 
-def build_big(uri: str, n: int, frames: int, batch: int, partition_by, how: str) -> dict:
-    """Fill a table with n subjects: ``batch`` subjects per append commit (a backfill) or
-    one write_subject_round commit per subject (what labelling runs do)."""
-    rng = np.random.default_rng(1)
-    t0 = time.perf_counter()
-    if how == "batch":
-        for start in range(0, n, batch):
-            stop = min(n, start + batch)
-            part = [synth_subject(f"s{i:05d}", frames, rng, "big") for i in range(start, stop)]
-            delta.append_rows(
-                uri, pa.concat_tables(part), partition_by=partition_by,
-                writer_properties=writer_properties(),
-            )  # fmt: skip
-    else:
-        lt = LabelTable(uri, partition_by=partition_by)
-        for i in range(n):
-            lt.write_subject_round(synth_subject(f"s{i:05d}", frames, rng, "big"))
+def commit_metrics(uri: str, version: int) -> dict:
+    entry = next(e for e in delta.history(uri) if int(e["version"]) == version)
+    m = entry.get("operationMetrics", {})
+    return {k: m.get(k) for k in ("num_removed_files", "num_added_files", "num_copied_rows")}
+
+
+def bench_replace(layout: Layout, uri: str, picks: list[int], frames: int) -> dict:
+    lat, touched = [], []
+    for i in picks:
+        rows = subject_rows(layout, subject_id(i), frames, 2, "relabel")
+        t0 = time.perf_counter()
+        v = replace(layout, uri, rows)
+        lat.append(time.perf_counter() - t0)
+        touched.append(commit_metrics(uri, v))
     return {
-        "build_s": time.perf_counter() - t0,
-        "build_commits": delta.table_version(uri) + 1,
-        **disk(uri),
+        "replace_median_ms": 1e3 * statistics.median(lat),
+        "replace_min_ms": 1e3 * min(lat),
+        "replace_max_ms": 1e3 * max(lat),
+        "replace_commits": touched,
     }
 
 
-def disk(uri: str) -> dict:
-    """Data files referenced by the current version and their size."""
-    from deltalake import DeltaTable
+class _RaceCounter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.races = 0
 
-    files = DeltaTable(uri).file_uris()
-    return {"data_files": len(files), "bytes_on_disk": sum(Path(f).stat().st_size for f in files)}
+    def emit(self, record: logging.LogRecord) -> None:
+        if "lost a race" in record.getMessage():
+            self.races += 1
 
 
-def bench_reads(uri: str, n: int, frames: int, repeats: int) -> dict:
-    """Median latency of reading one subject (fresh handle each time) vs a full scan."""
-    rng = np.random.default_rng(2)
-    picks = rng.choice(n, size=repeats, replace=False)
-    lat = []
-    for i in picks:
+def _writer(
+    layout_key: str, uri: str, ids: list[int], frames: int, tag: str, barrier, queue
+) -> None:
+    """Child process: relabel the given subjects; report conflicts and timings."""
+    layout = LAYOUTS[layout_key]
+    counter = _RaceCounter()
+    log = logging.getLogger("storage.delta")
+    log.setLevel(logging.INFO)
+    log.addHandler(counter)
+    rows = [subject_rows(layout, subject_id(i), frames, 3, tag) for i in ids]
+    barrier.wait()
+    t0 = time.perf_counter()
+    lat, versions = [], []
+    for r in rows:
         s = time.perf_counter()
-        t = LabelTable(uri).read(subject_id=f"s{i:05d}")
+        versions.append(replace(layout, uri, r))
         lat.append(time.perf_counter() - s)
+    queue.put(
+        {
+            "conflicts": counter.races,
+            "wall_s": time.perf_counter() - t0,
+            "commit_ms": [1e3 * x for x in lat],
+            "versions": versions,
+        }
+    )
+
+
+def bench_concurrent(layout_key: str, uri: str, pairs: list[tuple[int, int]], frames: int) -> dict:
+    """Two processes; writer A relabels pairs[k][0], writer B pairs[k][1], k = 0, 1, ..."""
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    ids = [[a for a, _ in pairs], [b for _, b in pairs]]
+    procs = [
+        ctx.Process(
+            target=_writer, args=(layout_key, uri, ids[w], frames, f"writer{w}", barrier, queue)
+        )
+        for w in range(2)
+    ]
+    for p in procs:
+        p.start()
+    res = [queue.get(timeout=3600) for _ in procs]
+    for p in procs:
+        p.join()
+    versions = [v for r in res for v in r["versions"]]
+    internal = sum(
+        int((e.get("operationMetrics") or {}).get("num_retries") or 0)
+        for e in delta.history(uri)
+        if int(e["version"]) in versions
+    )
+    layout = LAYOUTS[layout_key]
+    for w, group in enumerate(ids):  # each writer's rows are there, once
+        for i in group:
+            got = read_one(layout, uri, subject_id(i))
+            assert got.num_rows == frames, (i, got.num_rows)
+            assert set(got.column("run_id").to_pylist()) == {f"writer{w}"}, i
+    return {
+        "writers": 2,
+        "subjects_per_writer": len(pairs),
+        "conflicts": sum(r["conflicts"] for r in res),
+        "delta_rs_version_retries": internal,
+        "wall_s": max(r["wall_s"] for r in res),
+        "commit_median_ms": statistics.median([x for r in res for x in r["commit_ms"]]),
+    }
+
+
+def bench_reads(layout: Layout, uri: str, n: int, frames: int, repeats: int, scans: int) -> dict:
+    rng = np.random.default_rng(7)
+    lat = []
+    for i in rng.choice(n, size=repeats, replace=False):
+        t0 = time.perf_counter()
+        t = read_one(layout, uri, subject_id(int(i)))
+        lat.append(time.perf_counter() - t0)
         assert t.num_rows == frames, (t.num_rows, frames)
-    scans = []
-    for _ in range(3):
-        s = time.perf_counter()
-        t = LabelTable(uri).read()
-        scans.append(time.perf_counter() - s)
+    full = []
+    for _ in range(scans):
+        t0 = time.perf_counter()
+        t = full_scan(layout, uri)
+        full.append(time.perf_counter() - t0)
         assert t.num_rows == n * frames
         del t
     return {
         "read_one_median_ms": 1e3 * statistics.median(lat),
-        "read_one_min_ms": 1e3 * min(lat),
-        "full_scan_median_ms": 1e3 * statistics.median(scans),
-        "speedup_vs_scan": statistics.median(scans) / statistics.median(lat),
+        "full_scan_median_s": statistics.median(full),
+        "full_scans": [round(x, 3) for x in full],
     }
+
+
+def same_bucket_pairs(n: int, buckets: int, k: int, avoid: set[int]) -> list[tuple[int, int]]:
+    """k pairs of different subjects that share a hash bucket (the bucket layout's worst
+    case; for the other layouts any pair of different subjects is the same case)."""
+    by_bucket: dict[int, list[int]] = {}
+    for i in range(n):
+        if i not in avoid:
+            by_bucket.setdefault(bucket_of(subject_id(i), buckets), []).append(i)
+    groups = [g for g in by_bucket.values() if len(g) >= 2]
+    return [(groups[j][0], groups[j][1]) for j in range(k)]
+
+
+def run_layout(key: str, root: Path, n: int, frames: int, cfg: dict) -> dict:
+    layout = LAYOUTS[key]
+    uri = str(root / key)
+    t0 = time.perf_counter()
+    try:
+        res: dict[str, Any] = {"layout": asdict(layout), "subjects": n, "frames": frames}
+        res.update(build(layout, uri, n, frames, cfg["batch"]))
+        res.update(bench_reads(layout, uri, n, frames, cfg["read_repeats"], cfg["scans"]))
+        rng = np.random.default_rng(11)
+        picks = [int(i) for i in rng.choice(n, size=cfg["replace_repeats"], replace=False)]
+        res.update(bench_replace(layout, uri, picks, frames))
+        pairs = same_bucket_pairs(n, LAYOUTS["bucket"].buckets, cfg["concurrent"], set(picks))
+        res["concurrent"] = bench_concurrent(key, uri, pairs, frames)
+        res["files_after_relabels"] = len(delta.data_files(uri))
+    finally:
+        shutil.rmtree(uri, ignore_errors=True)
+    res["bench_s"] = time.perf_counter() - t0
+    print(key, n, json.dumps({k: v for k, v in res.items() if k != "replace_commits"}), flush=True)
+    return res
+
+
+def deletion_vectors_check(root: Path) -> dict:
+    """Does deltalake write deletion vectors for a predicate replace? (It rewrites.)"""
+    from deltalake import DeltaTable, write_deltalake
+
+    uri = str(root / "dv")
+    t = pa.table({"s": [f"s{i % 10}" for i in range(1000)], "x": np.arange(1000)})
+    write_deltalake(uri, t, configuration={"delta.enableDeletionVectors": "true"})
+    one = t.filter(pa.compute.equal(t.column("s"), "s2"))
+    write_deltalake(uri, one, mode="overwrite", predicate="s = 's2'")
+    dt = DeltaTable(uri)
+    m = dt.history(1)[0]["operationMetrics"]
+    out = {
+        "deltalake": __import__("deltalake").__version__,
+        "protocol": str(dt.protocol()),
+        "replace_metrics": m,
+        "deletion_vectors_in_table": dt.deletion_vectors().read_all().num_rows,
+    }
+    shutil.rmtree(uri, ignore_errors=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run, ~seconds)")
-    ap.add_argument("--workdir", default=None, help="where to build tables (default: a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    ap.add_argument("--subjects", type=int, default=5000, help="headline table size")
+    ap.add_argument("--options-subjects", type=int, default=1000, help="option comparison")
+    ap.add_argument("--frames", type=int, default=1980, help="time steps per subject")
+    ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument("--workdir", default=None, help="where to build tables (default: temp)")
     ap.add_argument("--out", default=str(RESULTS), help="JSON output path")
     args = ap.parse_args(argv)
-
-    cfg = (
-        {"frames": 90, "n_write": 5, "n_big": 300, "batch": 100, "repeats": 5}
-        if args.quick
-        else {"frames": 900, "n_write": 40, "n_big": 5000, "batch": 250, "repeats": 9}
-    )
+    cfg = {"batch": 250, "replace_repeats": 7, "read_repeats": 9, "scans": 3, "concurrent": 3}
+    if args.quick:
+        args.subjects, args.options_subjects, args.frames = 200, 100, 200
+        cfg.update(batch=50, replace_repeats=3, read_repeats=3, scans=1, concurrent=2)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_label_table_"))
     root.mkdir(parents=True, exist_ok=True)
-    results: dict = {
-        "config": {**cfg, "blendshapes": len(NAMES), "quick": args.quick},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "writes": {},
-        "reads": {},
+    results: dict[str, Any] = {
+        "config": {
+            **cfg,
+            "subjects": args.subjects,
+            "options_subjects": args.options_subjects,
+            "frames": args.frames,
+            "recordings": RECORDINGS,
+            "blendshapes": len(NAMES),
+            "quick": args.quick,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "load_avg_start": os.getloadavg(),
+        },
+        "deletion_vectors": deletion_vectors_check(root),
+        "options": {},
+        "headline": {},
     }
     try:
-        for layout, pb in LAYOUTS.items():
-            uri = str(root / f"w_{layout}")
-            results["writes"][layout] = bench_writes(uri, cfg["n_write"], cfg["frames"], pb)
-        for i, (name, (pb, how)) in enumerate(READ_TABLES.items()):
-            uri = str(root / f"big_{i}")
-            res = build_big(uri, cfg["n_big"], cfg["frames"], cfg["batch"], pb, how)
-            res.update(bench_reads(uri, cfg["n_big"], cfg["frames"], cfg["repeats"]))
-            results["reads"][name] = res
-            if how == "per_subject":
-                t0 = time.perf_counter()
-                LabelTable(uri).optimize()
-                res = {"optimize_s": time.perf_counter() - t0, **disk(uri)}
-                res.update(bench_reads(uri, cfg["n_big"], cfg["frames"], cfg["repeats"]))
-                results["reads"][name + " + optimize (z-order)"] = res
-            print(name, json.dumps(results["reads"][name]), flush=True)
+        if not args.skip_options:
+            for key in LAYOUTS:
+                results["options"][key] = run_layout(
+                    key, root, args.options_subjects, args.frames, cfg
+                )
+        for key in ("old", "product"):
+            results["headline"][key] = run_layout(key, root, args.subjects, args.frames, cfg)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-
+    old, new = results["headline"]["old"], results["headline"]["product"]
+    results["headline_ratios_old_over_new"] = {
+        k: old[k] / new[k]
+        for k in ("replace_median_ms", "read_one_median_ms", "full_scan_median_s")
+    } | {"concurrent_wall_s": old["concurrent"]["wall_s"] / new["concurrent"]["wall_s"]}
+    results["machine"]["load_avg_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results))
     return results
-
-
-def markdown(results: dict) -> str:
-    """Render the results as two markdown tables (writes, reads)."""
-    c = results["config"]
-    lines = [
-        f"Writes: one `write_subject_round` commit per subject of {c['frames']} frames x "
-        f"{c['blendshapes']} blendshapes, {c['n_write']} subjects into a fresh table, "
-        "then each relabelled (replace).",
-        "",
-        "| layout | write rows/s | write commit ms (median) | replace rows/s "
-        "| replace commit ms (median) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name, r in results["writes"].items():
-        lines.append(
-            f"| {name} | {r['write_rows_per_s']:,.0f} | {r['write_commit_median_ms']:.1f} "
-            f"| {r['replace_rows_per_s']:,.0f} | {r['replace_commit_median_ms']:.1f} |"
-        )
-    lines += [
-        "",
-        f"Reads: one subject from a {c['n_big']}-subject table "
-        f"({c['n_big'] * c['frames']:,} rows), fresh `LabelTable(...).read(subject_id=...)` "
-        f"(table open included), median of {c['repeats']}; baseline = full-table read, "
-        "median of 3, same run.",
-        "",
-        "| table | read 1 subject ms | full scan ms (baseline) | speed-up | data files "
-        "| MB on disk |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in results["reads"].items():
-        lines.append(
-            f"| {name} | {r['read_one_median_ms']:.1f} | {r['full_scan_median_ms']:,.0f} "
-            f"| {r['speedup_vs_scan']:.0f}x | {r['data_files']} | {r['bytes_on_disk'] / 1e6:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

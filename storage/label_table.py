@@ -6,7 +6,13 @@ travel in the Arrow schema metadata of every table this module returns.
 
 A labelling run writes one (subject, label_round, label_source) at a time with
 :meth:`LabelTable.write_subject_round`: ONE Delta commit that removes that key's old rows
-and adds the new ones, so readers never see a partial relabel. See docs/storage.md.
+and adds the new ones, so readers never see a partial relabel.
+
+Layout (schema v2): the table is partitioned by :data:`PARTITION_COLUMN`, a copy of
+``subject_id``, so every data file holds one subject. Replacing a subject then reads and
+rewrites only that subject's files, compaction (:meth:`LabelTable.optimize`) never merges
+subjects, and writers of different subjects never conflict. Version-1 tables (unpartitioned)
+stay readable; :meth:`LabelTable.upgrade` rewrites one as v2. See docs/storage.md.
 """
 
 from __future__ import annotations
@@ -31,24 +37,34 @@ __all__ = [
     "LABEL_SCHEMA_VERSION",
     "LABEL_SOURCES",
     "PARTITION_BY",
+    "PARTITION_COLUMN",
     "STATUSES",
     "LabelTable",
     "blendshape_matrix",
     "blendshape_names_of",
     "label_schema",
     "labels_to_arrow",
+    "upgrade_rows",
     "validate_label_table",
     "writer_properties",
 ]
 
-LABEL_SCHEMA_VERSION = 1
+LABEL_SCHEMA_VERSION = 2
+#: Label schema versions this code reads (v1: no partition column; see upgrade_rows).
+READABLE_VERSIONS = (1, 2)
 BS_PREFIX = "bs_"
 GAZE_COLUMNS = ("gaze_left_yaw", "gaze_left_pitch", "gaze_right_yaw", "gaze_right_pitch")
 HEAD_COLUMNS = ("head_qw", "head_qx", "head_qy", "head_qz", "head_tx", "head_ty", "head_tz")
 STATUSES = ("ok", "rejected", "failed")
 LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation")
-#: Partitioning of the Delta table (see docs/storage.md "Partitioning" for the measurement).
-PARTITION_BY: list[str] | None = None
+#: The partition column (schema v2): a copy of ``subject_id``. A copy, because Delta keeps
+#: partition values out of the Parquet files; this way every file still has ``subject_id``.
+PARTITION_COLUMN = "subject_partition"
+#: Partitioning of the Delta table (see docs/storage.md "Layout" for the measurement).
+PARTITION_BY: list[str] | None = [PARTITION_COLUMN]
+#: write_subject_round compacts the subject's partition once it holds more data files
+#: than this (each write adds one; one compacted file per subject is the steady state).
+AUTO_COMPACT_FILES = 8
 #: Parquet row-group size of label files: small enough that reading one subject out of a
 #: compacted multi-subject file decodes ~16k rows, not the whole file (row-group stats).
 ROW_GROUP_ROWS = 16_384
@@ -57,6 +73,9 @@ REPLACE_KEY = ("subject_id", "label_round", "label_source")
 
 META_SCHEMA_VERSION = b"pgt.label_schema_version"
 META_BLENDSHAPES = b"pgt.blendshape_names"
+
+#: Columns the table may be partitioned by (the benchmark compares the layouts).
+_PARTITIONABLE = (PARTITION_COLUMN, "subject_id")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _QUAT_NORM_TOL = 1e-3
@@ -82,19 +101,27 @@ _TAIL = [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("schema_version", pa.int16(), nullable=False),
 ]
+_PARTITION = [pa.field(PARTITION_COLUMN, pa.string(), nullable=False)]
 
 
-def label_schema(blendshape_names: Sequence[str]) -> pa.Schema:
+def label_schema(
+    blendshape_names: Sequence[str], *, version: int = LABEL_SCHEMA_VERSION
+) -> pa.Schema:
     """The label table's Arrow schema for a rig's blendshapes (contracts.md order).
 
     Args:
         blendshape_names: the rig's K blendshape names in rig order (no ``bs_`` prefix).
+        version: label schema version, 2 (current) or 1 (read-only, no partition column).
 
     Returns:
         Schema with 4 key columns, K ``bs_<name>`` float32 columns, 4 gaze, 7 head pose,
-        3 quality, status/failure_reason, 6 provenance columns and ``schema_version``;
-        metadata holds the schema version and the JSON list of blendshape names.
+        3 quality, status/failure_reason, 6 provenance columns, ``schema_version`` and
+        (v2) ``subject_partition``; metadata holds the schema version and the JSON list
+        of blendshape names.
     """
+    if version not in READABLE_VERSIONS:
+        raise StorageError(f"label schema version {version} unknown; this code reads "
+                           f"{READABLE_VERSIONS}")  # fmt: skip
     names = [str(n) for n in blendshape_names]
     if not names:
         raise StorageError("label_schema: blendshape_names is empty")
@@ -103,10 +130,11 @@ def label_schema(blendshape_names: Sequence[str]) -> pa.Schema:
         raise StorageError(f"label_schema: duplicate blendshape names {dup}")
     bs = [pa.field(BS_PREFIX + n, pa.float32()) for n in names]
     meta = {
-        META_SCHEMA_VERSION: str(LABEL_SCHEMA_VERSION).encode(),
+        META_SCHEMA_VERSION: str(version).encode(),
         META_BLENDSHAPES: json.dumps(names).encode(),
     }
-    return pa.schema([*_HEAD, *bs, *_TAIL], metadata=meta)
+    tail = _PARTITION if version >= 2 else []
+    return pa.schema([*_HEAD, *bs, *_TAIL, *tail], metadata=meta)
 
 
 def blendshape_names_of(schema: pa.Schema) -> list[str]:
@@ -114,8 +142,15 @@ def blendshape_names_of(schema: pa.Schema) -> list[str]:
     return [f.name[len(BS_PREFIX) :] for f in schema if f.name.startswith(BS_PREFIX)]
 
 
-def validate_label_table(table: pa.Table, *, where: str = "label table") -> pa.Table:
+def validate_label_table(
+    table: pa.Table, *, where: str = "label table", version: int = LABEL_SCHEMA_VERSION
+) -> pa.Table:
     """Check that ``table`` has exactly the label schema (names, order, dtypes).
+
+    Args:
+        table: the rows to check.
+        where: names the table in error messages.
+        version: the label schema version to check against (default: current).
 
     Returns:
         ``table`` with the canonical schema metadata attached.
@@ -126,7 +161,7 @@ def validate_label_table(table: pa.Table, *, where: str = "label table") -> pa.T
     names = blendshape_names_of(table.schema)
     if not names:
         raise StorageError(f"{where}: no '{BS_PREFIX}*' blendshape columns")
-    expected = label_schema(names)
+    expected = label_schema(names, version=version)
     got = [(f.name, f.type) for f in table.schema]
     want = [(f.name, f.type) for f in expected]
     if got != want:
@@ -140,10 +175,23 @@ def validate_label_table(table: pa.Table, *, where: str = "label table") -> pa.T
         ]
         order = "" if missing or extra or bad_types else " (column order differs)"
         raise StorageError(
-            f"{where} does not match label schema v{LABEL_SCHEMA_VERSION}{order}: "
+            f"{where} does not match label schema v{version}{order}: "
             f"missing={missing} extra={extra} wrong_dtypes={bad_types}"
         )
     return table.replace_schema_metadata(expected.metadata)
+
+
+def upgrade_rows(table: pa.Table, *, where: str = "label table") -> pa.Table:
+    """Bring version-1 label rows to the current schema (adds ``subject_partition``).
+
+    The rows' ``schema_version`` values are kept: they record the contract each row was
+    written under. Current-version rows are returned validated and unchanged.
+    """
+    if PARTITION_COLUMN in table.column_names:
+        return validate_label_table(table, where=where)
+    table = validate_label_table(table, where=where, version=1)
+    out = table.append_column(_PARTITION[0], table.column("subject_id"))
+    return out.replace_schema_metadata(label_schema(blendshape_names_of(table.schema)).metadata)
 
 
 def labels_to_arrow(
@@ -275,6 +323,7 @@ def labels_to_arrow(
     columns["rig_version"] = pa.array([rig_version] * t, pa.string())
     columns["run_id"] = pa.array([run_id] * t, pa.string())
     columns["schema_version"] = pa.array(np.full(t, LABEL_SCHEMA_VERSION, np.int16))
+    columns[PARTITION_COLUMN] = columns["subject_id"]
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
 
@@ -310,7 +359,10 @@ class LabelTable:
         uri: table location (local path, or an object-store URL deltalake understands).
         storage_options: object-store options (credentials, endpoint) for deltalake.
         partition_by: partition columns used when the first write creates the table
-            (default :data:`PARTITION_BY`); an existing table keeps its own layout.
+            (default :data:`PARTITION_BY`, the measured choice); an existing table keeps
+            its own layout.
+        auto_compact_files: after a write, compact the written subject's partition when
+            it holds more data files than this; None = never (then call :meth:`optimize`).
     """
 
     def __init__(
@@ -319,10 +371,18 @@ class LabelTable:
         storage_options: Mapping[str, str] | None = None,
         *,
         partition_by: list[str] | None = PARTITION_BY,
+        auto_compact_files: int | None = AUTO_COMPACT_FILES,
     ) -> None:
         self.uri = str(uri)
         self.storage_options = dict(storage_options) if storage_options else None
         self.partition_by = list(partition_by) if partition_by else None
+        if self.partition_by and not set(self.partition_by) <= set(_PARTITIONABLE):
+            raise StorageError(
+                f"{self.uri}: partition_by={self.partition_by}: the label table can be "
+                f"partitioned only by {_PARTITIONABLE}"
+            )
+        self.auto_compact_files = auto_compact_files
+        self._partitions: list[str] | None = None
 
     def __repr__(self) -> str:
         return f"LabelTable({self.uri!r})"
@@ -331,19 +391,29 @@ class LabelTable:
         """Whether the table has been created (first write)."""
         return delta.exists(self.uri, storage_options=self.storage_options)
 
+    def schema_version(self) -> int | None:
+        """Label schema version of the stored table (1 or 2), None when there is none."""
+        if not self.exists():
+            return None
+        return 2 if PARTITION_COLUMN in self._delta_schema().names else 1
+
     def write_subject_round(self, table: pa.Table) -> int:
         """Atomically replace one (subject_id, label_round, label_source) by ``table``.
 
         All rows of ``table`` must share one subject, round and source (several recordings
         are fine). The old rows of that key disappear and the new ones appear in ONE
-        commit; other keys are untouched. Concurrent writers are retried (storage.delta).
+        commit; other keys are untouched. The commit reads and rewrites only this
+        subject's partition, so writers of different subjects never conflict; writers of
+        the same key are retried (storage.delta). When the subject's partition then holds
+        more than ``auto_compact_files`` files, it is compacted (a second commit that
+        changes no rows).
 
         Args:
             table: label rows in the canonical schema (e.g. from :func:`labels_to_arrow`,
                 concatenated over recordings).
 
         Returns:
-            The Delta version of the commit.
+            The Delta version of the commit that replaced the rows.
         """
         table = validate_label_table(table, where=f"{self.uri}: rows to write")
         if table.num_rows == 0:
@@ -356,6 +426,8 @@ class LabelTable:
                     f"{self.uri}: write_subject_round needs one {col} per write, got {values[:5]}"
                 )
             key[col] = values[0]
+        if pc.unique(table.column(PARTITION_COLUMN)).to_pylist() != [key["subject_id"]]:
+            raise StorageError(f"{self.uri}: {PARTITION_COLUMN} must equal subject_id")
         pairs = table.group_by(["recording_id", "frame_index"]).aggregate([])
         if pairs.num_rows != table.num_rows:
             raise StorageError(
@@ -369,10 +441,11 @@ class LabelTable:
             **{f"pgt.{k}": str(v) for k, v in key.items()},
         }
         try:
-            return delta.replace_rows(
+            version = delta.replace_rows(
                 self.uri,
                 table,
-                key,
+                # the partition value first: delta-rs then prunes to the subject's folder
+                {PARTITION_COLUMN: key["subject_id"], **key},
                 partition_by=self.partition_by,
                 storage_options=self.storage_options,
                 commit_metadata=meta,
@@ -381,13 +454,44 @@ class LabelTable:
         except StorageError as exc:
             self._explain_schema_mismatch(table, exc)
             raise
+        if self.auto_compact_files is not None:
+            self.compact_subject(key["subject_id"], min_files=self.auto_compact_files + 1)
+        return version
+
+    def compact_subject(self, subject_id: str, *, min_files: int = 2) -> dict[str, Any] | None:
+        """Compact one subject's partition when it holds at least ``min_files`` files.
+
+        Returns:
+            The optimize metrics (see :func:`storage.delta.optimize`), or None when there
+            was nothing to do or the table is not partitioned by subject.
+        """
+        # One table open: the folder name is the partition (safe ids need no escaping);
+        # an unpartitioned table has no such folder and is never compacted here.
+        folder = f"/{PARTITION_COLUMN}={subject_id}/"
+        files = delta.data_files(self.uri, storage_options=self.storage_options)
+        if sum(folder in f for f in files) < min_files:
+            return None
+        return delta.optimize(
+            self.uri,
+            partition_filters={PARTITION_COLUMN: subject_id},
+            storage_options=self.storage_options,
+            writer_properties=writer_properties(),
+            checkpoint=False,  # one subject's handful of actions; the hook checkpoints
+        )
 
     def _explain_schema_mismatch(self, table: pa.Table, exc: StorageError) -> None:
-        """Re-raise a rejected write as a clear rig mismatch when the bs_ columns differ
-        (checked only after a failure: it costs one more table open)."""
+        """Re-raise a rejected write as a clear version or rig mismatch (checked only after
+        a failure: it costs one more table open)."""
         if not self.exists():
             return
-        existing = blendshape_names_of(self._delta_schema())
+        stored = self._delta_schema()
+        if PARTITION_COLUMN not in stored.names:
+            raise StorageError(
+                f"{self.uri}: the table has label schema v1 (unpartitioned); this code "
+                f"writes v{LABEL_SCHEMA_VERSION}. Rewrite it once with "
+                f"LabelTable({self.uri!r}).upgrade() (docs/storage.md)"
+            ) from exc
+        existing = blendshape_names_of(stored)
         mine = blendshape_names_of(table.schema)
         if existing != mine:
             raise StorageError(
@@ -396,15 +500,52 @@ class LabelTable:
                 f"{_first_diff(mine, existing)}); a new rig needs a new table"
             ) from exc
 
-    def optimize(self) -> dict[str, Any]:
-        """Compact the table's small per-subject files, Z-ordered by ``subject_id``.
+    def upgrade(self) -> int | None:
+        """Rewrite a label schema v1 table as v2 (partitioned by subject) in ONE commit.
 
-        One commit that changes no rows; keeps one-subject reads fast and full scans cheap
-        after many :meth:`write_subject_round` commits (see docs/storage.md).
+        Streams the latest version's rows, adds ``subject_partition`` and replaces the
+        table (older versions stay readable by time travel until ``vacuum``). Run it while
+        no labelling run writes to the table.
+
+        Returns:
+            The version of the rewrite, or None when the table is already v2.
         """
+        if self.schema_version() != 1:
+            return None
+        stored = self._delta_schema()
+        names = blendshape_names_of(stored)
+        target = label_schema(names)
+        dataset = delta.read_dataset(self.uri, storage_options=self.storage_options)
+
+        def batches():
+            for batch in dataset.to_batches(columns=stored.names):
+                t = pa.Table.from_batches([batch], schema=batch.schema)
+                yield from upgrade_rows(t, where=self.uri).cast(target).to_batches()
+
+        version = delta.overwrite_table(
+            self.uri,
+            pa.RecordBatchReader.from_batches(target, batches()),
+            partition_by=[PARTITION_COLUMN],
+            storage_options=self.storage_options,
+            commit_metadata={"pgt.table": "labels", "pgt.upgrade": f"v1->v{LABEL_SCHEMA_VERSION}"},
+            writer_properties=writer_properties(),
+        )
+        self._partitions = None  # the layout changed
+        return version
+
+    def optimize(self) -> dict[str, Any]:
+        """Compact the table, then checkpoint its log (one commit that changes no rows).
+
+        On a v2 table each subject's files are merged into one file per subject: files
+        never mix subjects, so a later replace of one subject stays cheap and
+        conflict-free. An unpartitioned (v1 or ``partition_by=None``) table is Z-ordered
+        by ``subject_id`` instead, which mixes subjects in ~100 MB files: replacing one
+        subject then rewrites one of them (docs/storage.md, "Layout").
+        """
+        partitioned = bool(self._partition_columns())
         return delta.optimize(
             self.uri,
-            zorder_by=["subject_id"],
+            zorder_by=None if partitioned else ["subject_id"],
             storage_options=self.storage_options,
             writer_properties=writer_properties(),
         )
@@ -429,8 +570,11 @@ class LabelTable:
             columns: subset of columns; None = all, in schema order.
 
         Returns:
-            The rows, with the label schema metadata attached (full-column reads).
+            The rows, with the label schema metadata attached (full-column reads). Rows of
+            a v1 table come back in the current schema (see :func:`upgrade_rows`).
         """
+        # subject_id alone prunes well: every v2 file holds one subject, so delta-rs skips
+        # all others by their min/max statistics (no schema lookup for the partition).
         filters: dict[str, Any] = {}
         for col, value in (
             ("subject_id", subject_id),
@@ -448,7 +592,7 @@ class LabelTable:
             storage_options=self.storage_options,
         )
         if columns is None:
-            out = validate_label_table(out, where=f"{self.uri} (version {version})")
+            out = upgrade_rows(out, where=f"{self.uri} (version {version})")
         return out
 
     def version(self) -> int | None:
@@ -475,6 +619,14 @@ class LabelTable:
             self.uri, columns=["subject_id"], version=version, storage_options=self.storage_options
         ).column("subject_id")
         return sorted(pc.unique(col).to_pylist())
+
+    def _partition_columns(self) -> list[str]:
+        """The stored table's partition columns (cached: only upgrade() changes them)."""
+        if self._partitions is None:
+            self._partitions = delta.partition_columns(
+                self.uri, storage_options=self.storage_options
+            )
+        return self._partitions
 
     def _delta_schema(self) -> pa.Schema:
         return delta.table_schema(self.uri, storage_options=self.storage_options)

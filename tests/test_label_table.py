@@ -7,19 +7,24 @@ the same rows read back through pyarrow, DuckDB, Polars and dask.dataframe.
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing as mp
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pa_fs
 import pytest
+from deltalake.exceptions import DeltaError
 
 from pipeline.errors import PgtError, StorageError
 from storage import delta
 from storage.label_table import (
     LABEL_SCHEMA_VERSION,
+    PARTITION_COLUMN,
     LabelTable,
     blendshape_matrix,
     label_schema,
@@ -94,10 +99,11 @@ def test_schema_has_exact_contract_order_dtypes_and_metadata() -> None:
         + [("confidence", F32), ("residual_keypoint_px", F32), ("residual_photometric", F32)]
         + [("status", STR), ("failure_reason", STR), ("label_source", STR)]
         + [("label_round", I16), ("pipeline_version", STR), ("rig_version", STR)]
-        + [("run_id", STR), ("schema_version", I16)]
+        + [("run_id", STR), ("schema_version", I16), ("subject_partition", STR)]
     )
     assert [(f.name, f.type) for f in schema] == expected
-    assert len(schema) == 4 + 53 + 4 + 7 + 3 + 2 + 6
+    assert len(schema) == 4 + 53 + 4 + 7 + 3 + 2 + 6 + 1
+    assert [(f.name, f.type) for f in label_schema(NAMES, version=1)] == expected[:-1]
     assert schema.field("failure_reason").nullable
     assert not schema.field("subject_id").nullable
     assert schema.metadata[b"pgt.label_schema_version"] == str(LABEL_SCHEMA_VERSION).encode()
@@ -388,18 +394,238 @@ def test_pyarrow_duckdb_polars_dask_read_the_same_rows(tmp_path) -> None:
             )
 
 
-def test_optimize_compacts_without_changing_rows_or_history(tmp_path) -> None:
+# ------------------------------------------------------------ layout and maintenance
+
+
+def _commit_actions(uri: str, version: int) -> tuple[list[str], list[str]]:
+    """(removed, added) data-file paths of one commit, from its log entry."""
+    log = Path(uri, "_delta_log", f"{version:020d}.json").read_text().splitlines()
+    actions = [json.loads(line) for line in log]
+    removed = [a["remove"]["path"] for a in actions if "remove" in a]
+    added = [a["add"]["path"] for a in actions if "add" in a]
+    return removed, added
+
+
+def _subject_of_file(uri: str, path: str) -> set[str]:
+    import pyarrow.parquet as pq
+
+    return set(pq.read_table(Path(uri, path), columns=["subject_id"])["subject_id"].to_pylist())
+
+
+def test_compaction_keeps_one_subject_per_file_rows_and_history(tmp_path) -> None:
     from deltalake import DeltaTable
 
     lt = LabelTable(str(tmp_path / "labels"))
     for i in range(6):
         lt.write_subject_round(make_labels(f"s{i}", 10 + i))
-    before = lt.read().sort_by([("subject_id", "ascending"), ("frame_index", "ascending")])
-    assert len(DeltaTable(lt.uri).file_uris()) == 6
+        lt.write_subject_round(make_labels(f"s{i}", 3, label_source="distillation", label_round=1))
+    lt.write_subject_round(make_labels("s2", 4, label_source="distillation", label_round=1))
+    order = [
+        ("subject_id", "ascending"),
+        ("label_round", "ascending"),
+        ("frame_index", "ascending"),
+    ]
+    before = lt.read().sort_by(order)
+    assert len(DeltaTable(lt.uri).file_uris()) == 12
     metrics = lt.optimize()
-    assert metrics["version"] == 6 and lt.versions() == list(range(7))
-    assert len(DeltaTable(lt.uri).file_uris()) == 1
-    after = lt.read().sort_by([("subject_id", "ascending"), ("frame_index", "ascending")])
-    assert after.equals(before)
-    assert lt.read(subject_id="s3").num_rows == 13
-    assert lt.read(version=5).num_rows == before.num_rows  # time travel still works
+    assert metrics["version"] == 13 and lt.versions() == list(range(14))
+    files = pa.table(DeltaTable(lt.uri).get_add_actions(flatten=True))["path"].to_pylist()
+    assert len(files) == 6  # one file per subject: the rounds merged, subjects never
+    assert sorted(_subject_of_file(lt.uri, f).pop() for f in files) == [f"s{i}" for i in range(6)]
+    assert all(len(_subject_of_file(lt.uri, f)) == 1 for f in files)
+    assert lt.read().sort_by(order).equals(before)
+    assert lt.read(subject_id="s2", label_round=1).num_rows == 4
+    assert lt.read(version=12).num_rows == before.num_rows  # time travel still works
+
+
+def test_replace_after_compaction_touches_only_that_subjects_files(tmp_path) -> None:
+    lt = LabelTable(str(tmp_path / "labels"))
+    for i in range(8):  # two writes per subject, then compaction (the state after a run)
+        lt.write_subject_round(make_labels(f"s{i}", 20))
+        lt.write_subject_round(make_labels(f"s{i}", 5, label_source="distillation", label_round=1))
+    lt.optimize()
+    files_before = set(delta.data_files(lt.uri))
+
+    v = lt.write_subject_round(make_labels("s3", 20, value=0.9, run_id="relabel"))
+    removed, added = _commit_actions(lt.uri, v)
+    assert removed and added
+    assert all(p.startswith(f"{PARTITION_COLUMN}=s3/") for p in removed + added), (removed, added)
+    untouched = {f for f in files_before if f"/{PARTITION_COLUMN}=s3/" not in f}
+    assert untouched <= set(delta.data_files(lt.uri))  # every other subject's file stays
+    assert len(untouched) == 7
+    s3 = lt.read(subject_id="s3")
+    assert sorted(set(s3.column("run_id").to_pylist())) == ["relabel", "run-a"]
+    assert lt.read(subject_id="s3", label_round=1).num_rows == 5  # the other round kept
+    assert lt.read().num_rows == 8 * 25
+
+
+def test_writes_compact_a_subject_that_accumulates_files(tmp_path) -> None:
+    lt = LabelTable(str(tmp_path / "labels"), auto_compact_files=2)
+    lt.write_subject_round(make_labels("other", 5))
+    for r in range(1, 4):
+        lt.write_subject_round(make_labels("s1", 5, label_source="distillation", label_round=r))
+    files = delta.data_files(lt.uri)
+    assert sum(f"/{PARTITION_COLUMN}=s1/" in f for f in files) == 1  # 3 files -> compacted
+    assert sum(f"/{PARTITION_COLUMN}=other/" in f for f in files) == 1
+    assert lt.read(subject_id="s1").num_rows == 15
+    assert lt.history()[0]["operation"] == "OPTIMIZE"
+
+
+class _RaceCounter(logging.Handler):
+    """Counts storage.delta's "lost a race" records: commits that conflicted and retried."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.races = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.races += "lost a race" in record.getMessage()
+
+
+def _relabel_process(uri: str, subjects: list[str], barrier, queue) -> None:
+    """Child process: relabel each subject twice, released with the other writer."""
+    counter = _RaceCounter()
+    log = logging.getLogger("storage.delta")
+    log.setLevel(logging.INFO)
+    log.addHandler(counter)
+    lt = LabelTable(uri)
+    barrier.wait()
+    for rnd in ("x", "y"):
+        for s in subjects:
+            lt.write_subject_round(make_labels(s, 12, value=0.5, run_id=f"{s}-{rnd}"))
+    queue.put(counter.races)
+
+
+def test_writers_of_different_subjects_never_conflict(tmp_path) -> None:
+    uri = str(tmp_path / "labels")
+    lt = LabelTable(uri)
+    for i in range(8):
+        lt.write_subject_round(make_labels(f"s{i}", 12))
+        lt.write_subject_round(make_labels(f"s{i}", 3, label_source="distillation", label_round=1))
+    lt.optimize()
+    v0 = lt.version()
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    groups = [["s0", "s1", "s2", "s3"], ["s4", "s5", "s6", "s7"]]
+    procs = [ctx.Process(target=_relabel_process, args=(uri, g, barrier, queue)) for g in groups]
+    for p in procs:
+        p.start()
+    races = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert races == [0, 0]  # no commit had to be retried
+    assert lt.version() == v0 + 16  # one commit per write, none lost
+    for i in range(8):
+        rows = lt.read(subject_id=f"s{i}", label_round=0)
+        assert rows.num_rows == 12 and set(rows.column("run_id").to_pylist()) == {f"s{i}-y"}
+        assert lt.read(subject_id=f"s{i}", label_round=1).num_rows == 3
+
+
+# ------------------------------------------------------------ commits that raise late
+
+
+def _fail_after_landing(monkeypatch, exc: BaseException) -> list[int]:
+    """Make the next write_deltalake commit for real, then raise ``exc`` (once)."""
+    real = delta.write_deltalake
+    calls: list[int] = []
+
+    def flaky(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+
+    monkeypatch.setattr(delta, "write_deltalake", flaky)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [OSError("connection reset after the log put"), DeltaError("Generic error: hook")],
+    ids=["io-error", "delta-error"],
+)
+def test_append_that_raised_after_landing_is_not_repeated(tmp_path, monkeypatch, exc) -> None:
+    uri = str(tmp_path / "generic")
+    rows = pa.table({"k": ["a", "b"], "n": pa.array([1, 2], pa.int16())})
+    assert delta.append_rows(uri, rows) == 0
+    calls = _fail_after_landing(monkeypatch, exc)
+    assert delta.append_rows(uri, rows) == 1  # the landed version, reported as success
+    assert len(calls) == 1  # no second attempt
+    assert delta.read_rows(uri).num_rows == 4  # the rows once, not twice
+    assert delta.table_version(uri) == 1
+
+
+def test_replace_that_raised_after_landing_is_not_repeated(tmp_path, monkeypatch) -> None:
+    lt = LabelTable(str(tmp_path / "labels"))
+    lt.write_subject_round(make_labels("s1", 10))
+    _fail_after_landing(monkeypatch, OSError("timeout"))
+    assert lt.write_subject_round(make_labels("s1", 7, run_id="new")) == 1
+    assert lt.versions() == [0, 1]
+    assert lt.read(subject_id="s1").column("run_id").to_pylist() == ["new"] * 7
+
+
+def test_a_commit_that_did_not_land_is_still_retried(tmp_path, monkeypatch) -> None:
+    uri = str(tmp_path / "generic")
+    rows = pa.table({"k": ["a"], "n": pa.array([1], pa.int16())})
+    delta.append_rows(uri, rows)
+    real = delta.write_deltalake
+    calls: list[int] = []
+
+    def fails_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection refused before the put")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(delta, "write_deltalake", fails_first)
+    assert delta.append_rows(uri, rows) == 1
+    assert len(calls) == 2 and delta.read_rows(uri).num_rows == 2
+
+
+# ------------------------------------------------------------------ schema versions
+
+
+def _write_v1_table(uri: str) -> pa.Table:
+    """A label table as version-1 code wrote it: no partition column, unpartitioned."""
+    rows = []
+    for s in ("s1", "s2"):
+        t = make_labels(s, 6).drop_columns([PARTITION_COLUMN])
+        t = t.set_column(
+            t.schema.get_field_index("schema_version"),
+            pa.field("schema_version", I16, nullable=False),
+            pa.array([1] * 6, I16),
+        )
+        rows.append(t)
+        delta.append_rows(uri, t)
+    return pa.concat_tables(rows)
+
+
+def test_v1_tables_stay_readable_refuse_writes_clearly_and_upgrade(tmp_path) -> None:
+    from deltalake import DeltaTable
+
+    uri = str(tmp_path / "labels")
+    v1_rows = _write_v1_table(uri)
+    lt = LabelTable(uri)
+    assert lt.schema_version() == 1
+    got = lt.read(subject_id="s2")
+    assert got.schema.equals(label_schema(NAMES), check_metadata=True)
+    assert got.column(PARTITION_COLUMN).to_pylist() == ["s2"] * 6
+    assert got.column("schema_version").to_pylist() == [1] * 6  # rows keep their version
+    with pytest.raises(StorageError, match=r"schema v1.*upgrade\(\)"):
+        lt.write_subject_round(make_labels("s1", 3))
+    assert lt.version() == 1
+
+    assert lt.upgrade() == 2 and lt.upgrade() is None
+    assert LabelTable(uri).schema_version() == 2
+    assert DeltaTable(uri).metadata().partition_columns == [PARTITION_COLUMN]
+    order = [("subject_id", "ascending"), ("frame_index", "ascending")]
+    assert (
+        lt.read()
+        .drop_columns([PARTITION_COLUMN])
+        .sort_by(order)
+        .equals(validate_label_table(v1_rows, version=1).sort_by(order))
+    )
+    assert lt.read(version=1).num_rows == 12  # the v1 versions stay readable
+    lt.write_subject_round(make_labels("s1", 3, run_id="after"))
+    assert lt.read(subject_id="s1").num_rows == 3 and lt.read().num_rows == 9
