@@ -1,8 +1,10 @@
-"""Pinhole cameras with OpenCV radial-tangential distortion.
+"""Calibrated cameras: pinhole intrinsics, an OpenCV lens model (:mod:`rigs.lens`), a pose.
 
 Pixel centres sit at integer coordinates (OpenCV). Camera axes follow OpenCV: x right,
 y down, z forward. ``R_world_from_camera``/``t_world_from_camera`` place the camera in
-whatever frame its owner uses (head frame for phone cameras, headset frame for HMCs).
+whatever frame its owner uses (head frame for phone cameras, headset frame for HMCs):
+world = R_world_from_camera @ camera + t_world_from_camera. The generator, the renderer
+and the fits all project and unproject through this one class.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import ModelError
+from rigs.lens import DEFAULT_LENS_MODEL, LENS_MODELS, Lens, LensInversionError
 
 
 @dataclass(frozen=True)
@@ -54,15 +57,20 @@ class Camera:
 
     Attributes:
         intrinsics: image size and pinhole parameters in pixels.
-        distortion: (5,) OpenCV [k1, k2, p1, p2, k3].
+        distortion: the lens coefficients of ``model``: (5,) [k1, k2, p1, p2, k3] for
+            "opencv", (4,) [k1, k2, k3, k4] for "opencv_fisheye".
         R_world_from_camera: (3, 3) rotation.
         t_world_from_camera: (3,) camera centre in the world frame, metres.
+        model: the lens model, "opencv" (radial-tangential) or "opencv_fisheye"
+            (Kannala-Brandt); see :mod:`rigs.lens` for the formulas and valid region.
     """
 
     intrinsics: PinholeIntrinsics
     distortion: np.ndarray = field(default_factory=lambda: np.zeros(5))
     R_world_from_camera: np.ndarray = field(default_factory=lambda: np.eye(3))
     t_world_from_camera: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    model: str = DEFAULT_LENS_MODEL
+    lens: Lens = field(init=False, repr=False)  # built from model + distortion
 
     width = property(lambda self: self.intrinsics.width)
     height = property(lambda self: self.intrinsics.height)
@@ -72,8 +80,7 @@ class Camera:
     cy = property(lambda self: self.intrinsics.cy)
 
     def __post_init__(self) -> None:
-        if np.shape(self.distortion) != (5,):
-            raise ModelError(f"distortion must be (5,), got {np.shape(self.distortion)}")
+        object.__setattr__(self, "lens", Lens(self.model, self.distortion))  # checks both
         r = np.asarray(self.R_world_from_camera)
         if r.shape != (3, 3) or not np.allclose(r @ r.T, np.eye(3), atol=1e-6):
             raise ModelError("R_world_from_camera must be a (3, 3) rotation")
@@ -89,8 +96,12 @@ class Camera:
         height: int,
         focal: float,
         distortion: np.ndarray | None = None,
+        model: str = DEFAULT_LENS_MODEL,
     ) -> Camera:
-        """A camera at ``position`` looking at ``target`` with image-up along ``up``."""
+        """A camera at ``position`` looking at ``target`` with image-up along ``up``.
+
+        ``distortion`` defaults to the zero coefficients of ``model`` (no distortion).
+        """
         z = np.asarray(target, float) - np.asarray(position, float)
         z /= np.linalg.norm(z)
         x = np.cross(z, np.asarray(up, float))  # OpenCV: x = y cross z with y = -up
@@ -98,8 +109,8 @@ class Camera:
         y = np.cross(z, x)
         return cls(
             PinholeIntrinsics(width, height, focal, focal, (width - 1) / 2, (height - 1) / 2),
-            np.zeros(5) if distortion is None else np.asarray(distortion, float),
-            np.stack([x, y, z], 1), np.asarray(position, float),
+            np.zeros(LENS_MODELS[model]) if distortion is None else np.asarray(distortion, float),
+            np.stack([x, y, z], 1), np.asarray(position, float), model,
         )
 
     @property
@@ -114,35 +125,19 @@ class Camera:
             (self.cx + 0.5) * factor - 0.5, (self.cy + 0.5) * factor - 0.5,
         )
         return Camera(
-            intr, self.distortion, self.R_world_from_camera, self.t_world_from_camera,
+            intr, self.distortion, self.R_world_from_camera, self.t_world_from_camera, self.model,
         )
 
     def moved(self, R: np.ndarray, t: np.ndarray) -> Camera:
         """The camera expressed in another frame: world' = R world + t."""
         return Camera(
-            self.intrinsics, self.distortion, R @ self.R_world_from_camera, R @ self.t_world_from_camera + t,
+            self.intrinsics, self.distortion, R @ self.R_world_from_camera,
+            R @ self.t_world_from_camera + t, self.model,
         )
 
     def to_camera(self, points: np.ndarray) -> np.ndarray:
         """(..., 3) world points -> (..., 3) camera-frame points."""
         return (np.asarray(points) - self.t_world_from_camera) @ self.R_world_from_camera
-
-    def distort(self, xy: np.ndarray) -> np.ndarray:
-        """(..., 2) normalised undistorted coordinates -> distorted normalised ones."""
-        k1, k2, p1, p2, k3 = self.distortion
-        x, y = xy[..., 0], xy[..., 1]
-        r2 = x * x + y * y
-        radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
-        xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-        yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-        return np.stack([xd, yd], -1)
-
-    def undistort(self, xyd: np.ndarray, iterations: int = 40) -> np.ndarray:
-        """Inverse of :meth:`distort` by fixed-point iteration (moderate distortion)."""
-        xy = xyd.copy()
-        for _ in range(iterations):
-            xy = xy + (xyd - self.distort(xy))
-        return xy
 
     def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Projects world points to pixels.
@@ -151,25 +146,45 @@ class Camera:
             points: (..., 3) world points.
 
         Returns:
-            (pixels (..., 2), depth (...,)), depth = camera z (negative = behind).
+            (pixels (..., 2), depth (...,)), depth = camera z (negative = behind; a
+            fisheye lens also sees some points with z <= 0, up to its valid angle).
         """
         pc = self.to_camera(points)
-        z = pc[..., 2]
-        xy = self.distort(pc[..., :2] / np.where(np.abs(z) < 1e-12, 1e-12, z)[..., None])
-        return np.stack([self.fx * xy[..., 0] + self.cx, self.fy * xy[..., 1] + self.cy], -1), z
+        xy = self.lens.distort(pc)
+        return np.stack([self.fx * xy[..., 0] + self.cx, self.fy * xy[..., 1] + self.cy], -1), pc[..., 2]
+
+    def unproject(self, pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Camera-frame unit directions through pixels, with a validity mask.
+
+        Args:
+            pixels: (..., 2) pixel coordinates; all pixel centres, (H, W, 2), by default.
+
+        Returns:
+            (directions (..., 3), valid (...,)); invalid pixels (outside the lens's
+            invertible region, see :mod:`rigs.lens`) hold NaN directions.
+        """
+        if pixels is None:
+            v, u = np.mgrid[0 : self.height, 0 : self.width].astype(np.float64)
+            pixels = np.stack([u, v], -1)
+        pixels = np.asarray(pixels, dtype=np.float64)
+        xd = np.stack([(pixels[..., 0] - self.cx) / self.fx, (pixels[..., 1] - self.cy) / self.fy], -1)
+        return self.lens.undistort(xd)
 
     def pixel_rays(self, pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """World rays through pixels (all pixel centres by default).
 
         Returns:
             (origins (..., 3), unit directions (..., 3)); (H, W, 3) for the full image.
+
+        Raises:
+            LensInversionError: a pixel lies outside the lens's invertible region (use
+                :meth:`unproject` for a validity mask instead).
         """
-        if pixels is None:
-            v, u = np.mgrid[0 : self.height, 0 : self.width].astype(np.float64)
-            pixels = np.stack([u, v], -1)
-        xyd = np.stack([(pixels[..., 0] - self.cx) / self.fx, (pixels[..., 1] - self.cy) / self.fy], -1)
-        xy = self.undistort(xyd)
-        d = np.concatenate([xy, np.ones_like(xy[..., :1])], -1)
-        d /= np.linalg.norm(d, axis=-1, keepdims=True)
+        d, valid = self.unproject(pixels)
+        if not valid.all():
+            raise LensInversionError(
+                f"{int((~valid).sum())} of {valid.size} pixels lie outside the invertible "
+                f"region of the {self.model} lens (distorted radius >= {self.lens.rho_max:.4g})"
+            )
         d = d @ self.R_world_from_camera.T
         return np.broadcast_to(self.t_world_from_camera, d.shape).copy(), d

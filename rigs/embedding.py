@@ -28,6 +28,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from rigs.face_model import FaceModel, LandmarkEmbedding, load_ict_face_model
+from rigs.geometry import ClosestPoints, graph_laplacian, read_obj, similarity_fit
 from rigs.rig import gaze_rotation
 
 #: (MediaPipe index, Multi-PIE 68 index) pairs of the same anatomical point.
@@ -45,64 +46,6 @@ IRIS = {"right": (468, 469, 470, 471, 472), "left": (473, 474, 475, 476, 477)}
 #: Iris half-angle seen from the eyeball centre (about 6 mm on a 12 mm radius eye).
 IRIS_HALF_ANGLE = np.deg2rad(30.0)
 FACE_SURFACE_PARTS = ("face", "head_neck")
-
-
-def read_obj_mesh(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices (n, 3) and triangles (m, 3) of a triangle OBJ (0-based)."""
-    verts, tris = [], []
-    for line in Path(path).read_text().splitlines():
-        if line.startswith("v "):
-            verts.append([float(x) for x in line.split()[1:4]])
-        elif line.startswith("f "):
-            tris.append([int(c.split("/")[0]) - 1 for c in line.split()[1:4]])
-    return np.asarray(verts), np.asarray(tris)
-
-
-def umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Similarity (s, R, t) minimising |s R src + t - dst|^2 over (n, 3) point pairs."""
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    a, b = src - mu_s, dst - mu_d
-    u, sig, vt = np.linalg.svd(b.T @ a / len(src))
-    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-    rot = u @ d @ vt
-    scale = float(np.trace(np.diag(sig) @ d) / (a**2).sum(1).mean())
-    return scale, rot, mu_d - scale * rot @ mu_s
-
-
-def graph_laplacian(n: int, tris: np.ndarray) -> sp.csr_matrix:
-    """Uniform graph Laplacian (n, n) of a triangle mesh."""
-    edges = np.concatenate([tris[:, [0, 1]], tris[:, [1, 2]], tris[:, [2, 0]]])
-    edges = np.unique(np.sort(edges, 1), axis=0)
-    adj = sp.coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
-    adj = ((adj + adj.T) > 0).astype(np.float64)
-    deg = np.asarray(adj.sum(1)).ravel()
-    return (sp.diags(np.ones(n)) - sp.diags(1.0 / deg) @ adj).tocsr()
-
-
-class SurfaceProjector:
-    """Closest points on a sub-mesh, as triangle ids and barycentrics (Open3D BVH)."""
-
-    def __init__(self, vertices: np.ndarray, triangles: np.ndarray, triangle_ids: np.ndarray):
-        import open3d as o3d
-
-        self.vertices, self.triangles, self.triangle_ids = vertices, triangles, triangle_ids
-        self.scene = o3d.t.geometry.RaycastingScene()
-        self.scene.add_triangles(
-            o3d.core.Tensor(vertices.astype(np.float32)),
-            o3d.core.Tensor(triangles[triangle_ids].astype(np.uint32)),
-        )
-
-    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Returns (points on surface (p,3), template triangle ids (p,), barycentrics (p,3))."""
-        import open3d as o3d
-
-        res = self.scene.compute_closest_points(o3d.core.Tensor(points.astype(np.float32)))
-        local = res["primitive_ids"].numpy().astype(np.int64)
-        uv = res["primitive_uvs"].numpy().astype(np.float64)
-        bary = np.c_[1.0 - uv.sum(1), uv]
-        tri = self.triangle_ids[local]
-        pts = np.einsum("pkc,pk->pc", self.vertices[self.triangles[tri]], bary)
-        return pts, tri, bary
 
 
 def _iris_points(model: FaceModel, eye: str) -> np.ndarray:
@@ -125,17 +68,17 @@ def build_mediapipe_embedding(
         The embedding and a facts dict (correspondence residuals in mm).
     """
     model = model or load_ict_face_model()
-    mp_verts, mp_tris = read_obj_mesh(canonical_obj)
+    mp_verts, mp_tris = read_obj(canonical_obj)
     mp_verts = mp_verts * 0.01  # cm -> m
     mp_idx = np.array([p[0] for p in MP_TO_68])
     target_lm = model.neutral[model.landmarks68[[p[1] for p in MP_TO_68]]].astype(np.float64)
 
-    s, rot, t = umeyama(mp_verts[mp_idx], target_lm)
+    s, rot, t = similarity_fit(mp_verts[mp_idx], target_lm)
     x0 = (s * (rot @ mp_verts.T)).T + t
     rigid_residual = np.linalg.norm(x0[mp_idx] - target_lm, axis=1)
 
     face_tris = np.flatnonzero(model.part_triangle_mask(*FACE_SURFACE_PARTS))
-    proj = SurfaceProjector(model.neutral.astype(np.float64), model.triangles, face_tris)
+    proj = ClosestPoints(model.neutral.astype(np.float64), model.triangles, face_tris)
     n = len(mp_verts)
     lap = graph_laplacian(n, mp_tris)
     anchor = sp.csr_matrix((np.ones(len(mp_idx)), (np.arange(len(mp_idx)), mp_idx)), shape=(len(mp_idx), n))
@@ -143,12 +86,12 @@ def build_mediapipe_embedding(
     x = x0.copy()
     for it in range(iterations):
         stiffness = 10.0 * 0.6**it
-        target, _, _ = proj.project(x)
+        target = proj.query(x)[0]
         # Least squares: |x - target|^2 + k |L x - L x0|^2 + 10 |x_a - lm_a|^2
         a = sp.vstack([sp.identity(n), np.sqrt(stiffness) * lap, np.sqrt(10.0) * anchor]).tocsr()
         b = np.vstack([target, np.sqrt(stiffness) * delta0, np.sqrt(10.0) * target_lm])
         x = np.column_stack([spla.lsqr(a, b[:, c], x0=x[:, c], atol=1e-10, btol=1e-10)[0] for c in range(3)])
-    surface, tri, bary = proj.project(x)
+    surface, _, tri, bary = proj.query(x)
 
     eye_tris = {
         eye: np.flatnonzero(model.part_triangle_mask(f"eyeball_{eye}")) for eye in ("left", "right")
@@ -157,8 +100,8 @@ def build_mediapipe_embedding(
     bary_all = np.zeros((478, 3))
     tri_all[:468], bary_all[:468] = tri, bary
     for eye, ids in IRIS.items():
-        eye_proj = SurfaceProjector(model.neutral.astype(np.float64), model.triangles, eye_tris[eye])
-        _, t_ids, b_ids = eye_proj.project(_iris_points(model, eye))
+        eye_proj = ClosestPoints(model.neutral.astype(np.float64), model.triangles, eye_tris[eye])
+        _, _, t_ids, b_ids = eye_proj.query(_iris_points(model, eye))
         tri_all[list(ids)], bary_all[list(ids)] = t_ids, b_ids
 
     residual = np.linalg.norm(surface[mp_idx] - target_lm, axis=1)

@@ -41,7 +41,12 @@ N_SCLERA = 770
 
 
 def parse_obj(path: Path) -> tuple[np.ndarray, np.ndarray, list[list[int]], list[list[int]]]:
-    """Reads positions, UVs and polygon (vertex, uv) index lists of an OBJ file (0-based)."""
+    """Reads positions, UVs and polygon (vertex, uv) index lists of an OBJ file (0-based).
+
+    Not :func:`rigs.geometry.read_obj`: trimesh stores one UV per vertex, so on this
+    file's UV seams it splits the 26 719 vertices into 257 701 and loses the vertex
+    numbering that ``KEPT_PARTS`` and ``vertex_indices.json`` refer to.
+    """
     positions, uvs, faces, face_uvs = [], [], [], []
     with open(path) as f:
         for line in f:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import StageError
+from rigs.geometry import rotation_from_quat
 from stages.metrics_common import MetricResult, scalar_result
 from stages.metrics_geometry import rigid_fit
 
@@ -288,14 +289,13 @@ def rotation_error_deg(q_est: np.ndarray, q_true: np.ndarray) -> np.ndarray:
     """
     q1 = _finite("q_est", q_est)
     q2 = _finite("q_true", q_true)
-    q1 = q1 / np.linalg.norm(q1, axis=-1, keepdims=True)
-    q2 = q2 / np.linalg.norm(q2, axis=-1, keepdims=True)
-    w1, v1 = q1[..., :1], q1[..., 1:]
-    w2, v2 = q2[..., :1], -q2[..., 1:]  # conjugate of q_true
-    # Relative rotation q2^-1 q1 (Hamilton product); atan2 keeps small angles accurate.
-    w = w2 * w1 - np.sum(v2 * v1, axis=-1, keepdims=True)
-    v = w2 * v1 + w1 * v2 + np.cross(v2, v1)
-    return np.degrees(2.0 * np.arctan2(np.linalg.norm(v, axis=-1), np.abs(w[..., 0])))
+    q1, q2 = np.broadcast_arrays(q1, q2)
+    if q1.shape[-1:] != (4,) or not (np.linalg.norm(q1, axis=-1) * np.linalg.norm(q2, axis=-1)).all():
+        raise StageError(f"need non-zero (..., 4) quaternions, got shape {q1.shape}")
+    shape = q1.shape[:-1]
+    # SciPy's magnitude is 2 atan2(|v|, |w|), accurate for small angles.
+    rel = rotation_from_quat(q2.reshape(-1, 4)).inv() * rotation_from_quat(q1.reshape(-1, 4))
+    return np.degrees(rel.magnitude()).reshape(shape)
 
 
 @dataclass(frozen=True)

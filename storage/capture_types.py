@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rigs.camera import PinholeIntrinsics  # the capture's intrinsics are the cameras' own
+from rigs.lens import DEFAULT_LENS_MODEL, LENS_MODELS
 from storage.capture_layout import DEPTH_UNIT_M
 
 
@@ -45,9 +46,11 @@ class HmcCamera:
         mirrored: whether the image is flipped left-right at model input. Stored images
             are never mirrored; consumers flip them.
         intrinsics: pinhole intrinsics, image size included.
-        distortion: (5,) float64 OpenCV coefficients k1, k2, p1, p2, k3.
+        distortion: float64 coefficients of ``model``: (5,) k1, k2, p1, p2, k3 for
+            "opencv", (4,) k1, k2, k3, k4 for "opencv_fisheye".
         R_headset_from_camera: (3, 3) float64 rotation, camera frame -> headset frame.
         t_headset_from_camera: (3,) float64 camera centre in the headset frame, metres.
+        model: lens model, "opencv" (default) or "opencv_fisheye" (:mod:`rigs.lens`).
     """
 
     name: str
@@ -57,10 +60,14 @@ class HmcCamera:
     distortion: np.ndarray
     R_headset_from_camera: np.ndarray
     t_headset_from_camera: np.ndarray
+    model: str = DEFAULT_LENS_MODEL
 
     def __post_init__(self) -> None:
         # Frozen: go through object.__setattr__ to store the read-only copies.
-        object.__setattr__(self, "distortion", _frozen_array(self.distortion, np.float64, (5,)))
+        n_coefficients = LENS_MODELS[self.model]
+        object.__setattr__(
+            self, "distortion", _frozen_array(self.distortion, np.float64, (n_coefficients,))
+        )
         object.__setattr__(
             self,
             "R_headset_from_camera",
@@ -76,8 +83,8 @@ class HmcCamera:
         if not isinstance(other, HmcCamera):
             return NotImplemented
         return (
-            (self.name, self.role, self.mirrored, self.intrinsics)
-            == (other.name, other.role, other.mirrored, other.intrinsics)
+            (self.name, self.role, self.mirrored, self.intrinsics, self.model)
+            == (other.name, other.role, other.mirrored, other.intrinsics, other.model)
             and np.array_equal(self.distortion, other.distortion)
             and np.array_equal(self.R_headset_from_camera, other.R_headset_from_camera)
             and np.array_equal(self.t_headset_from_camera, other.t_headset_from_camera)

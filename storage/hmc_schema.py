@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from rigs.lens import DEFAULT_LENS_MODEL, LENS_MODELS, Lens, inversion_problem
 from storage.capture_layout import (
     CAMERA_ROLES,
     RESERVED_RECORDING_ENTRIES,
@@ -51,14 +52,17 @@ def _check_camera(obj: object, i: int, problems: list[str]) -> HmcCamera | None:
         f.problem(f'field "role" must be one of {", ".join(CAMERA_ROLES)}, got {describe(role)}')
     mirrored = f.boolean("mirrored")
     intr = check_pinhole(f)
+    model = f.string("model", optional=True) or DEFAULT_LENS_MODEL
+    if model not in LENS_MODELS:
+        f.problem(f'field "model" must be one of {", ".join(LENS_MODELS)}')
     arrays = {}
     for key, shape in (
-        ("distortion", (5,)),
+        ("distortion", (LENS_MODELS.get(model, 0),)),  # unknown model: its count is unknown
         ("R_headset_from_camera", (3, 3)),
         ("t_headset_from_camera", (3,)),
     ):
         value = f.raw(key)
-        if key in obj:
+        if key in obj and shape != (0,):
             arrays[key] = number_array(value, shape)
             if arrays[key] is None:
                 dims = "x".join(str(s) for s in shape)
@@ -70,11 +74,16 @@ def _check_camera(obj: object, i: int, problems: list[str]) -> HmcCamera | None:
             f.problem(f'"R_headset_from_camera" is not orthonormal (max |R^T R - I| = {err:.3g})')
         elif np.linalg.det(rot) < 0:
             f.problem('"R_headset_from_camera" has determinant -1 (a reflection), must be +1')
+    if arrays.get("distortion") is not None and intr is not None:
+        why = inversion_problem(Lens(model, arrays["distortion"]), intr)
+        if why:
+            f.problem(why)
     if len(problems) > n_before or intr is None:
         return None
     return HmcCamera(
         name, role, mirrored, intr,  # type: ignore[arg-type]
         arrays["distortion"], arrays["R_headset_from_camera"], arrays["t_headset_from_camera"],
+        model,
     )  # fmt: skip
 
 
@@ -133,6 +142,7 @@ def rig_to_json(rig: HmcRig) -> dict[str, Any]:
                 "fy": float(i.fy),
                 "cx": float(i.cx),
                 "cy": float(i.cy),
+                "model": cam.model,
                 "distortion": cam.distortion.tolist(),
                 "R_headset_from_camera": cam.R_headset_from_camera.tolist(),
                 "t_headset_from_camera": cam.t_headset_from_camera.tolist(),

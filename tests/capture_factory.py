@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from storage.capture_layout import EMBEDDED_CAMERAS, GT_CAMERAS, MIRRORED_CAMERAS, CaptureLayout
 from storage.capture_types import HmcCamera, HmcRig, PhoneIntrinsics, PinholeIntrinsics, Segment
@@ -67,11 +68,6 @@ class MadeCapture:
     keypoints: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
-def _rotation_y(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-
-
 def make_rig(cameras: tuple[str, ...], size: tuple[int, int], fps: float) -> HmcRig:
     """A plausible rig: cameras spread around the face, looking back at it."""
     w, h = size
@@ -85,7 +81,7 @@ def make_rig(cameras: tuple[str, ...], size: tuple[int, int], fps: float) -> Hmc
                 mirrored=name in MIRRORED_CAMERAS,
                 intrinsics=PinholeIntrinsics(w, h, 0.9 * w, 0.9 * w, w / 2 - 0.5, h / 2 - 0.5),
                 distortion=np.array([0.01 * i, -0.002, 0.0, 0.0, 0.0001]),
-                R_headset_from_camera=_rotation_y(angle),
+                R_headset_from_camera=Rotation.from_euler("y", angle).as_matrix(),
                 t_headset_from_camera=np.array([0.01 * i - 0.05, -0.02, 0.04]),
             )
         )

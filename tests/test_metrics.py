@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pytest
+import trimesh
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError, StageError
+from rigs.geometry import ClosestPoints
 from stages.metrics import (
     METRICS_SCHEMA,
     NO_GT_METRICS,
@@ -43,7 +45,6 @@ from stages.metrics import (
     smoothness,
     vertex_error,
 )
-from stages.metrics_geometry import closest_points_on_triangles
 
 _RIG_NAMES = """
 browDown_L browDown_R browInnerUp_L browInnerUp_R browOuterUp_L browOuterUp_R cheekPuff_L
@@ -581,8 +582,12 @@ def test_closest_point_on_triangle_regions():
         (1, 1, 0): (0.5, 0.5, 0),
     }
     p = np.array(list(cases), float)
-    got = closest_points_on_triangles(p, *(np.tile(x, (len(p), 1)) for x in (a, b, c)))
-    assert got == pytest.approx(np.array(list(cases.values()), float))
+    want = np.array(list(cases.values()), float)
+    near, dist, tri, bary = ClosestPoints(np.stack([a, b, c]), np.array([[0, 1, 2]])).query(p)
+    assert near == pytest.approx(want, abs=1e-7)
+    assert dist == pytest.approx(np.linalg.norm(p - want, axis=1), abs=1e-7)
+    assert (tri == 0).all() and bary.sum(1) == pytest.approx(1.0)
+    assert bary[1] == pytest.approx([1, 0, 0], abs=1e-7) and bary[6] == pytest.approx([0, 0.5, 0.5], abs=1e-7)
 
 
 def bumpy_grid(n: int = 12):
@@ -600,15 +605,16 @@ def bumpy_grid(n: int = 12):
 def test_mesh_surface_matches_brute_force():
     verts, faces = bumpy_grid(8)
     pts = np.random.default_rng(3).uniform(-0.04, 0.04, (200, 3))
-    dist, near, face = MeshSurface(verts, faces).closest(pts, chunk=64)
+    dist, near, face = MeshSurface(verts, faces).closest(pts)
     tri = verts[faces]
     rep = np.repeat(pts, len(faces), axis=0)
-    cp = closest_points_on_triangles(rep, *(np.tile(tri[:, i], (len(pts), 1)) for i in range(3)))
+    # Brute force with trimesh's independent point-triangle routine, every pair.
+    cp = trimesh.triangles.closest_point(np.tile(tri, (len(pts), 1, 1)), rep)
     brute = np.linalg.norm(cp - rep, axis=1).reshape(len(pts), len(faces)).min(axis=1)
-    assert dist == pytest.approx(brute, abs=1e-12)
+    assert dist == pytest.approx(brute, abs=1e-9)
     assert np.linalg.norm(near - pts, axis=1) == pytest.approx(dist)
-    on_face = closest_points_on_triangles(pts, *(tri[face, i] for i in range(3)))
-    assert on_face == pytest.approx(near)  # the reported triangle holds the point
+    on_face = trimesh.triangles.closest_point(tri[face], pts)
+    assert on_face == pytest.approx(near, abs=1e-9)  # the reported triangle holds the point
 
 
 def test_now_error_of_a_rigidly_moved_copy_is_zero():

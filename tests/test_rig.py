@@ -7,11 +7,19 @@ import pickle
 import numpy as np
 import pytest
 from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
 
 from pipeline.errors import ModelError
 from rigs.definition import load_default_rig_definition, load_rig_definition
 from rigs.face_model import load_face_model_npz, load_ict_face_model, save_face_model_npz
 from rigs.flame import convert_flame_pickle, load_flame_npz
+from rigs.geometry import (
+    graph_laplacian,
+    quat_from_rotation,
+    read_obj,
+    rotation_from_quat,
+    similarity_fit,
+)
 from rigs.rig import BlendshapeRig, ExpressionSpace, gaze_rotation
 
 #: Measured (docs/face-model.md): worst L/R twin pair is eyeBlink at 9.3 % relative
@@ -171,3 +179,63 @@ def test_expression_space_spans_the_shapes(rig):
     coef, *_ = np.linalg.lstsq(basis.T, target, rcond=None)
     assert np.linalg.norm(basis.T @ coef - target) / np.linalg.norm(target) < 0.05
     assert len(space.basis) < rig.definition.size
+
+
+# ------------------------------------------------------------------- shared geometry
+
+
+def test_similarity_fit_recovers_a_known_transform_and_ignores_zero_weights():
+    rng = np.random.default_rng(4)
+    src = rng.normal(size=(40, 3))
+    rot = Rotation.from_rotvec([0.4, -1.1, 0.7]).as_matrix()
+    dst = 1.7 * src @ rot.T + [0.1, -0.2, 0.3]
+    s, r, t = similarity_fit(src, dst)
+    assert s == pytest.approx(1.7, rel=1e-12) and r == pytest.approx(rot, abs=1e-12)
+    assert t == pytest.approx([0.1, -0.2, 0.3], abs=1e-12)
+    # Rigid: the same rotation, scale fixed to 1; outliers with weight 0 change nothing.
+    rigid = src @ rot.T + [0.1, -0.2, 0.3]
+    bad = rigid.copy()
+    bad[:5] += 1.0
+    weights = np.r_[np.zeros(5), np.ones(35)]
+    s, r, t = similarity_fit(src, bad, with_scale=False, weights=weights)
+    assert s == 1.0 and r == pytest.approx(rot, abs=1e-12) and t == pytest.approx([0.1, -0.2, 0.3], abs=1e-12)
+    # A mirrored target still gives a proper rotation (det +1).
+    assert np.linalg.det(similarity_fit(src, src * [1, 1, -1])[1]) == pytest.approx(1.0)
+    with pytest.raises(ModelError, match="N>=3"):
+        similarity_fit(src[:2], dst[:2])
+
+
+def test_graph_laplacian_of_a_square_is_the_random_walk_laplacian():
+    # Two triangles over a square: vertices 0 and 3 have 2 neighbours, 1 and 2 have 3.
+    lap = graph_laplacian(4, np.array([[0, 1, 2], [1, 3, 2]])).toarray()
+    h, t = 1 / 2, 1 / 3
+    assert lap == pytest.approx(np.array([
+        [1, -h, -h, 0], [-t, 1, -t, -t], [-t, -t, 1, -t], [0, -h, -h, 1],
+    ]))  # fmt: skip
+
+
+def test_read_obj_keeps_file_order(tmp_path):
+    obj = tmp_path / "quad.obj"
+    obj.write_text(
+        "# a quad and a triangle\nv 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nv 2 0 0\n"
+        "vt 0 0\nvt 1 0\nvt 1 1\nvt 0 1\nvt 0.5 0.5\nf 1/1 2/2 3/3 4/4\nf 2/2 5/5 3/3\n"
+    )
+    verts, tris = read_obj(obj)
+    assert verts.tolist() == [[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [2, 0, 0]]
+    assert tris.tolist() == [[0, 1, 2], [2, 3, 0], [1, 4, 2]]  # quads: (0,1,2), (2,3,0)
+    seam = tmp_path / "seam.obj"  # vertex 2 has two texture coordinates: still not split
+    seam.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nvt 1 1\n"
+                    "f 1/1 2/2 3/3\nf 2/4 4/4 3/3\n")
+    verts, tris = read_obj(seam)
+    assert verts.tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]]
+    assert tris.tolist() == [[0, 1, 2], [1, 3, 2]]
+
+
+def test_quaternions_are_scalar_first_with_non_negative_w():
+    rot = Rotation.from_rotvec([[0.0, 0.0, np.pi / 2], [0.0, 0.0, -3.0]])
+    q = quat_from_rotation(rot)
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    assert q[0] == pytest.approx([c, 0, 0, s])  # (w, x, y, z)
+    assert q[1, 0] > 0  # -3 rad about z is stored as +(2 pi - 3) about -z
+    assert rotation_from_quat(q).as_matrix() == pytest.approx(rot.as_matrix())
+    assert rotation_from_quat([c, 0, 0, s]).apply([1.0, 0, 0]) == pytest.approx([0, 1, 0])

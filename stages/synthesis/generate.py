@@ -25,6 +25,7 @@ from tqdm import tqdm
 from rigs.camera import Camera
 from rigs.definition import RigDefinition, load_default_rig_definition
 from rigs.face_model import FaceModel, load_ict_face_model
+from rigs.geometry import quat_from_rotation
 from rigs.raycast import Scene
 from stages.synthesis.hmc import IrRenderer, default_hmc_rig, rig_cameras
 from stages.synthesis.performance import Timeline, hmc_timeline, perform_prompt
@@ -232,8 +233,7 @@ def _write_recording(writer, truth_dir, name, subject, timeline: Timeline, rende
         points = np.where(vis[cam_name][..., None], lm2d[cam_name] + noise, np.nan)
         conf = np.where(vis[cam_name], rng.uniform(0.7, 1.0, vis[cam_name].shape), 0.0)
         writer.write_keypoints(name, cam_name, points, conf)
-    quat = rot.as_quat()[:, [3, 0, 1, 2]]  # scipy is xyzw; the product uses wxyz, w >= 0
-    quat *= np.where(quat[:, :1] < 0, -1.0, 1.0)
+    quat = quat_from_rotation(rot)  # (w, x, y, z), w >= 0
     names = np.array(list(cams))
     _write_npz(
         truth_dir / "hmc" / f"{name}.npz",

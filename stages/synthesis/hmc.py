@@ -61,7 +61,7 @@ def rig_cameras(rig: HmcRig) -> dict[str, Camera]:
     return {
         c.name: Camera(
             c.intrinsics, np.asarray(c.distortion),
-            np.asarray(c.R_headset_from_camera), np.asarray(c.t_headset_from_camera),
+            np.asarray(c.R_headset_from_camera), np.asarray(c.t_headset_from_camera), c.model,
         )
         for c in rig.cameras
     }

@@ -99,7 +99,7 @@ def build_photo_texture(photo_path: Path, model: FaceModel | None = None, feathe
     from matplotlib.path import Path as PolyPath
     from scipy.interpolate import RBFInterpolator
 
-    from rigs.embedding import umeyama
+    from rigs.geometry import similarity_fit
     from rigs.raycast import vertex_normals
     from stages.landmarks import FACE_OVAL
 
@@ -114,7 +114,7 @@ def build_photo_texture(photo_path: Path, model: FaceModel | None = None, feathe
     target = np.c_[lm[:, 0], -lm[:, 1], -lm[:, 2]]  # y up, z toward the camera
     emb = model.embeddings["mediapipe478"]
     tmpl = emb.points(model.neutral.astype(np.float64), model.triangles)
-    s, rot, t = umeyama(tmpl[:468], target[:468])
+    s, rot, t = similarity_fit(tmpl[:468], target[:468])
     aligned = (s * (rot @ model.neutral.T)).T + t
     uv = np.c_[aligned[:, 0], -aligned[:, 1]]
     lm_uv = np.c_[(s * (rot @ tmpl.T)).T[:, 0] + t[0], -((s * (rot @ tmpl.T)).T[:, 1] + t[1])]

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from rigs.face_model import load_ict_face_model
+from rigs.geometry import rotation_from_quat
 from rigs.rig import BlendshapeRig
 
 
@@ -52,5 +52,4 @@ class SubjectTruth:
         t = self.hmc(recording)
         head = self.rig.pose(t["b"][frame], t["gaze"][frame])
         q = t["head_quat"][frame]
-        rot = Rotation.from_quat([q[1], q[2], q[3], q[0]])
-        return rot.apply(head) + t["head_t"][frame]
+        return rotation_from_quat(q).apply(head) + t["head_t"][frame]
