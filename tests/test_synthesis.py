@@ -10,15 +10,13 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks.bench_face_model import PhoneFrame, detection_errors, preset_frames
 from rigs.camera import Camera
 from rigs.face_model import load_ict_face_model
 from rigs.rig import BlendshapeRig
-from stages.landmarks import MediaPipeDetector
 from stages.synthesis.generate import (
     generate_subject,
     landmark_points,
-    prompt_pose,
-    render_phone_burst,
 )
 from stages.synthesis.hmc import rig_cameras
 from stages.synthesis.phone import (
@@ -29,7 +27,6 @@ from stages.synthesis.phone import (
 )
 from stages.synthesis.presets import get_preset
 from stages.synthesis.subject import make_subject
-from stages.synthesis.texture import load_default_texture
 from stages.synthesis.truth import SubjectTruth
 from storage.capture import Capture
 from storage.label_table import LabelTable
@@ -257,22 +254,6 @@ def test_depth_holes_and_flying_pixels_at_the_configured_rates():
     assert not flying[valid & ~boundary[None, :] & (cols[None, :] >= 16)].any(), "no flying pixel off a boundary"
 
 
-def _detection_stats(frames) -> tuple[float, list[float], list[float]]:
-    detector = MediaPipeDetector()
-    found, px, mm = 0, [], []
-    for rgb, gt2d, visible, depth_m, focal in frames:
-        det = detector.detect(rgb)
-        if not det.found:
-            continue
-        found += 1
-        vis = visible[:478]
-        err = np.linalg.norm(det.points[:478] - gt2d[:478], axis=1)[vis]
-        px.append(float(np.mean(err)))
-        mm.append(float(np.median(err * depth_m[:478][vis] / focal) * 1000))
-    detector.close()
-    return found, px, mm
-
-
 def test_mediapipe_finds_tiny_faces_and_embedding_agrees(tiny_subject, record_property):
     capture_dir, truth_dir = tiny_subject
     capture, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
@@ -284,35 +265,24 @@ def test_mediapipe_finds_tiny_faces_and_embedding_agrees(tiny_subject, record_pr
         for k in range(capture.phone_frame_count(prompt)):
             f = capture.read_phone_frame(prompt, k)
             depth = _phone_camera(capture, truth, prompt, k).to_camera(points)[:, 2]
-            frames.append((f.rgb, gt["landmarks_2d"][k], gt["visible"][k], depth, f.intrinsics.fx))
-    found, px, mm = _detection_stats(frames)
-    record_property("mean_landmark_error_px", float(np.mean(px)))
-    print(f"tiny: found {found}/{len(frames)}; mean landmark error {np.mean(px):.2f} px, median {np.median(mm):.2f} mm")
-    assert found >= 0.95 * len(frames)
-    assert np.median(mm) < EMBEDDING_MEDIAN_MM
+            frames.append(PhoneFrame(f.rgb, gt["landmarks_2d"][k], gt["visible"][k], depth, f.intrinsics.fx))
+    r = detection_errors(frames)
+    record_property("mean_landmark_error_px", r["mean_of_frame_mean_px"])
+    print(f"tiny: found {r['found']}/{len(frames)}; mean landmark error {r['mean_of_frame_mean_px']:.2f} px, "
+          f"median {r['median_of_frame_median_mm']:.2f} mm")
+    assert r["found"] >= 0.95 * len(frames)
+    assert r["median_of_frame_median_mm"] < EMBEDDING_MEDIAN_MM
 
 
 @pytest.mark.slow
-def test_mediapipe_finds_standard_faces(tmp_path, record_property):
-    config = get_preset("standard")
-    model, texture = load_ict_face_model(), load_default_texture()
-    definition = BlendshapeRig.generic(model).definition
-    rng = np.random.default_rng([5, 0])
-    subject = make_subject("std", rng, model, definition)
-    frames = []
-    for prompt in definition.prompts:
-        verts = subject.rig.pose(*prompt_pose(definition, prompt.name, rng))
-        points = landmark_points(subject, verts)
-        for f in render_phone_burst(config, subject, verts, texture, rng):
-            depth = f.shot.camera.to_camera(points)[:, 2]
-            frames.append((f.shot.rgb, f.landmarks_2d, f.visible, depth, f.shot.camera.fx))
-    found, px, mm = _detection_stats(frames)
-    record_property("mean_landmark_error_px", float(np.mean(px)))
-    result = {"frames": len(frames), "found": found, "mean_error_px": float(np.mean(px)), "median_error_mm": float(np.median(mm))}
-    print("standard:", json.dumps(result))
+def test_mediapipe_finds_standard_faces(record_property):
+    frames = preset_frames("standard", 5)
+    r = detection_errors(frames)
+    record_property("mean_landmark_error_px", r["mean_of_frame_mean_px"])
+    print("standard:", json.dumps(r))
     assert len(frames) == 240
-    assert found >= 0.95 * len(frames)
-    assert np.median(mm) < EMBEDDING_MEDIAN_MM
+    assert r["found"] >= 0.95 * len(frames)
+    assert r["median_of_frame_median_mm"] < EMBEDDING_MEDIAN_MM
 
 
 def test_parallel_generation_gives_the_same_subjects_at_the_config_fps(tmp_path):
