@@ -25,6 +25,18 @@ GAZE_ERROR = "gaze_error_deg"
 
 MeshFn = Callable[[np.ndarray], np.ndarray]
 
+#: Face-model parts the expression-mesh error compares (docs/metrics.md §5): the facial
+#: skin surface, which the labels move and the cameras see. Head and neck (scalp and neck
+#: barely move and would dilute the mean), the mouth and eye sockets, gums, tongue and
+#: teeth (interior, hidden) and the eyeballs (they follow gaze, scored by the gaze error,
+#: not by b) are left out.
+MESH_ERROR_PARTS = ("face",)
+
+
+def mesh_error_vertices(model) -> np.ndarray:
+    """(n,) int vertex ids of :data:`MESH_ERROR_PARTS` in ``model`` (a ``FaceModel``)."""
+    return model.part_vertices(*MESH_ERROR_PARTS)
+
 
 def _finite(name: str, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)

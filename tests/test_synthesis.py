@@ -10,22 +10,23 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks.bench_face_model import PhoneFrame, detection_errors, preset_frames
 from rigs.camera import Camera
 from rigs.face_model import load_ict_face_model
-from rigs.raycast import Scene
 from rigs.rig import BlendshapeRig
-from stages.landmarks import MediaPipeDetector
 from stages.synthesis.generate import (
     generate_subject,
     landmark_points,
-    prompt_pose,
-    render_phone_burst,
 )
-from stages.synthesis.hmc import IrRenderer, rig_cameras
-from stages.synthesis.phone import render_phone
+from stages.synthesis.hmc import rig_cameras
+from stages.synthesis.phone import (
+    DEPTH_NOISE_K,
+    FLYING_PIXEL_RATE,
+    HOLE_SEED_RATE,
+    truedepth,
+)
 from stages.synthesis.presets import get_preset
 from stages.synthesis.subject import make_subject
-from stages.synthesis.texture import load_default_texture
 from stages.synthesis.truth import SubjectTruth
 from storage.capture import Capture
 from storage.label_table import LabelTable
@@ -111,106 +112,146 @@ def test_truth_is_consistent_and_imperfect(tiny_subject):
     assert (expr["b"][i] > 0).sum() > 1
 
 
+def _project_cv2(points: np.ndarray, r_cam_from_world: np.ndarray, t_cam_from_world: np.ndarray, k: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """OpenCV's projection: the reference the capture's calibration is defined by."""
+    rvec, _ = cv2.Rodrigues(np.asarray(r_cam_from_world, np.float64))
+    pix, _ = cv2.projectPoints(np.asarray(points, np.float64).reshape(-1, 1, 3), rvec,
+                               np.asarray(t_cam_from_world, np.float64), k, np.asarray(dist, np.float64))
+    return pix.reshape(-1, 2)
+
+
 def test_landmarks_match_the_capture_calibration(tiny_subject):
+    """The truth's 2D landmarks are the true 3D landmarks projected by OpenCV through the
+    calibration stored in the capture (phone intrinsics; HMC intrinsics, distortion and
+    extrinsics from rig.json), not by the generator's own projection code."""
     capture_dir, truth_dir = tiny_subject
     capture, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
     errors = []
     expressions = truth.expressions()
     for i, prompt in enumerate(capture.phone_expressions):
-        verts = truth.rig.pose(expressions["b"][i], expressions["gaze"][i])
-        points = landmark_points(truth, verts)
+        points = landmark_points(truth, truth.rig.pose(expressions["b"][i], expressions["gaze"][i]))
         gt = truth.phone(prompt)
-        for k in range(capture.phone_frame_count(prompt)):
-            pix, _ = _phone_camera(capture, truth, prompt, k).project(points)
-            errors.append(np.abs(pix - gt["landmarks_2d"][k])[gt["visible"][k]])
-    cams = rig_cameras(capture.rig)
+        intr = capture.phone_intrinsics(prompt)
+        k = np.array([[intr.fx, 0, intr.cx], [0, intr.fy, intr.cy], [0, 0, 1]])
+        for f in range(capture.phone_frame_count(prompt)):
+            pose = gt["head_in_camera"][f]  # x_cam = R x_head + t
+            pix = _project_cv2(points, pose[:, :3], pose[:, 3], k, np.zeros(5))
+            errors.append(np.abs(pix - gt["landmarks_2d"][f])[gt["visible"][f]])
     hmc = truth.hmc("rec000")
+    cameras = {c.name: c for c in capture.rig.cameras}
+    assert any(np.any(np.asarray(c.distortion) != 0) for c in cameras.values()), "distortion is exercised"
     for frame in (0, len(hmc["b"]) // 2, len(hmc["b"]) - 1):
         points = landmark_points(truth, truth.hmc_vertices("rec000", frame))[hmc["landmark_ids"]]
         for c, name in enumerate(hmc["cameras"]):
-            pix, _ = cams[str(name)].project(points)
+            cam = cameras[str(name)]
+            r = np.asarray(cam.R_headset_from_camera).T
+            pix = _project_cv2(points, r, -r @ np.asarray(cam.t_headset_from_camera), cam.intrinsics.K, cam.distortion)
             vis = hmc["visible"][c, frame]
+            assert vis.sum() > 5
             errors.append(np.abs(pix - hmc["landmarks_2d"][c, frame])[vis])
-    assert max(e.max() for e in errors if e.size) < 0.5
+    worst = max(e.max() for e in errors if e.size)
+    assert worst < 1e-3, worst
 
 
-def _shift(stored: np.ndarray, clean: np.ndarray, mask: np.ndarray) -> float:
-    """Sub-pixel shift (px) of ``stored`` against ``clean`` over ``mask``.
+def test_pixel_rays_and_projection_agree(tiny_subject):
+    """The images are ray cast through ``Camera.pixel_rays`` and the truth's landmarks are
+    projected by ``Camera.project``: images and landmarks align exactly when a point on
+    the ray of pixel (u, v) projects back to (u, v). Checked for every HMC camera of the
+    capture (with its lens distortion) over the whole image, and a phone camera."""
+    capture_dir, _ = tiny_subject
+    capture = Capture.open(capture_dir)
+    cams = list(rig_cameras(capture.rig).values())
+    cams.append(Camera(capture.phone_intrinsics(capture.phone_expressions[0]), np.zeros(5), np.eye(3), np.zeros(3)))
+    worst = 0.0
+    for cam in cams:
+        v, u = np.mgrid[0 : cam.height, 0 : cam.width].astype(np.float64)
+        pixels = np.stack([u, v], -1)
+        origins, dirs = cam.pixel_rays()
+        for depth in (0.05, 0.3):
+            back, z = cam.project(origins + depth * dirs)
+            assert (z > 0).all()
+            worst = max(worst, float(np.abs(back - pixels).max()))
+    assert worst < 1e-3, worst
+    # The check can fail: rays of pixels half a pixel off do not project back.
+    cam = cams[0]
+    origins, dirs = cam.pixel_rays(np.array([[10.5, 20.0]]))
+    back, _ = cam.project(origins + 0.1 * dirs)
+    assert np.abs(back - [10.0, 20.0]).max() > 0.4
 
-    One Lucas-Kanade step solving stored ~ g * clean(x + d) for gain g and shift d, so
-    exposure and noise do not matter, only where the content sits.
+
+def test_depth_noise_follows_the_z_squared_law():
+    """Planes at known depths through the TrueDepth model. The true depth is dithered
+    uniformly over one millimetre, so the 1 mm rounding adds an independent uniform error
+    of variance 1/12 mm^2, removed below. sigma(z) is fitted over 6 depths x ~40k pixels:
+    the relative standard error of each sigma is ~1/sqrt(2n) = 0.4 %, so the fitted
+    exponent must be 2 within 0.03 and each sigma / (k z^2) 1 within 2.5 % (>5 SE)."""
+    rng = np.random.default_rng(0)
+    depths = np.array([0.6, 0.9, 1.2, 1.6, 2.0, 2.5])
+    shape = (200, 200)
+    facing = np.zeros(shape + (3,))
+    facing[..., 2] = 1.0
+    sigmas = []
+    for z0 in depths:
+        truth_m = z0 + rng.uniform(-0.0005, 0.0005, shape)
+        out = truedepth(truth_m, facing, -facing, np.ones(shape, bool), rng)
+        valid = out > 0
+        residual_mm = out[valid].astype(np.float64) - truth_m[valid] * 1000
+        sigmas.append(np.sqrt(residual_mm.var() - 1 / 12) / 1000)
+    sigmas = np.array(sigmas)
+    slope, _ = np.polyfit(np.log(depths), np.log(sigmas), 1)
+    assert slope == pytest.approx(2.0, abs=0.03), slope
+    np.testing.assert_allclose(sigmas / (DEPTH_NOISE_K * depths**2), 1.0, atol=0.025)
+
+
+def test_depth_holes_and_flying_pixels_at_the_configured_rates():
+    """Vertical stripes 8 px wide alternating between 0.4 m and 2.4 m.
+
+    Holes: away from the border (2 px) a pixel is a hole with p = 1 - (1 - s)^13 for
+    seed rate s (a 13-pixel diamond); holes come in blobs, so the count's relative
+    standard error is ~1/sqrt(seeds); the bound is 5 of them.
+    Flying pixels: the two columns at each of the 49 stripe boundaries are discontinuity
+    pixels (~39k); each flies with the configured rate, to a uniform depth between the two
+    surfaces. A flying pixel is told from noise when it lies more than 6 sigma(z) from its
+    own surface, so the detectable fraction is rate * (1 - 6 sigma(z) / jump); the binomial
+    standard error is ~0.0025 and the bound is 5 of them. No pixel off a boundary flies.
     """
-    clean = clean.astype(np.float64)
-    gy, gx = np.gradient(clean)
-    inner = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    a = np.stack([clean[inner], gx[inner], gy[inner]], 1)
-    (g, gdx, gdy), *_ = np.linalg.lstsq(a, stored.astype(np.float64)[inner], rcond=None)
-    return float(np.hypot(gdx / g, gdy / g))
-
-
-def test_images_align_with_the_landmarks(tiny_subject):
-    """Noise-free re-renders from the truth through the capture's calibration sit on the
-    stored images to well under half a pixel, so the truth's 2D landmarks (which
-    reproject through that calibration, above) lie on the image content."""
-    capture_dir, truth_dir = tiny_subject
-    capture, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
-    texture = load_default_texture()
-    renderer = IrRenderer(rig_cameras(capture.rig), texture, truth.rig.model.triangles)
-    rec = capture.recording("rec000")
-    shifts = []
-    for frame in (0, rec.frame_count // 2):
-        verts = truth.hmc_vertices("rec000", frame).astype(np.float32)
-        clean, scene = renderer.render(verts, None)
-        for name, image in clean.items():
-            hit = scene.render(renderer.cameras[name]).hit
-            shifts.append(_shift(rec.read_frame(name, frame), image, hit))
-    tint = np.array(truth.meta["tint"])
-    expressions = truth.expressions()
-    for i, prompt in enumerate(capture.phone_expressions):
-        verts = truth.rig.pose(expressions["b"][i], expressions["gaze"][i])
-        for k in range(capture.phone_frame_count(prompt)):
-            cam = _phone_camera(capture, truth, prompt, k)
-            clean = render_phone(verts, truth.rig.model.triangles, cam, texture, tint, np.random.default_rng(0), noise=False)
-            hit = Scene(verts, truth.rig.model.triangles).render(cam).hit
-            gray = lambda rgb: cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)  # noqa: E731
-            shifts.append(_shift(gray(capture.read_phone_frame(prompt, k).rgb), gray(clean.rgb), hit))
-    assert max(shifts) < 0.5, shifts
-    # A deliberately shifted image is caught: the check can fail.
-    moved = np.roll(rec.read_frame("gt_eye_left", 0), 1, axis=1)
-    clean, scene = renderer.render(truth.hmc_vertices("rec000", 0).astype(np.float32), None)
-    assert _shift(moved, clean["gt_eye_left"], scene.render(renderer.cameras["gt_eye_left"]).hit) > 0.7
-
-
-def test_depth_is_truedepth_like(tiny_subject):
-    capture_dir, truth_dir = tiny_subject
-    capture, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
-    prompt = capture.phone_expressions[0]
-    frame = capture.read_phone_frame(prompt, 0)
-    expressions = truth.expressions()
-    verts = truth.rig.pose(expressions["b"][0], expressions["gaze"][0])
-    g = Scene(verts, truth.rig.model.triangles).render(_phone_camera(capture, truth, prompt, 0))
-    on_face = g.hit & (frame.depth_mm > 0)
-    residual = frame.depth_mm[on_face] / 1000.0 - g.depth[on_face]
-    robust_sigma = 1.4826 * np.median(np.abs(residual - np.median(residual)))
-    assert 0.0001 < robust_sigma < 0.002, "noise of a structured-light sensor at ~35 cm"
-    assert (frame.depth_mm[g.hit] == 0).any(), "holes on the face"
-    assert (np.abs(residual) > 0.01).any(), "flying pixels at silhouettes"
-
-
-def _detection_stats(frames) -> tuple[float, list[float], list[float]]:
-    detector = MediaPipeDetector()
-    found, px, mm = 0, [], []
-    for rgb, gt2d, visible, depth_m, focal in frames:
-        det = detector.detect(rgb)
-        if not det.found:
-            continue
-        found += 1
-        vis = visible[:478]
-        err = np.linalg.norm(det.points[:478] - gt2d[:478], axis=1)[vis]
-        px.append(float(np.mean(err)))
-        mm.append(float(np.median(err * depth_m[:478][vis] / focal) * 1000))
-    detector.close()
-    return found, px, mm
+    rng = np.random.default_rng(1)
+    h, w, near, far = 400, 400, 0.4, 2.4
+    band = (np.arange(w) // 8) % 2
+    z = np.where(band[None, :] == 0, near, far) * np.ones((h, 1))
+    facing = np.zeros((h, w, 3))
+    facing[..., 2] = 1.0
+    grazing_normals = np.zeros((h, w, 3))
+    grazing_normals[..., 0] = 1.0  # perpendicular to the view ray: |cos| = 0 < GRAZING_COS
+    face = np.zeros((h, w), bool)
+    face[:, :16] = True
+    normals = np.where(face[..., None], grazing_normals, -facing)
+    out = truedepth(z, facing, normals, face, rng).astype(np.float64) / 1000
+    assert (out[:, :16] == 0).all(), "grazing face pixels are holes"
+    # Holes, on the plain (non-grazing) part away from the border.
+    inner = out[2:-2, 18:-2]
+    p_hole = 1 - (1 - HOLE_SEED_RATE) ** 13
+    seeds = HOLE_SEED_RATE * inner.size
+    hole_rate = float((inner == 0).mean())
+    assert abs(hole_rate / p_hole - 1) < 5 / np.sqrt(seeds), (hole_rate, p_hole)
+    # Flying pixels.
+    cols = np.arange(w)
+    boundary = np.zeros(w, bool)
+    boundary[1:] |= band[1:] != band[:-1]
+    boundary[:-1] |= band[1:] != band[:-1]
+    boundary[:16] = False
+    own = z[0]
+    sigma = DEPTH_NOISE_K * own**2
+    valid = out > 0
+    flying = valid & (np.abs(out - own[None, :]) > 6 * sigma[None, :])
+    on_edge = valid & boundary[None, :]
+    rate = FLYING_PIXEL_RATE * (1 - 6 * sigma / (far - near))
+    expected = float(rate[None, :].repeat(h, 0)[on_edge].mean())
+    measured = float(flying[on_edge].mean())
+    n = int(on_edge.sum())
+    assert n > 30000
+    assert abs(measured - expected) < 5 * np.sqrt(expected * (1 - expected) / n), (measured, expected)
+    assert not flying[valid & ~boundary[None, :] & (cols[None, :] >= 16)].any(), "no flying pixel off a boundary"
 
 
 def test_mediapipe_finds_tiny_faces_and_embedding_agrees(tiny_subject, record_property):
@@ -224,38 +265,27 @@ def test_mediapipe_finds_tiny_faces_and_embedding_agrees(tiny_subject, record_pr
         for k in range(capture.phone_frame_count(prompt)):
             f = capture.read_phone_frame(prompt, k)
             depth = _phone_camera(capture, truth, prompt, k).to_camera(points)[:, 2]
-            frames.append((f.rgb, gt["landmarks_2d"][k], gt["visible"][k], depth, f.intrinsics.fx))
-    found, px, mm = _detection_stats(frames)
-    record_property("mean_landmark_error_px", float(np.mean(px)))
-    print(f"tiny: found {found}/{len(frames)}; mean landmark error {np.mean(px):.2f} px, median {np.median(mm):.2f} mm")
-    assert found >= 0.95 * len(frames)
-    assert np.median(mm) < EMBEDDING_MEDIAN_MM
+            frames.append(PhoneFrame(f.rgb, gt["landmarks_2d"][k], gt["visible"][k], depth, f.intrinsics.fx))
+    r = detection_errors(frames)
+    record_property("mean_landmark_error_px", r["mean_of_frame_mean_px"])
+    print(f"tiny: found {r['found']}/{len(frames)}; mean landmark error {r['mean_of_frame_mean_px']:.2f} px, "
+          f"median {r['median_of_frame_median_mm']:.2f} mm")
+    assert r["found"] >= 0.95 * len(frames)
+    assert r["median_of_frame_median_mm"] < EMBEDDING_MEDIAN_MM
 
 
 @pytest.mark.slow
-def test_mediapipe_finds_standard_faces(tmp_path, record_property):
-    config = get_preset("standard")
-    model, texture = load_ict_face_model(), load_default_texture()
-    definition = BlendshapeRig.generic(model).definition
-    rng = np.random.default_rng([5, 0])
-    subject = make_subject("std", rng, model, definition)
-    frames = []
-    for prompt in definition.prompts:
-        verts = subject.rig.pose(*prompt_pose(definition, prompt.name, rng))
-        points = landmark_points(subject, verts)
-        for f in render_phone_burst(config, subject, verts, texture, rng):
-            depth = f.shot.camera.to_camera(points)[:, 2]
-            frames.append((f.shot.rgb, f.landmarks_2d, f.visible, depth, f.shot.camera.fx))
-    found, px, mm = _detection_stats(frames)
-    record_property("mean_landmark_error_px", float(np.mean(px)))
-    result = {"frames": len(frames), "found": found, "mean_error_px": float(np.mean(px)), "median_error_mm": float(np.median(mm))}
-    print("standard:", json.dumps(result))
+def test_mediapipe_finds_standard_faces(record_property):
+    frames = preset_frames("standard", 5)
+    r = detection_errors(frames)
+    record_property("mean_landmark_error_px", r["mean_of_frame_mean_px"])
+    print("standard:", json.dumps(r))
     assert len(frames) == 240
-    assert found >= 0.95 * len(frames)
-    assert np.median(mm) < EMBEDDING_MEDIAN_MM
+    assert r["found"] >= 0.95 * len(frames)
+    assert r["median_of_frame_median_mm"] < EMBEDDING_MEDIAN_MM
 
 
-def test_parallel_generation_gives_the_same_subjects(tmp_path):
+def test_parallel_generation_gives_the_same_subjects_at_the_config_fps(tmp_path):
     from dataclasses import replace
 
     from stages.synthesis.generate import generate
@@ -263,7 +293,7 @@ def test_parallel_generation_gives_the_same_subjects(tmp_path):
 
     micro = replace(
         get_preset("tiny"), prompts=("neutral", "jaw_drop_max"), phone_frames_per_prompt=1, hmc_size=48,
-        hmc_peaks_per_recording=1,
+        hmc_peaks_per_recording=1, fps=24.0,
         script=ScriptTiming(neutral_s=1.0, peak_s=0.4, eye_event_s=0.2, mouth_closed_s=0.2, speech_s=0.3, rest_s=0.05),
     )
     serial = generate(micro, 2, 3, tmp_path / "serial", progress=False, workers=1)
@@ -275,3 +305,10 @@ def test_parallel_generation_gives_the_same_subjects(tmp_path):
     _, mismatch, errors = filecmp.cmpfiles(a, b, files, shallow=False)
     assert not mismatch and not errors
     assert LabelTable(str(tmp_path / "parallel" / "ground_truth" / "labels")).subjects() == sorted(serial)
+    # The rig's frame rate is the config's (24 Hz, not a hard-coded 30), and so are the
+    # timestamps and the capture's validity.
+    capture = Capture.open(a / serial[0])
+    assert capture.rig.fps == 24.0
+    assert validate_capture(a / serial[0]) == []
+    steps = np.diff(SubjectTruth.open(tmp_path / "serial" / "ground_truth" / serial[0]).hmc("rec000")["timestamp_ns"])
+    np.testing.assert_allclose(steps, 1e9 / 24, atol=1)

@@ -5,9 +5,14 @@ frame rate, scores SPEC §5.1 (no ground truth), and, when a ground-truth folder
 SPEC §5.2 against the synthetic truth. Results go to a Delta metrics table, one commit per
 (label_source, label_round), so every computation is a readable version.
 
-Which rig's inner-lip gap Mouth Closure uses ("the labelled rig"): the subject's personal
-rig from ``rig_dir/<subject>.npz`` when given; else the true rig for ``ground_truth``
-labels of a synthetic subject; else the generic ICT rig.
+The labelled rig (whose inner-lip gap Mouth Closure uses, and which poses the labels for
+the expression-mesh error) is the subject's rig from ``rig_dir/<subject>.npz`` when a rig
+folder is given (a missing file is an error), else the subject's true rig
+``truth/<subject>/rig.npz``. There is no fallback to a generic rig: a generic rig's lip
+gap and mesh are not the subject's, so the numbers would not measure the labels. With
+no rig, the metrics that need none still run, and a recording that needs one (it has a
+mouth_closed window, or is scored against ground truth) stops the job with an error that
+names the subject and the files looked for.
 
 Copy this file to change what is scored or where it is written.
 """
@@ -15,7 +20,7 @@ Copy this file to change what is scored or where it is written.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +28,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError
 from rigs.definition import RigDefinition, load_default_rig_definition
-from rigs.face_model import load_ict_face_model
+from rigs.face_model import FaceModel, load_ict_face_model
 from rigs.rig import BlendshapeRig
 from stages.metrics import (
     MetricsSummary,
@@ -34,6 +39,7 @@ from stages.metrics import (
     expression_mesh_error,
     gaze_error,
     head_pose_error,
+    mesh_error_vertices,
     metrics_rows,
     recording_metrics,
     recordings_from_label_table,
@@ -52,7 +58,8 @@ class MetricsJob:
         captures: folder holding one capture folder per subject (segments, fps).
         out: metrics table URI; empty = ``<labels>/../metrics``.
         truth: synthetic ground-truth root (``ground_truth/``); empty = no §5.2 metrics.
-        rig_dir: folder of personal rigs ``<subject>.npz``; empty = none.
+        rig_dir: folder of the labelled rigs ``<subject>.npz``; when given, every scored
+            subject needs one there. Empty = the true rigs of the truth folder.
         label_source: score only this source (empty = each source in the table).
         label_round: score only this round (-1 = every round).
         version: label table version to read (-1 = latest).
@@ -70,44 +77,85 @@ class MetricsJob:
     run_id: str = "metrics"
 
 
-def _rig_provider(job: MetricsJob, source: str) -> Callable[[str], BlendshapeRig]:
-    model = load_ict_face_model()
-    generic = BlendshapeRig.generic(model)
-    cache: dict[str, BlendshapeRig] = {}
+@dataclass(frozen=True)
+class SubjectRig:
+    """The labelled rig of one subject, or why there is none.
 
-    def rig_for(subject: str) -> BlendshapeRig:
+    Attributes:
+        rig: the rig, or None when neither a rig folder nor a truth folder holds one.
+        looked_for: the files looked for, for the error of a metric that needs the rig.
+    """
+
+    rig: BlendshapeRig | None
+    looked_for: tuple[str, ...]
+
+
+def _rig_provider(job: MetricsJob, model: FaceModel | None = None) -> Callable[[str], SubjectRig]:
+    """subject -> :class:`SubjectRig`: ``rig_dir/<subject>.npz``, else ``truth/<subject>/rig.npz``."""
+    cache: dict[str, SubjectRig] = {}
+
+    def rig_for(subject: str) -> SubjectRig:
+        nonlocal model
         if subject not in cache:
-            personal = Path(job.rig_dir) / f"{subject}.npz" if job.rig_dir else None
-            true = Path(job.truth) / subject / "rig.npz" if job.truth else None
-            if personal is not None and personal.is_file():
-                cache[subject] = BlendshapeRig.load(personal, model)
-            elif source == "ground_truth" and true is not None and true.is_file():
-                cache[subject] = BlendshapeRig.load(true, model)
+            if job.rig_dir:
+                path = Path(job.rig_dir) / f"{subject}.npz"
+                if not path.is_file():
+                    raise ConfigError(f"{path}: no rig for subject {subject} in the rig folder")
             else:
-                cache[subject] = generic
+                path = Path(job.truth) / subject / "rig.npz" if job.truth else None
+            if path is not None and path.is_file():
+                model = model or load_ict_face_model()
+                cache[subject] = SubjectRig(BlendshapeRig.load(path, model), (str(path),))
+            else:
+                cache[subject] = SubjectRig(None, (str(path),) if path is not None else ())
         return cache[subject]
 
     return rig_for
+
+
+def _need_rig(subject_rig: SubjectRig | BlendshapeRig | None, labels: RecordingLabels, why: str) -> BlendshapeRig:
+    """The rig, or a ConfigError naming the subject, the metric and the files looked for."""
+    rig = subject_rig.rig if isinstance(subject_rig, SubjectRig) else subject_rig
+    if rig is not None:
+        return rig
+    looked = subject_rig.looked_for if isinstance(subject_rig, SubjectRig) else ()
+    where = f"looked for {', '.join(looked)}" if looked else "no rig folder and no truth folder given"
+    raise ConfigError(
+        f"subject {labels.subject_id}, recording {labels.recording_id}: {why} needs the subject's rig "
+        f"({where}); pass a rig folder holding {labels.subject_id}.npz, or the truth folder"
+    )
+
+
+def _has_kind(segments: Sequence, kind: str) -> bool:
+    return any(getattr(s, "kind", None) == kind for s in segments)
 
 
 def score_recording(
     labels: RecordingLabels,
     capture: Capture,
     definition: RigDefinition,
-    rig: BlendshapeRig,
+    rig: SubjectRig | BlendshapeRig | None,
     truth_dir: Path | None = None,
 ) -> RecordingMetrics:
-    """SPEC §5.1 (and §5.2 with a truth folder) of one recording."""
+    """SPEC §5.1 (and §5.2 with a truth folder) of one recording.
+
+    ``rig`` is the labelled rig (see the module docstring), or None: then the metrics
+    that need no rig are scored, and one that needs it raises ConfigError.
+    """
     recording = capture.recording(labels.recording_id)
     order = [labels.names.index(n) for n in definition.blendshape_names]
     b = labels.b[:, order]
+    lip_gap = None
+    if _has_kind(recording.segments, "mouth_closed"):
+        lip_gap = _need_rig(rig, labels, "Mouth Closure (inner-lip gap)").inner_lip_gap
     results = dict(recording_metrics(
         b, definition.blendshape_names, labels.frame_index, labels.timestamp_ns, recording.segments,
         definition.art_priors(), set(definition.eye_following), status=labels.status,
-        fps=capture.rig.fps, lip_gap=rig.inner_lip_gap,
+        fps=capture.rig.fps, lip_gap=lip_gap,
     ))
     if truth_dir is not None and (truth_dir / "hmc" / f"{labels.recording_id}.npz").is_file():
-        results.update(_ground_truth_metrics(labels, b, definition, rig, truth_dir))
+        mesh_rig = _need_rig(rig, labels, "the expression-mesh error")
+        results.update(_ground_truth_metrics(labels, b, definition, mesh_rig, truth_dir))
     return RecordingMetrics(labels.subject_id, labels.recording_id, results)
 
 
@@ -121,8 +169,9 @@ def _ground_truth_metrics(labels, b, definition, rig, truth_dir: Path) -> dict:
         raise ConfigError(f"{truth_dir}: frames of {labels.recording_id} differ from the labels")
     b_true = t["b"][rows]
     out = blendshape_mae(b, b_true, definition.blendshape_names, exclude=set(definition.eye_following)).as_results()
-    face = np.isin(rig.model.vertex_part, [rig.model.part_names.index("face")])
-    out.update(expression_mesh_error(b, b_true, rig.pose, truth.rig.pose, vertex_mask=face).as_results())
+    out.update(expression_mesh_error(
+        b, b_true, rig.pose, truth.rig.pose, vertex_mask=mesh_error_vertices(rig.model),
+    ).as_results())
     if labels.head_q is not None and labels.head_t is not None:
         out.update(head_pose_error(labels.head_q, labels.head_t, t["head_quat"][rows], t["head_t"][rows]).as_results())
     if labels.gaze is not None:
@@ -141,11 +190,11 @@ def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> dic
     out_uri = job.out or str(Path(job.labels).parent / "metrics")
     summaries = {}
     now = dt.datetime.now(dt.UTC)
+    rig_for = _rig_provider(job)
     for source, rnd in groups:
         import pyarrow.compute as pc
 
         part = table.filter(pc.and_(pc.equal(table["label_source"], source), pc.equal(table["label_round"], rnd)))
-        rig_for = _rig_provider(job, source)
         recs = []
         for labels in recordings_from_label_table(part):
             capture = Capture.open(Path(job.captures) / labels.subject_id)

@@ -105,7 +105,7 @@ def generate_subject(
     capture_dir, truth_dir = Path(out) / "captures" / sid, Path(out) / "ground_truth" / sid
     writer = CaptureWriter(capture_dir, sid)
     prompts = list(config.prompts or [p.name for p in definition.prompts])
-    hmc_rig = default_hmc_rig(config.hmc_size)
+    hmc_rig = default_hmc_rig(config.hmc_size, config.fps)
     peak_pool = [p for p in prompts if p != "neutral"] or [p.name for p in definition.prompts[1:]]
     timelines = []
     for r in range(config.hmc_recordings):

@@ -37,8 +37,8 @@ CAMERA_LAYOUT: dict[str, tuple[str, bool, tuple, tuple, float, float, float]] = 
 }
 
 
-def default_hmc_rig(size: int = HMC_SIZE) -> HmcRig:
-    """The synthetic headset's 10 calibrated cameras at ``size`` x ``size`` pixels."""
+def default_hmc_rig(size: int = HMC_SIZE, fps: float = 30.0) -> HmcRig:
+    """The synthetic headset's 10 calibrated cameras at ``size`` x ``size`` pixels, ``fps`` Hz."""
     cameras = []
     for name, (role, mirrored, pos, target, focal, k1, k2) in CAMERA_LAYOUT.items():
         cam = Camera.look_at(
@@ -53,7 +53,7 @@ def default_hmc_rig(size: int = HMC_SIZE) -> HmcRig:
             distortion=cam.distortion, R_headset_from_camera=cam.R_world_from_camera,
             t_headset_from_camera=cam.t_world_from_camera,
         ))
-    return HmcRig(rig_version=RIG_VERSION, fps=30.0, cameras=tuple(cameras))
+    return HmcRig(rig_version=RIG_VERSION, fps=float(fps), cameras=tuple(cameras))
 
 
 def rig_cameras(rig: HmcRig) -> dict[str, Camera]:

@@ -20,6 +20,17 @@ from stages.synthesis.texture import PhotoTexture
 FACE_CENTRE = np.array([0.0, 0.01, 0.06])
 #: Depth noise sigma = DEPTH_NOISE_K * z^2 (metres): 0.35 mm at 0.37 m, 3.6 mm at 1.2 m.
 DEPTH_NOISE_K = 0.0025
+#: A pixel whose 3 x 3 neighbourhood spans more than this depth (m) is at a discontinuity...
+FLYING_EDGE_M = 0.05
+#: ... and becomes a flying pixel (uniform between the two surfaces) with this probability.
+FLYING_PIXEL_RATE = 0.5
+#: Specular dropouts: each pixel seeds a hole with this probability; a seed grows by
+#: HOLE_DILATION cross-shaped dilations (a 13-pixel diamond), so a pixel away from the
+#: border is a hole with probability 1 - (1 - HOLE_SEED_RATE) ** 13 (~1.0 %).
+HOLE_SEED_RATE = 0.0008
+HOLE_DILATION = 2
+#: Face pixels whose |cos(view angle)| is below this return no depth (grazing angles).
+GRAZING_COS = 0.2
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,10 +107,10 @@ def render_phone(
     if noise:
         img = img + rng.normal(0, 0.01, img.shape)
     rgb = (np.clip(img, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
-    return PhoneShot(rgb, _truedepth(g.depth, g.directions, normals, g.hit, rng), camera)
+    return PhoneShot(rgb, truedepth(g.depth, g.directions, normals, g.hit, rng), camera)
 
 
-def _truedepth(depth: np.ndarray, directions: np.ndarray, normals: np.ndarray, face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def truedepth(depth: np.ndarray, directions: np.ndarray, normals: np.ndarray, face: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Ideal camera-z depth (H, W) metres -> noisy uint16 millimetres with holes.
 
     ``face`` (H, W) marks pixels on the head mesh (the rest hit the wall or nothing).
@@ -108,14 +119,14 @@ def _truedepth(depth: np.ndarray, directions: np.ndarray, normals: np.ndarray, f
     valid = np.isfinite(depth)
     # Flying pixels: near a depth jump, a pixel takes a value between the two surfaces.
     near, far = minimum_filter(np.where(valid, z, np.inf), 3), maximum_filter(np.where(valid, z, 0), 3)
-    edge = valid & (far - near > 0.05)
-    fly = edge & (rng.uniform(size=z.shape) < 0.5)
+    edge = valid & (far - near > FLYING_EDGE_M)
+    fly = edge & (rng.uniform(size=z.shape) < FLYING_PIXEL_RATE)
     z = np.where(fly, near + (far - near) * rng.uniform(size=z.shape), z)
     z = z + rng.normal(size=z.shape) * DEPTH_NOISE_K * z**2
     # Holes: grazing angles (weak return) and random blobs (specular dropouts).
     facing = np.abs((normals * directions).sum(-1))
-    grazing = (facing < 0.2) & face
-    blobs = binary_dilation(rng.uniform(size=z.shape) < 0.0008, iterations=2)
+    grazing = (facing < GRAZING_COS) & face
+    blobs = binary_dilation(rng.uniform(size=z.shape) < HOLE_SEED_RATE, iterations=HOLE_DILATION)
     valid &= ~grazing & ~blobs
     valid &= (z > 0.1) & (z < 3.0)
     return np.where(valid, np.round(z * 1000), 0).astype(np.uint16)
