@@ -9,7 +9,6 @@ upstream unit is resolved, over the subjects whose inputs all succeeded.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,15 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distributed import Client, Future, as_completed, performance_report
-from tqdm import tqdm
 
 from pipeline import records
 from pipeline.artifacts import ArtifactStore, fingerprint_captures
 from pipeline.chain import default_chain
 from pipeline.cluster import gpu_resources, open_client
 from pipeline.errors import ConfigError
+from pipeline.progress import progress_bar
 from pipeline.runlog import OutputLayout, StageLog, write_json
 from pipeline.stage import CAPTURE, Chain, Stage, config_values, content_key, to_jsonable
+from pipeline.storage_options import fsspec_options
 from pipeline.tasks import InputRef, StageFailure, UnitSpec, execute_unit
 from storage import delta
 
@@ -108,8 +108,7 @@ class _Run:
         self.published_tables: set[str] = set()
         self.timings: dict[str, float] = {}
         self.last_flush = time.monotonic()
-        self.bar = tqdm(total=0, desc="stages", unit="task",
-                        disable=not progress or not sys.stderr.isatty())
+        self.bar = progress_bar(0, "stages", "task", enabled=progress)
 
     # -- planning ---------------------------------------------------------------------
     def plan(self) -> None:
@@ -337,7 +336,7 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         chain: the stages; defaults to :func:`pipeline.chain.default_chain`.
         workers: embedded LocalCluster worker count (default: CPUs, memory-capped).
         scheduler_address: use this existing Dask scheduler instead.
-        progress: show a progress bar (only on a terminal).
+        progress: report progress: a bar on a terminal, else a log line every 10 s.
         retries: extra attempts per unit before it becomes a failure record.
         processes: embedded workers as processes (default) or threads.
         run_id: explicit run id (default: time + random suffix).
@@ -386,8 +385,9 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
     def _with_report(cl: Client) -> _Run:
         if not report:
             return _execute(cl)
+        report_options = fsspec_options(run_dir, storage_options)
         with cl.as_current(), performance_report(filename=f"{run_dir}/dask-report.html",
-                                                 storage_options=storage_options):
+                                                 storage_options=report_options):
             return _execute(cl)
 
     if client is not None:

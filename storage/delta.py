@@ -38,6 +38,7 @@ from deltalake.exceptions import (
 )
 
 from pipeline.errors import StorageError
+from pipeline.storage_options import delta_options
 
 _log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def exists(uri: str, *, storage_options: Mapping[str, str] | None = None) -> boo
         storage_options: object-store options (credentials, endpoint) passed to deltalake.
     """
     try:
-        return bool(DeltaTable.is_deltatable(str(uri), storage_options=_opts(storage_options)))
+        return bool(DeltaTable.is_deltatable(str(uri), storage_options=_opts(uri, storage_options)))
     except (DeltaError, OSError) as exc:
         raise StorageError(f"{uri}: cannot check whether a Delta table exists: {exc}") from exc
 
@@ -312,15 +313,16 @@ def optimize(
 # ----------------------------------------------------------------------------- internals
 
 
-def _opts(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
-    return dict(storage_options) if storage_options else None
+def _opts(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
+    # fsspec-style names (endpoint_url, key, ...) become deltalake's (AWS_ENDPOINT_URL, ...)
+    return delta_options(str(uri), storage_options)
 
 
 def _open(
     uri: str, *, version: int | None = None, storage_options: Mapping[str, str] | None = None
 ) -> DeltaTable:
     try:
-        return DeltaTable(str(uri), version=version, storage_options=_opts(storage_options))
+        return DeltaTable(str(uri), version=version, storage_options=_opts(uri, storage_options))
     except TableNotFoundError as exc:
         raise StorageError(f"{uri}: no Delta table here: {exc}") from exc
     except (DeltaError, OSError) as exc:
@@ -344,7 +346,7 @@ def _native_filesystem(uri: str) -> pa_fs.FileSystem | None:
 
 def _open_or_none(uri: str, storage_options: Mapping[str, str] | None) -> DeltaTable | None:
     try:
-        return DeltaTable(str(uri), storage_options=_opts(storage_options))
+        return DeltaTable(str(uri), storage_options=_opts(uri, storage_options))
     except TableNotFoundError:
         return None
     except (DeltaError, OSError) as exc:
@@ -436,7 +438,7 @@ def _commit_with_retry(
     token = uuid.uuid4().hex
     custom = {str(k): str(v) for k, v in (commit_metadata or {}).items()}
     custom[_TOKEN_KEY] = token
-    opts = _opts(storage_options)
+    opts = _opts(uri, storage_options)
     last: BaseException | None = None
     for attempt in range(MAX_ATTEMPTS):
         try:
