@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -42,6 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import CaptureError, StorageError, printable
 from pipeline.serialize import decode, encode
+from pipeline.storage_options import fsspec_options
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -79,8 +81,13 @@ def crash_test_pause(point: str, stage: str) -> None:
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None
                ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(fs, path)`` for a URL or local path (local paths are made absolute)."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """``(fs, path)`` for a URL or local path (local paths are made absolute).
+
+    ``storage_options`` may mix fsspec and deltalake names (:mod:`pipeline.storage_options`).
+    Listings of ``fs`` give paths without the protocol: open them with this ``fs``, never
+    by passing them to :func:`filesystem` again (that would read the local disk).
+    """
+    fs, path = fsspec.core.url_to_fs(url, **fsspec_options(url, storage_options))
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(path)
     return fs, path.rstrip("/")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,13 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from distributed import Client, Future, as_completed, performance_report
-from tqdm import tqdm
 
 from pipeline import records
 from pipeline.artifacts import ArtifactStore, fingerprint_captures
 from pipeline.cluster import gpu_resources, open_client
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError
+from pipeline.progress import progress_bar
 from pipeline.runlog import OutputLayout, StageLog, write_json
 from pipeline.stage import (
     CAPTURE,
@@ -35,6 +34,7 @@ from pipeline.stage import (
     key_config,
     library_versions,
 )
+from pipeline.storage_options import fsspec_options
 from pipeline.tasks import InputRef, StageFailure, UnitSpec, execute_unit
 from storage import delta
 
@@ -163,8 +163,7 @@ class _Run:
         self.indexes = prep.indexes
         self.timings: dict[str, float] = {}
         self.last_flush = time.monotonic()
-        self.bar = tqdm(total=0, desc="stages", unit="task",
-                        disable=not progress or not sys.stderr.isatty())
+        self.bar = progress_bar(0, "stages", "task", enabled=progress)
 
     # -- planning ---------------------------------------------------------------------
     def plan(self) -> None:
@@ -429,7 +428,7 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         chain: the stages (the product's is :func:`workflows.chain.default_chain`).
         workers: embedded LocalCluster worker count (default: CPUs, memory-capped).
         scheduler_address: use this existing Dask scheduler instead.
-        progress: show a progress bar (only on a terminal).
+        progress: report progress: a bar on a terminal, else a log line every 10 s.
         retries: extra attempts per unit before it becomes a failure record.
         processes: embedded workers as processes (default) or threads.
         run_id: explicit run id (default: time + random suffix).
@@ -484,8 +483,9 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
     def _with_report(cl: Client) -> _Run:
         if not report:
             return _execute(cl)
+        report_options = fsspec_options(run_dir, storage_options)
         with cl.as_current(), performance_report(filename=f"{run_dir}/dask-report.html",
-                                                 storage_options=storage_options):
+                                                 storage_options=report_options):
             return _execute(cl)
 
     try:

@@ -123,6 +123,7 @@ def read_stage_log(out: str, run_id: str | None = None,
     """
     layout = OutputLayout(out)
     fs, runs = filesystem(layout.runs, storage_options)
+    fs.invalidate_cache(runs)  # other processes add runs and events: no stale listing
     try:
         run_dirs = [f"{runs}/{run_id}"] if run_id else fs.ls(runs, detail=False)
     except FileNotFoundError:
@@ -132,6 +133,7 @@ def read_stage_log(out: str, run_id: str | None = None,
         chunks: list[bytes] = []
         if fs.exists(f"{d}/{LOG_NAME}"):
             chunks.append(fs.cat_file(f"{d}/{LOG_NAME}"))
+        fs.invalidate_cache(f"{d}/{LOG_DIR}")
         if fs.exists(f"{d}/{LOG_DIR}"):
             chunks.extend(fs.cat_file(p) for p in sorted(fs.ls(f"{d}/{LOG_DIR}", detail=False)))
         for chunk in chunks:

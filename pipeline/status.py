@@ -11,6 +11,7 @@ failed units agree with the run's rows in the failures table.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -83,14 +84,15 @@ def latest_run(out: str, storage_options: dict[str, Any] | None = None
                ) -> dict[str, Any] | None:
     """The newest run record under ``out``, or ``None``."""
     fs, runs = filesystem(OutputLayout(out).runs, storage_options)
+    fs.invalidate_cache(runs)  # other processes write runs: no stale cached listing
     try:
         dirs = fs.ls(runs, detail=False)
     except FileNotFoundError:
         return None
     best: dict[str, Any] | None = None
-    for d in dirs:
+    for d in dirs:  # listed paths lack the protocol: read them through ``fs`` itself
         try:
-            rec = read_json(f"{d}/run.json", storage_options)
+            rec = json.loads(fs.cat_file(f"{d}/run.json"))
         except (FileNotFoundError, ValueError):
             continue
         if best is None or (rec["started"], rec["run_id"]) > (best["started"], best["run_id"]):

@@ -44,6 +44,7 @@ from deltalake.exceptions import (
 )
 
 from pipeline.errors import StorageError
+from pipeline.storage_options import delta_options
 
 _log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def exists(uri: str, *, storage_options: Mapping[str, str] | None = None) -> boo
         storage_options: object-store options (credentials, endpoint) passed to deltalake.
     """
     try:
-        return bool(DeltaTable.is_deltatable(str(uri), storage_options=_opts(storage_options)))
+        return bool(DeltaTable.is_deltatable(str(uri), storage_options=_opts(uri, storage_options)))
     except (DeltaError, OSError) as exc:
         raise StorageError(f"{uri}: cannot check whether a Delta table exists: {exc}") from exc
 
@@ -290,7 +291,7 @@ def overwrite_table(
             mode="overwrite",
             schema_mode="overwrite",
             partition_by=partition_by,
-            storage_options=_opts(storage_options),
+            storage_options=_opts(uri, storage_options),
             commit_properties=CommitProperties(custom_metadata=custom),
             writer_properties=writer_properties,
         )
@@ -433,15 +434,16 @@ def _partition_filter_tuples(
     return out
 
 
-def _opts(storage_options: Mapping[str, str] | None) -> dict[str, str] | None:
-    return dict(storage_options) if storage_options else None
+def _opts(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, str] | None:
+    # fsspec-style names (endpoint_url, key, ...) become deltalake's (AWS_ENDPOINT_URL, ...)
+    return delta_options(str(uri), storage_options)
 
 
 def _open(
     uri: str, *, version: int | None = None, storage_options: Mapping[str, str] | None = None
 ) -> DeltaTable:
     try:
-        return DeltaTable(str(uri), version=version, storage_options=_opts(storage_options))
+        return DeltaTable(str(uri), version=version, storage_options=_opts(uri, storage_options))
     except TableNotFoundError as exc:
         raise StorageError(f"{uri}: no Delta table here: {exc}") from exc
     except (DeltaError, OSError) as exc:
@@ -465,7 +467,7 @@ def _native_filesystem(uri: str) -> pa_fs.FileSystem | None:
 
 def _open_or_none(uri: str, storage_options: Mapping[str, str] | None) -> DeltaTable | None:
     try:
-        return DeltaTable(str(uri), storage_options=_opts(storage_options))
+        return DeltaTable(str(uri), storage_options=_opts(uri, storage_options))
     except TableNotFoundError:
         return None
     except (DeltaError, OSError) as exc:
@@ -557,7 +559,7 @@ def _commit_with_retry(
     token = uuid.uuid4().hex
     custom = {str(k): str(v) for k, v in (commit_metadata or {}).items()}
     custom[_TOKEN_KEY] = token
-    opts = _opts(storage_options)
+    opts = _opts(uri, storage_options)
     last: BaseException | None = None
     since: int | None = None  # table version before our first attempt (None: no table)
     for attempt in range(MAX_ATTEMPTS):

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import RunConfig
 from pipeline.errors import printable
 from pipeline.runlog import read_stage_log
 from pipeline.status import status
@@ -36,6 +34,8 @@ from tests.adversarial_cases import (
     build_outside,
     build_template,
 )
+from workflows.cli import main
+from workflows.config import RunConfig
 
 CASE_SECONDS = 10.0  # per case, validate alone (the slowest takes well under a second)
 CASE_TRACED_MIB = 64  # Python/NumPy allocations while validating one case
@@ -99,8 +99,8 @@ def test_validate_names_the_file(suite: Suite, case: Case, capsys: pytest.Captur
 
 _RUNNER = """
 import json, resource, sys
-from pipeline.chain import STAGES
-from pipeline.config import RunConfig
+from workflows.chain import STAGES
+from workflows.config import RunConfig
 from pipeline.stage import Chain
 from workflows.label import backfill
 s = backfill(sys.argv[1], sys.argv[2], RunConfig(), chain=Chain((STAGES[0],)), workers=1,
@@ -206,8 +206,8 @@ def test_symlinks_inside_the_capture_are_followed(suite: Suite, tmp_path: Path) 
 
 def test_a_run_that_dies_is_not_left_running(suite: Suite, tmp_path: Path, monkeypatch) -> None:
     from pipeline import dag
-    from pipeline.chain import STAGES
     from pipeline.stage import Chain
+    from workflows.chain import STAGES
 
     def boom(self) -> None:
         raise RuntimeError("planner exploded")

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pipeline import storage_options
 from pipeline.errors import PgtError, printable
 
 
@@ -62,7 +63,7 @@ def _run_config(args: argparse.Namespace):
 
 def _run_options(args: argparse.Namespace) -> dict:
     return {"workers": args.workers, "scheduler_address": args.scheduler, "retries": args.retries,
-            "progress": not args.quiet}
+            "progress": not args.quiet, "storage_options": storage_options.from_args(args)}
 
 
 def _print_summary(summary) -> int:
@@ -89,7 +90,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import status
 
-    report = status(args.out)
+    report = status(args.out, storage_options=storage_options.from_args(args))
     print(report.to_text())
     return 0
 
@@ -100,6 +101,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     job = MetricsJob(
         labels=args.labels, captures=args.captures, out=args.out or "", truth=args.truth or "",
         rig_dir=args.rigs or "", label_source=args.source or "", label_round=args.round,
+        storage_options=storage_options.from_args(args),
     )
     print(format_summary(run_metrics(job)))
     return 0
@@ -114,6 +116,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="address of an existing Dask scheduler to use instead")
     p.add_argument("--retries", type=int, default=1, help="extra attempts of a failing stage")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    storage_options.add_storage_option_argument(p)
     names = ", ".join(config_options(RunConfig))
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help=f"config override (checked before anything runs; a bad one exits with status 2); one of: {names}")
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="done, failed and pending work of an output root")
     p.add_argument("out", help="output root of label/backfill")
+    storage_options.add_storage_option_argument(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("metrics", help="print and write the SPEC §5 metrics of a label table")
@@ -167,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics table (default: next to the label table)")
     p.add_argument("--source", help="only this label_source")
     p.add_argument("--round", type=int, default=-1, help="only this label_round")
+    storage_options.add_storage_option_argument(p)
     p.set_defaults(func=_cmd_metrics)
     return parser
 

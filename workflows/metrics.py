@@ -20,13 +20,15 @@ Copy this file to change what is scored or where it is written.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.storage_options import sibling_url
 from rigs.definition import RigDefinition, load_default_rig_definition
 from rigs.face_model import FaceModel, load_ict_face_model
 from rigs.rig import BlendshapeRig
@@ -64,6 +66,8 @@ class MetricsJob:
         label_round: score only this round (-1 = every round).
         version: label table version to read (-1 = latest).
         run_id: recorded with every metrics row.
+        storage_options: object-store options of ``labels`` and ``out``
+            (pipeline/storage_options.py); captures, truth and rigs are local folders.
     """
 
     labels: str
@@ -75,6 +79,7 @@ class MetricsJob:
     label_round: int = -1
     version: int = -1
     run_id: str = "metrics"
+    storage_options: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,12 +187,12 @@ def _ground_truth_metrics(labels, b, definition, rig, truth_dir: Path) -> dict:
 def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> dict[tuple[str, int], MetricsSummary]:
     """Scores the label table; returns {(label_source, label_round): summary}."""
     definition = definition or load_default_rig_definition()
-    table = LabelTable(job.labels).read(version=None if job.version < 0 else job.version)
+    table = LabelTable(job.labels, job.storage_options).read(version=None if job.version < 0 else job.version)
     if table.num_rows == 0:
         raise ConfigError(f"{job.labels}: the label table has no rows")
     groups = sorted({(s, int(r)) for s, r in zip(table.column("label_source").to_pylist(), table.column("label_round").to_pylist(), strict=True)})
     groups = [g for g in groups if (not job.label_source or g[0] == job.label_source) and (job.label_round < 0 or g[1] == job.label_round)]
-    out_uri = job.out or str(Path(job.labels).parent / "metrics")
+    out_uri = job.out or sibling_url(job.labels, "metrics")
     summaries = {}
     now = dt.datetime.now(dt.UTC)
     rig_for = _rig_provider(job)
@@ -202,7 +207,8 @@ def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> dic
             recs.append(score_recording(labels, capture, definition, rig_for(labels.subject_id), truth_dir))
         summary = aggregate(recs)
         rows = metrics_rows(recs, label_source=source, label_round=rnd, run_id=job.run_id, computed_at=now)
-        delta.replace_rows(out_uri, rows, {"label_source": source, "label_round": rnd})
+        delta.replace_rows(out_uri, rows, {"label_source": source, "label_round": rnd},
+                           storage_options=job.storage_options)
         summaries[(source, rnd)] = summary
     return summaries
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy.spatial.transform import Rotation
-from tqdm import tqdm
 
+from pipeline.progress import progress_bar, track
 from rigs.camera import Camera
 from rigs.definition import RigDefinition, load_default_rig_definition
 from rigs.face_model import FaceModel, load_ict_face_model
@@ -112,7 +112,7 @@ def generate_subject(
         picks = [peak_pool[(r * config.hmc_peaks_per_recording + k) % len(peak_pool)] for k in range(config.hmc_peaks_per_recording)]
         timelines.append(hmc_timeline(definition, rng, picks, config.script, fps=config.fps, wink_eye=("left", "right")[r % 2]))
     total = len(prompts) * config.phone_frames_per_prompt + sum(len(t.b) for t in timelines)
-    bar = tqdm(total=total, desc=sid, unit="frame", disable=not progress, leave=False)
+    bar = progress_bar(total, sid, "frame", enabled=progress, leave=False)
 
     expr_b, expr_gaze, expr_verts = [], [], []
     for prompt in prompts:
@@ -265,10 +265,11 @@ def generate(config: SynthConfig, n_subjects: int, seed: int, out: Path, progres
     """
     if workers <= 1 or n_subjects < 2:
         return [generate_subject(config, seed, i, Path(out), progress=progress)
-                for i in tqdm(range(n_subjects), desc="subjects", disable=not progress or n_subjects < 2)]
+                for i in track(range(n_subjects), n_subjects, "subjects", "subject",
+                               enabled=progress and n_subjects > 1)]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(generate_subject, config, seed, i, Path(out), progress=False) for i in range(n_subjects)]
-        return [f.result() for f in tqdm(futures, desc="subjects", disable=not progress)]
+        return [f.result() for f in track(futures, n_subjects, "subjects", "subject", enabled=progress)]
