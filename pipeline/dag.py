@@ -471,6 +471,10 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
                    progress, storage_options)
         run.record_failures([records.failure_from(err, None, name, "", run_id, 1,
                                                   stage_name=CAPTURE) for name, err in bad])
+        for name, _ in bad:  # an unreadable capture's earlier rows are not current either
+            for st in chain:
+                if st.scope == "subject":
+                    run._retract(Unit(st, name, state="failed"))
         run.timings["fingerprint"] = t_fp
         run.loop()
         return run
