@@ -134,6 +134,9 @@ def put_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool
                 os.link(tmp, path)
             except FileExistsError:
                 return False
+            except OSError as exc:  # e.g. a mount without hard links
+                raise StorageError(f"{path}: cannot publish atomically, this filesystem "
+                                   f"refused a hard link ({exc.strerror})") from exc
             return True
         finally:
             os.unlink(tmp)

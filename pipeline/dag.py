@@ -271,7 +271,7 @@ class _Run:
         self.units[(unit.stage.name, unit.subject)] = unit
         self.log.append("skip", run_id=self.run_id, key=unit.key, stage=unit.stage.name,
                         subject=unit.subject, reason=reason)
-        self._retract(unit)
+        self.retract(unit)
 
     # -- completion -------------------------------------------------------------------
     def _complete(self, fut: Future, result: Any) -> None:
@@ -305,7 +305,7 @@ class _Run:
         self.record_failures([records.failure_from(exc, unit.stage, unit.subject,
                                                    unit.key or "", self.run_id, attempt)])
         if retract:
-            self._retract(unit)
+            self.retract(unit)
 
     def record_failures(self, failures: list[records.FailureRecord]) -> None:
         """Appends failure rows to the failures table now, so a driver crash loses none."""
@@ -325,7 +325,7 @@ class _Run:
         self.to_publish.append(unit)
         self._maybe_flush()
 
-    def _retract(self, unit: Unit) -> None:
+    def retract(self, unit: Unit) -> None:
         """Queues the deletion of rows a now failed or skipped unit published earlier."""
         pub = unit.stage.publish
         if pub is not None and self.indexes[pub.table].holds(unit.stage.name, unit.subject):
@@ -476,6 +476,10 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
                    progress, storage_options)
         run.record_failures([records.failure_from(err, None, name, "", run_id, 1,
                                                   stage_name=CAPTURE) for name, err in bad])
+        for name, _ in bad:  # an unreadable capture's earlier rows are not current either
+            for st in chain:
+                if st.scope == "subject":
+                    run.retract(Unit(st, name, state="failed"))
         run.timings["fingerprint"] = t_fp
         run.loop()
         return run

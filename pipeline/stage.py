@@ -51,10 +51,14 @@ _FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 class Publish:
     """Declares that a stage's rows are published to a Delta table after commit.
 
-    The stage's artifact holds the rows (a ``pa.Table``, or ``StageOutput.tables[rows]``);
-    after the artifact is committed the driver replaces the rows matching the predicate
-    built from ``predicate_columns`` and appends the new ones, in one Delta commit. A
-    crash anywhere therefore leaves the table equal to an uninterrupted run's.
+    The stage's artifact holds the rows (a ``pa.Table``, or ``StageOutput.tables[rows]``).
+    The driver publishes them with three provenance columns (``_stage``,
+    ``_stage_version``, ``_artifact_key``) whenever the table does not hold the planned
+    key (a fresh output, a cached one after another config ran, a new or deleted
+    table): the rows matching the predicate built from ``predicate_columns`` are
+    replaced by the new ones in one Delta commit, batched over subjects. A unit that
+    fails or is skipped has its earlier rows deleted. A crash anywhere therefore leaves
+    the table equal to an uninterrupted run's (``pipeline.records``).
 
     Attributes:
         table: table name, stored at ``<tables>/<table>``.

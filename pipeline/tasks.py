@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -166,9 +167,11 @@ def execute_unit(spec: UnitSpec, store: ArtifactStore, log: StageLog,
         missing = set(st.outputs) - output_names(value)
         if missing:
             raise StageError(f"stage {st.name} output lacks declared outputs {sorted(missing)}")
-        store.commit(st.name, spec.key, value, {
+        writer = uuid.uuid4().hex
+        marker = store.commit(st.name, spec.key, value, {
             "version": st.version, "subject": spec.subject, "run_id": spec.run_id,
-            "attempt": attempt, "config": to_jsonable(spec.config), "inputs": spec.input_keys})
+            "attempt": attempt, "config": to_jsonable(spec.config), "inputs": spec.input_keys,
+            "writer": writer})
     except Exception as exc:
         trace = traceback.format_exc()
         log.append("fail", error_type=type(exc).__name__, message=str(exc), **ident)
@@ -179,6 +182,7 @@ def execute_unit(spec: UnitSpec, store: ArtifactStore, log: StageLog,
                               attempt=attempt, failure=failure)
         raise failure from None
     seconds = time.perf_counter() - t0
-    log.append("finish", seconds=seconds, **ident)
+    # committed=False: a concurrent duplicate committed first and this output was discarded
+    log.append("finish", seconds=seconds, committed=marker.get("writer") == writer, **ident)
     return UnitResult(st.name, spec.subject, spec.key, executed=True, attempt=attempt,
                       seconds=seconds)

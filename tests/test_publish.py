@@ -109,6 +109,11 @@ def test_rows_of_a_subject_that_now_fails_are_retracted(tmp_path: Path, client: 
     (caps[1] / "FAIL").unlink()
     s = _run(caps, out, client)
     assert _rows(table) == _expected(caps, s, 0)
+    manifest = caps[2] / "capture.json"  # unreadable before any stage: an unsafe id
+    manifest.write_text(manifest.read_text().replace('"subj002"', '"../subj002"'))
+    s = _run(caps, out, client)
+    assert [(f.subject, f.stage) for f in s.failures] == [("subj002", "capture")]
+    assert {r["subject_id"] for r in _rows(table)} == {"subj000", "subj001"}
 
 
 def test_a_table_without_provenance_columns_is_refused_before_running(tmp_path: Path,
