@@ -109,7 +109,7 @@ class Camera:
         y = np.cross(z, x)
         return cls(
             PinholeIntrinsics(width, height, focal, focal, (width - 1) / 2, (height - 1) / 2),
-            np.zeros(LENS_MODELS[model]) if distortion is None else np.asarray(distortion, float),
+            np.zeros(LENS_MODELS.get(model, 0)) if distortion is None else np.asarray(distortion, float),
             np.stack([x, y, z], 1), np.asarray(position, float), model,
         )
 
