@@ -46,6 +46,7 @@ from stages.metrics import (
     recording_metrics,
     recordings_from_label_table,
 )
+from stages.metrics_common import segment_field
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable
@@ -132,7 +133,7 @@ def _need_rig(subject_rig: SubjectRig | BlendshapeRig | None, labels: RecordingL
 
 
 def _has_kind(segments: Sequence, kind: str) -> bool:
-    return any(getattr(s, "kind", None) == kind for s in segments)
+    return any(segment_field(s, "kind") == kind for s in segments)
 
 
 def score_recording(
