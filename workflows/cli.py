@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels", help="label table (Delta) path or URL")
     p.add_argument("--captures", required=True, help="folder of the subjects' capture folders (segments, fps)")
     p.add_argument("--truth", help="synthetic ground_truth/ folder: adds the SPEC §5.2 metrics")
-    p.add_argument("--rigs", help="folder of personal rigs <subject>.npz (for Mouth Closure's lip gap)")
+    p.add_argument("--rigs", help="folder of the labelled rigs <subject>.npz (Mouth Closure's lip gap, expression-mesh error); without it the truth folder's true rigs are used; never the generic rig")
     p.add_argument("--out", help="metrics table (default: next to the label table)")
     p.add_argument("--source", help="only this label_source")
     p.add_argument("--round", type=int, default=-1, help="only this label_round")
