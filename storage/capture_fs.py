@@ -294,5 +294,5 @@ def _entry_problem(name: bytes, full: bytes, st: os.stat_result, root: str | Pat
             return exc.problem
         return None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        return f"is {file_kind(st.st_mode)}; a capture holds only regular files and folders"
+        return f"is {file_kind(st.st_mode)}, not a regular file"  # as open_capture_file says
     return None

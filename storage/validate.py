@@ -143,23 +143,34 @@ class _Validator:
     def run(self, progress: ProgressCallback | None) -> list[CaptureError]:
         if not self.root.is_dir():
             self.add(self.root, "capture folder does not exist or is not a folder")
-            return self.errors
+            return self.unique_errors()
         try:
             _, problems = scan_tree(self.root)
         except CaptureError as exc:  # over the entry or depth limit: read nothing more
             self.errors.append(exc)
-            return self.errors
+            return self.unique_errors()
         self.errors.extend(problems)
         manifest = self.check_manifest()
         if manifest is None:
-            return self.errors
+            return self.unique_errors()
         for expression in manifest.phone_expressions:
             self.check_expression(expression)
         rig = self.check_rig(manifest)
         for recording in manifest.recordings:
             self.check_recording(recording, rig)
         self.check_images(progress)
-        return self.errors
+        return self.unique_errors()
+
+    def unique_errors(self) -> list[CaptureError]:
+        """The errors in order, each (file, problem) once: the folder scan and a reader
+        may both find one bad symlink or FIFO."""
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for e in self.errors:
+            if (e.path, e.problem) not in seen:
+                seen.add((e.path, e.problem))
+                out.append(e)
+        return out
 
     # ------------------------------------------------------------------------- manifest
 

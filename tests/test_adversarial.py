@@ -23,7 +23,6 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import RunConfig
-from pipeline.errors import printable
 from pipeline.runlog import read_stage_log
 from pipeline.status import status
 from storage import delta
@@ -41,6 +40,11 @@ CASE_SECONDS = 10.0  # per case, validate alone (the slowest takes well under a 
 CASE_TRACED_MIB = 64  # Python/NumPy allocations while validating one case
 BACKFILL_RSS_MIB = 1024  # peak resident memory of the whole backfill process
 DUP = "dup-subject"
+
+
+def printable(text: str) -> str:
+    """How messages show a path whose bytes are not UTF-8 (``\\xNN``)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @dataclass
