@@ -157,3 +157,34 @@ def test_keypoint_arrays_are_checked_before_inflating(made) -> None:
     assert problems and "more than the limit of 100" in problems[0]
     (points, conf), problems = check_keypoints(path, made.root, 6)
     assert problems == [] and points.shape == (6, 4, 2) and conf.dtype == np.float32
+
+
+def test_published_manifest_schema(made) -> None:
+    """Data engineers validate capture.json with the shipped schema and any validator."""
+    import json
+
+    import jsonschema
+
+    from storage.capture_schema import MANIFEST_SCHEMA_PATH, check_manifest
+
+    schema = json.loads(MANIFEST_SCHEMA_PATH.read_text())
+    good = json.loads((made.root / "capture.json").read_text())
+    jsonschema.validate(good, schema)
+    assert check_manifest(good)[1] == []
+    for edit, problem in [
+        (lambda m: m["phone"].update(expressions=["neutral", "neutral"]),
+         "field \"phone.expressions\": expression 'neutral' is listed twice"),
+        (lambda m: m["hmc"].update(recordings=[]),
+         'field "hmc.recordings" must list at least one recording'),
+        (lambda m: m["hmc"].update(rig="hmc/../../x"),
+         "field \"hmc.rig\" must be a relative path inside the capture, got 'hmc/../../x'"),
+        (lambda m: m["hmc"].pop("rig"), 'hmc: missing field "rig"'),
+        (lambda m: m.update(subject_id="subj0000\n"), "subject id is not a safe name"),
+        (lambda m: m.update(format="other"), 'field "format" must be "hmc-pgt-capture"'),
+    ]:
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        problems = check_manifest(bad)[1]
+        assert any(p.startswith(problem) for p in problems), problems
