@@ -51,10 +51,28 @@ def number_array(value: object, shape: tuple[int, ...]) -> np.ndarray | None:
     return np.array(rows, dtype=np.float64).reshape(shape)
 
 
+#: Problems one document's check collects before it stops (a hostile document can hold
+#: millions; the validator shows at most this many per file).
+MAX_PROBLEMS_PER_FILE = 50
+
+
+def too_many(problems: list[str]) -> bool:
+    """True (once noted in ``problems``) when a check should stop collecting."""
+    if len(problems) < MAX_PROBLEMS_PER_FILE:
+        return False
+    if not problems[-1].startswith("checking stopped"):
+        problems.append(f"checking stopped after {MAX_PROBLEMS_PER_FILE} problems")
+    return True
+
+
 def raise_problems(path: Path, problems: Sequence[str]) -> None:
-    """Raises one CaptureError for ``path`` listing ``problems`` (no-op when empty)."""
+    """Raises one CaptureError for ``path`` listing ``problems`` (no-op when empty; at most
+    :data:`MAX_PROBLEMS_PER_FILE` of them in the message)."""
     if problems:
-        raise CaptureError(path, "; ".join(problems))
+        shown = list(problems[:MAX_PROBLEMS_PER_FILE])
+        if len(problems) > len(shown):
+            shown.append(f"and {len(problems) - len(shown)} more")
+        raise CaptureError(path, "; ".join(shown))
 
 
 class FieldReader:

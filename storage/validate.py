@@ -44,6 +44,7 @@ from storage.capture_layout import (
     resolve_inside,
 )
 from storage.capture_schema import (
+    MAX_PROBLEMS_PER_FILE,
     Manifest,
     check_manifest,
     check_phone_intrinsics,
@@ -57,9 +58,6 @@ from storage.hmc_schema import (
 from storage.png_io import ImageKind, header_problem, read_image, read_png_header, size_problem
 
 __all__ = ["ProgressCallback", "summarize_capture", "validate_capture"]
-
-#: A hostile document can hold millions of faults; one file's report stops at this many.
-MAX_PROBLEMS_PER_FILE = 50
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each image (or RGB + depth pair) is checked."""
@@ -116,8 +114,9 @@ class _Validator:
         """Reports a document's problems, at most :data:`MAX_PROBLEMS_PER_FILE` of them."""
         for problem in problems[:MAX_PROBLEMS_PER_FILE]:
             self.add(path, problem)
-        if len(problems) > MAX_PROBLEMS_PER_FILE:
-            self.add(path, f"... and {len(problems) - MAX_PROBLEMS_PER_FILE} more problems")
+        rest = problems[MAX_PROBLEMS_PER_FILE:]
+        if rest:  # one more line: show it (often "checking stopped ..."), else count them
+            self.add(path, rest[0] if len(rest) == 1 else f"... and {len(rest)} more problems")
 
     def read_json(self, path: Path) -> object | None:
         try:
