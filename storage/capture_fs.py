@@ -45,7 +45,7 @@ class CaptureLimits:
     """Size of one timestamps.csv (about 2 million rows)."""
     max_image_bytes: int = 256 * _MIB
     """Size of one PNG file."""
-    max_png_header_bytes: int = 1 * _MIB
+    max_png_header_bytes: int = 256 * 1024
     """PNG chunks before the pixel data (IHDR and metadata such as text or ICC profiles)."""
     max_image_side: int = 16384
     """Width and height of one image, in pixels, from its PNG header."""

@@ -115,8 +115,10 @@ class _Validator:
         for problem in problems[:MAX_PROBLEMS_PER_FILE]:
             self.add(path, problem)
         rest = problems[MAX_PROBLEMS_PER_FILE:]
-        if rest:  # one more line: show it (often "checking stopped ..."), else count them
-            self.add(path, rest[0] if len(rest) == 1 else f"... and {len(rest)} more problems")
+        if rest:
+            stopped = rest[-1] if rest[-1].startswith("checking stopped") else ""
+            more = len(rest) - bool(stopped)
+            self.add(path, "; ".join(filter(None, [more and f"... and {more} more problems", stopped])))
 
     def read_json(self, path: Path) -> object | None:
         try:
