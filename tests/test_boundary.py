@@ -188,3 +188,20 @@ def test_published_manifest_schema(made) -> None:
             jsonschema.validate(bad, schema)
         problems = check_manifest(bad)[1]
         assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_validate_checks_prompts_against_the_rig_definition(made, tmp_path, capsys) -> None:
+    import json
+
+    from pipeline.cli import main
+    from rigs.definition import DEFAULT_DEFINITION
+
+    segments = made.root / "hmc/rec000/segments.json"
+    segments.write_text(segments.read_text().replace('"jaw_drop_max"', '"tongue_out_max"'))
+    assert main(["validate", str(made.root), "--shallow"]) == 1
+    assert "unknown prompt 'tongue_out_max'" in capsys.readouterr().err
+    definition = json.loads(DEFAULT_DEFINITION.read_text())
+    definition["prompts"].append({"name": "tongue_out_max", "art_prior": {}})
+    custom = tmp_path / "rig_definition.json"
+    custom.write_text(json.dumps(definition))
+    assert main(["validate", str(made.root), "--shallow", "--rig-definition", str(custom)]) == 0
