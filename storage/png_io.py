@@ -78,7 +78,7 @@ def _parse_header(fh: BinaryIO, path: Path, limits: CaptureLimits) -> PngHeader:
             # check in pixels, whose limit is ours to state (CaptureLimits).
             im = PngImagePlugin.PngImageFile(fh)
     except (SyntaxError, OSError, ValueError, EOFError, Image.DecompressionBombError):
-        if more:  # the pixel data did not start within the limit
+        if more and fh.tell() >= len(head):  # ran off the window: no pixel data within it
             raise CaptureError(
                 path, f"more than {limits.max_png_header_bytes} bytes of PNG chunks before "
                 "the pixel data (the limit)",
