@@ -246,7 +246,7 @@ def read_subject_id(capture: str | Path) -> str:
         pass  # validation reports it, with the subject's own failure record
     reason = unsafe_name_reason(subject, "subject id")
     if reason:
-        raise CaptureError(manifest, f"unsafe {reason}")
+        raise CaptureError(manifest, reason)
     assert isinstance(subject, str)
     return subject
 
