@@ -236,7 +236,9 @@ def read_subject_id(capture: str | Path) -> str:
     folder = Path(capture)
     manifest = folder / "capture.json"
     if not folder.is_dir():
-        raise CaptureError(folder, "capture folder does not exist")
+        dangling = folder.is_symlink() and not folder.exists()
+        raise CaptureError(folder, "capture folder is a dangling symlink" if dangling
+                           else "capture folder does not exist or is not a folder")
     subject: object = folder.name
     try:
         doc = read_json(manifest, folder)

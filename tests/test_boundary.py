@@ -205,3 +205,15 @@ def test_validate_checks_prompts_against_the_rig_definition(made, tmp_path, caps
     custom = tmp_path / "rig_definition.json"
     custom.write_text(json.dumps(definition))
     assert main(["validate", str(made.root), "--shallow", "--rig-definition", str(custom)]) == 0
+
+
+def test_a_dangling_capture_symlink_in_a_backfill_root_is_not_dropped(made, tmp_path) -> None:
+    from workflows.label import find_captures
+
+    root = tmp_path / "captures"
+    root.mkdir()
+    (root / "gone").symlink_to(tmp_path / "nowhere")
+    (root / "subj0000").symlink_to(made.root)
+    assert find_captures(root) == [root / "gone", root / "subj0000"]
+    with pytest.raises(CaptureError, match="dangling symlink"):
+        read_subject_id(root / "gone")
