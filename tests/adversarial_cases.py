@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import stat
 import struct
 import zipfile
 import zlib
@@ -304,6 +306,19 @@ def _non_utf8_file(folder: str) -> Mutate:
     return fn
 
 
+def _char_device(path: Path, _: Path) -> None:
+    """A copy of /dev/zero's device node (an endless file) where a frame belongs."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))
+    except PermissionError:  # not root: a FIFO is refused by the same rule
+        os.mkfifo(path)
+
+
+def _socket(path: Path, _: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(os.fspath(path))  # the socket file stays after the socket closes
+
+
 def _manifest_bytes(root: Path) -> bytes:
     return (root / "capture.json").read_bytes()
 
@@ -408,6 +423,8 @@ def _cases() -> list[Case]:
         # --------------------------------------------------------------- hmc frames
         c("hmc-png-60000", write(_FRAME, png_bytes(60000, 60000, 8, 0, zlib.compress(b"\0" * 64))),
           _FRAME, "limits"),
+        c("hmc-frame-char-device", replace_with(_FRAME, _char_device), _FRAME, "not a regular file"),
+        c("root-stray-socket", lambda r, o: _socket(r / "sock", o), "sock", "socket"),
         c("hmc-png-chunk-flood", write(_FRAME, chunk_flood(100_000)), _FRAME, "limit"),
         c("hmc-fifo-frame", fifo(_FRAME), _FRAME, "fifo"),
         c("hmc-frame-symlink-out", symlink_out(_FRAME, "frame.png"), _FRAME, "outside"),
