@@ -330,7 +330,9 @@ def read_subject_id(capture: str | Path) -> str:
     folder = Path(capture)
     manifest = folder / "capture.json"
     if not folder.is_dir():
-        raise CaptureError(folder, "capture folder does not exist")
+        dangling = folder.is_symlink() and not folder.exists()
+        raise CaptureError(folder, "capture folder is a dangling symlink" if dangling
+                           else "capture folder does not exist or is not a folder")
     subject: object = folder.name
     try:
         doc = read_json(manifest, folder)
@@ -340,7 +342,7 @@ def read_subject_id(capture: str | Path) -> str:
         pass  # validation reports it, with the subject's own failure record
     reason = unsafe_name_reason(subject, "subject id")
     if reason:
-        raise CaptureError(manifest, f"unsafe {reason}")
+        raise CaptureError(manifest, reason)
     assert isinstance(subject, str)
     return subject
 

@@ -52,7 +52,7 @@ class StageOutput:
 
 
 def _check_name(name: str, what: str) -> None:
-    if not isinstance(name, str) or not _PART_RE.match(name):
+    if not isinstance(name, str) or not _PART_RE.fullmatch(name):
         raise StageError(f"{what} name {name!r} must match {_PART_RE.pattern}")
 
 

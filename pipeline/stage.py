@@ -109,7 +109,7 @@ class Stage:
     library_versions: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name) or self.name == CAPTURE:
+        if not _NAME_RE.fullmatch(self.name) or self.name == CAPTURE:
             raise ConfigError(f"stage name {self.name!r} must match {_NAME_RE.pattern}")
         if not self.version or not isinstance(self.version, str):
             raise ConfigError(f"stage {self.name}: version must be a non-empty string")
@@ -121,7 +121,7 @@ class Stage:
         if len(set(self.inputs)) != len(self.inputs):
             raise ConfigError(f"stage {self.name}: duplicate inputs {self.inputs}")
         for f in self.config_fields:
-            if not _FIELD_RE.match(f):
+            if not _FIELD_RE.fullmatch(f):
                 raise ConfigError(f"stage {self.name}: bad config field {f!r}")
         if self.resources not in ("cpu", "gpu"):
             raise ConfigError(f"stage {self.name}: resources must be 'cpu' or 'gpu'")

@@ -1,7 +1,9 @@
 """Typed, streaming reader of a capture folder (docs/capture-format.md).
 
 ``Capture.open`` reads only the manifest; everything else is read when asked for, one
-file at a time, and checked as it is read. Any violation of the capture contract raises
+file at a time, and checked as it is read. Every read goes through
+:mod:`storage.capture_fs` (inside the capture folder, regular files only, size limits
+checked first; an image's header is checked before its pixels are decoded). Any violation of the capture contract raises
 :class:`~pipeline.errors.CaptureError` naming the file and the problem. Asking for a name
 the capture does not have (an expression, recording or camera) raises ``KeyError`` and an
 index out of range raises ``IndexError``: those are the caller's mistakes, not the data's.

@@ -45,6 +45,8 @@ class CaptureLimits:
     """Size of one timestamps.csv (about 2 million rows)."""
     max_image_bytes: int = 256 * _MIB
     """Size of one PNG file."""
+    max_png_header_bytes: int = 256 * 1024
+    """PNG chunks before the pixel data (IHDR and metadata such as text or ICC profiles)."""
     max_image_side: int = 16384
     """Width and height of one image, in pixels, from its PNG header."""
     max_image_pixels: int = 64 * _MIB
@@ -294,5 +296,5 @@ def _entry_problem(name: bytes, full: bytes, st: os.stat_result, root: str | Pat
             return exc.problem
         return None
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        return f"is {file_kind(st.st_mode)}; a capture holds only regular files and folders"
+        return f"is {file_kind(st.st_mode)}, not a regular file"  # as open_capture_file says
     return None

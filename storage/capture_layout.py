@@ -79,10 +79,11 @@ def unsafe_name_reason(name: object, what: str) -> str | None:
     if not isinstance(name, str):
         return f"{what} must be a string, got {type(name).__name__}"
     if not _SAFE_NAME.fullmatch(name) or ".." in name:
-        return (
-            f"{what} {describe(name)} is not a safe name (1-64 characters from A-Z a-z 0-9 _ . -, "
-            "starting with a letter or digit, no '..')"
-        )
+        rule = "1-64 characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
+        shown = describe(name)
+        if not shown.startswith("'"):  # not shown verbatim: say what it is instead
+            return f"{what} is not a safe name: {shown} ({rule})"
+        return f"{what} {shown} is not a safe name ({rule})"
     return None
 
 

@@ -10,6 +10,8 @@ one :class:`~pipeline.errors.CaptureError` naming the file (what readers use); e
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,10 +51,28 @@ def number_array(value: object, shape: tuple[int, ...]) -> np.ndarray | None:
     return np.array(rows, dtype=np.float64).reshape(shape)
 
 
+#: Problems one document's check collects before it stops (a hostile document can hold
+#: millions; the validator shows at most this many per file).
+MAX_PROBLEMS_PER_FILE = 50
+
+
+def too_many(problems: list[str]) -> bool:
+    """True (once noted in ``problems``) when a check should stop collecting."""
+    if len(problems) < MAX_PROBLEMS_PER_FILE:
+        return False
+    if not problems[-1].startswith("checking stopped"):
+        problems.append(f"checking stopped after {MAX_PROBLEMS_PER_FILE} problems")
+    return True
+
+
 def raise_problems(path: Path, problems: Sequence[str]) -> None:
-    """Raises one CaptureError for ``path`` listing ``problems`` (no-op when empty)."""
+    """Raises one CaptureError for ``path`` listing ``problems`` (no-op when empty; at most
+    :data:`MAX_PROBLEMS_PER_FILE` of them in the message)."""
     if problems:
-        raise CaptureError(path, "; ".join(problems))
+        shown = list(problems[:MAX_PROBLEMS_PER_FILE])
+        if len(problems) > len(shown):
+            shown.append(f"and {len(problems) - len(shown)} more")
+        raise CaptureError(path, "; ".join(shown))
 
 
 class FieldReader:
@@ -170,34 +190,111 @@ class Manifest:
     recordings: tuple[str, ...]
 
 
+#: The published JSON Schema of capture.json (package data; docs/capture-format.md).
+MANIFEST_SCHEMA_PATH = Path(__file__).parent / "schemas" / "capture.schema.json"
+
+# What a name is called in messages, by the field that lists it.
+_NAME_FIELDS = {
+    ("subject_id",): "subject id",
+    ("phone", "expressions"): "expression",
+    ("hmc", "recordings"): "recording",
+}
+_TYPE_WORDS = {
+    "object": "a JSON object", "array": "a list", "string": "a string", "integer": "an integer",
+    "number": "a number", "boolean": "true or false",
+}  # fmt: skip
+
+
+@functools.cache
+def manifest_validator() -> Any:
+    """A jsonschema validator of the published capture.json schema (built once)."""
+    import jsonschema
+
+    schema = json.loads(MANIFEST_SCHEMA_PATH.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _field_path(path: Sequence[object]) -> str:
+    """``("phone", "expressions", 0)`` -> ``phone.expressions[0]``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _schema_problem(error: Any) -> str:
+    """One jsonschema error in the product's words: the field path and the rule, never the
+    offending text itself (see :func:`describe`)."""
+    path = tuple(error.absolute_path)
+    field, kind, value = _field_path(path), error.validator, error.instance
+    at = f'field "{field}"' if field else "capture.json"
+    names_of = path[:-1] if path and isinstance(path[-1], int) else path
+    what = _NAME_FIELDS.get(tuple(names_of), "name")
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in value]
+        where = f"{field}: " if field else ""
+        return f'{where}missing field "{missing[0]}"'
+    if kind == "type":
+        want = _TYPE_WORDS.get(error.validator_value, error.validator_value)
+        return f"{at} must be {want}, got {describe(value)}"
+    if kind == "const" and path == ("format_version",):
+        return f"unsupported format_version {describe(value)} (this reader reads {FORMAT_VERSION})"
+    if kind == "const":
+        return f"{at} must be {json.dumps(error.validator_value)}, got {describe(value)}"
+    if kind == "pattern" and path == ("hmc", "rig"):
+        return f"{at} must be a relative path inside the capture, got {describe(value)}"
+    if kind == "pattern":
+        reason = unsafe_name_reason(value, what) or f"{what} is not a safe name"
+        return f"{at}: {reason}" if path != ("subject_id",) else reason
+    if kind == "minItems":
+        return f"{at} must list at least one {what}"
+    if kind == "uniqueItems":
+        seen: list[object] = []
+        dup = next((v for v in value if v in seen or seen.append(v)), None)
+        return f"{at}: {what} {describe(dup)} is listed twice"
+    if kind == "minLength":
+        return f"{at} must be a non-empty string"
+    return f"{at} breaks the schema rule {kind!r}"
+
+
+def _safe_unique(value: object) -> tuple[str, ...]:
+    """The safe, first-seen names of a JSON list (what a broken manifest still names)."""
+    out: list[str] = []
+    for item in value if isinstance(value, list) else []:
+        if unsafe_name_reason(item, "name") is None and item not in out:
+            out.append(item)
+    return tuple(out)
+
+
 def check_manifest(obj: object) -> tuple[Manifest, list[str]]:
-    """Checks a parsed capture.json; returns what could be salvaged and every problem."""
-    problems: list[str] = []
+    """Checks a parsed capture.json against the published schema.
+
+    Returns:
+        What could be salvaged (unsafe or repeated names dropped, the default rig path for
+        a bad one) and every problem, each naming its field path.
+    """
+    errors = sorted(manifest_validator().iter_errors(obj), key=lambda e: list(map(str, e.path)))
+    mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+    errors = [e for e in errors  # a value of the wrong type: its other rules only repeat it
+              if e.validator == "type" or tuple(e.absolute_path) not in mistyped]
+    problems = list(dict.fromkeys(_schema_problem(e) for e in errors))
     if not isinstance(obj, dict):
-        return Manifest("", (), RIG_RELPATH, ()), ["capture.json must hold a JSON object"]
-    f = FieldReader(obj, problems)
-    fmt = f.string("format")
-    if fmt is not None and fmt != FORMAT_NAME:
-        f.problem(f'field "format" must be "{FORMAT_NAME}", got {describe(fmt)}')
-    version = f.integer("format_version")
-    if version is not None and version != FORMAT_VERSION:
-        f.problem(f"unsupported format_version {version} (this reader reads {FORMAT_VERSION})")
-    subject = f.raw("subject_id")
-    if "subject_id" in obj:
-        reason = unsafe_name_reason(subject, "subject id")
-        if reason:
-            f.problem(reason)
-    phone = f.obj_field("phone") or {}
-    expressions = FieldReader(phone, problems, "phone").names("expressions", "expression")
-    hmc = f.obj_field("hmc") or {}
-    hf = FieldReader(hmc, problems, "hmc")
-    rig_path = hf.string("rig") or RIG_RELPATH
-    if resolve_inside(Path("."), rig_path) is None:
-        hf.problem(f'field "rig" must be a relative path inside the capture, got {describe(rig_path)}')
+        return Manifest("", (), RIG_RELPATH, ()), problems
+    phone = obj.get("phone") if isinstance(obj.get("phone"), dict) else {}
+    hmc = obj.get("hmc") if isinstance(obj.get("hmc"), dict) else {}
+    subject = obj.get("subject_id")
+    rig_path = hmc.get("rig")
+    if not isinstance(rig_path, str) or resolve_inside(Path("."), rig_path) is None:
         rig_path = RIG_RELPATH
-    recordings = hf.names("recordings", "recording")
-    subject_id = subject if isinstance(subject, str) else ""
-    return Manifest(subject_id, expressions, rig_path, recordings), problems
+    manifest = Manifest(
+        subject if isinstance(subject, str) else "",
+        _safe_unique(phone.get("expressions")),
+        rig_path,
+        _safe_unique(hmc.get("recordings")),
+    )
+    return manifest, problems
 
 
 def parse_manifest(obj: object, path: Path) -> Manifest:

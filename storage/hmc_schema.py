@@ -23,7 +23,13 @@ from storage.capture_layout import (
     describe,
     unsafe_name_reason,
 )
-from storage.capture_schema import FieldReader, check_pinhole, number_array, raise_problems
+from storage.capture_schema import (
+    FieldReader,
+    check_pinhole,
+    number_array,
+    raise_problems,
+    too_many,
+)
 from storage.capture_types import HmcCamera, HmcRig, Segment
 
 ROTATION_TOLERANCE = 1e-4  # calibration files round their rotations; 1e-4 is ~0.006 degrees
@@ -105,6 +111,8 @@ def check_rig(obj: object) -> tuple[HmcRig | None, list[str]]:
         return None, problems
     cameras: list[HmcCamera] = []
     for i, cam_obj in enumerate(cams_raw or []):
+        if too_many(problems):  # a hostile list: stop before the messages outgrow the file
+            break
         cam = _check_camera(cam_obj, i, problems)
         if cam is None:
             continue
@@ -225,6 +233,8 @@ def check_segments(
     problems: list[str] = []
     segments = []
     for i, item in enumerate(obj["segments"]):
+        if too_many(problems):
+            break
         seg = _check_segment(item, i, frame_count, camera_names, prompts, problems)
         if seg is not None:
             segments.append(seg)

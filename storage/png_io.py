@@ -60,19 +60,30 @@ class PngHeader:
         return f"{self.bit_depth}-bit {_COLOR_TYPES.get(self.color_type, f'colour type {self.color_type}')}"
 
 
-def _parse_header(fh: BinaryIO, path: Path) -> PngHeader:
-    """Parses the chunks before the pixel data with Pillow (no pixel is decoded)."""
-    if fh.read(8) != PNG_SIGNATURE:
+def _parse_header(fh: BinaryIO, path: Path, limits: CaptureLimits) -> PngHeader:
+    """Parses the chunks before the pixel data with Pillow (no pixel is decoded).
+
+    Pillow sees at most ``limits.max_png_header_bytes``, so a file of millions of tiny
+    metadata chunks costs bounded time.
+    """
+    head = fh.read(limits.max_png_header_bytes)
+    if not head.startswith(PNG_SIGNATURE):
         raise CaptureError(path, "not a PNG file (bad signature)")
-    fh.seek(0)
+    more = bool(fh.read(1))
+    fh = io.BytesIO(head)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns about odd ancillary chunks
             # The plugin class, not Image.open: no format guessing and no decompression-bomb
             # check in pixels, whose limit is ours to state (CaptureLimits).
             im = PngImagePlugin.PngImageFile(fh)
-    except (SyntaxError, OSError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise CaptureError(path, "truncated or corrupt PNG header") from exc
+    except (SyntaxError, OSError, ValueError, EOFError, Image.DecompressionBombError):
+        if more and fh.tell() >= len(head):  # ran off the window: no pixel data within it
+            raise CaptureError(
+                path, f"more than {limits.max_png_header_bytes} bytes of PNG chunks before "
+                "the pixel data (the limit)",
+            ) from None
+        raise CaptureError(path, "truncated or corrupt PNG header") from None
     try:
         rawmode = im.tile[0].args if im.tile else None
         bits_type = _RAWMODES.get(rawmode) if isinstance(rawmode, str) else None
@@ -91,7 +102,7 @@ def read_png_header(path: Path, root: Path, limits: CaptureLimits = LIMITS) -> P
             not a PNG, or has a truncated or corrupt header.
     """
     with open_capture_file(path, root, limits.max_image_bytes) as fh:
-        return _parse_header(fh, path)
+        return _parse_header(fh, path, limits)
 
 
 def header_problem(header: PngHeader, kind: ImageKind, limits: CaptureLimits = LIMITS) -> str | None:
@@ -182,7 +193,7 @@ def read_image(
             the limits or ``expected``, or its pixels cannot be decoded.
     """
     data = read_capture_bytes(path, root, limits.max_image_bytes)
-    header = _parse_header(io.BytesIO(data), path)
+    header = _parse_header(io.BytesIO(data), path, limits)
     problem = header_problem(header, kind, limits) or size_problem(
         kind, (header.width, header.height), expected, source
     )

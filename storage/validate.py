@@ -44,6 +44,7 @@ from storage.capture_layout import (
     resolve_inside,
 )
 from storage.capture_schema import (
+    MAX_PROBLEMS_PER_FILE,
     Manifest,
     check_manifest,
     check_phone_intrinsics,
@@ -57,9 +58,6 @@ from storage.hmc_schema import (
 from storage.png_io import ImageKind, header_problem, read_image, read_png_header, size_problem
 
 __all__ = ["ProgressCallback", "summarize_capture", "validate_capture"]
-
-#: A hostile document can hold millions of faults; one file's report stops at this many.
-MAX_PROBLEMS_PER_FILE = 50
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(done, total)`` after each image (or RGB + depth pair) is checked."""
@@ -116,8 +114,11 @@ class _Validator:
         """Reports a document's problems, at most :data:`MAX_PROBLEMS_PER_FILE` of them."""
         for problem in problems[:MAX_PROBLEMS_PER_FILE]:
             self.add(path, problem)
-        if len(problems) > MAX_PROBLEMS_PER_FILE:
-            self.add(path, f"... and {len(problems) - MAX_PROBLEMS_PER_FILE} more problems")
+        rest = problems[MAX_PROBLEMS_PER_FILE:]
+        if rest:
+            stopped = rest[-1] if rest[-1].startswith("checking stopped") else ""
+            more = len(rest) - bool(stopped)
+            self.add(path, "; ".join(filter(None, [more and f"... and {more} more problems", stopped])))
 
     def read_json(self, path: Path) -> object | None:
         try:
@@ -143,23 +144,34 @@ class _Validator:
     def run(self, progress: ProgressCallback | None) -> list[CaptureError]:
         if not self.root.is_dir():
             self.add(self.root, "capture folder does not exist or is not a folder")
-            return self.errors
+            return self.unique_errors()
         try:
             _, problems = scan_tree(self.root)
         except CaptureError as exc:  # over the entry or depth limit: read nothing more
             self.errors.append(exc)
-            return self.errors
+            return self.unique_errors()
         self.errors.extend(problems)
         manifest = self.check_manifest()
         if manifest is None:
-            return self.errors
+            return self.unique_errors()
         for expression in manifest.phone_expressions:
             self.check_expression(expression)
         rig = self.check_rig(manifest)
         for recording in manifest.recordings:
             self.check_recording(recording, rig)
         self.check_images(progress)
-        return self.errors
+        return self.unique_errors()
+
+    def unique_errors(self) -> list[CaptureError]:
+        """The errors in order, each (file, problem) once: the folder scan and a reader
+        may both find one bad symlink or FIFO."""
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for e in self.errors:
+            if (e.path, e.problem) not in seen:
+                seen.add((e.path, e.problem))
+                out.append(e)
+        return out
 
     # ------------------------------------------------------------------------- manifest
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import stat
 import struct
 import zipfile
 import zlib
@@ -182,6 +184,15 @@ def png_bytes(width: int, height: int, bit_depth: int, color_type: int, idat: by
             + _chunk(b"IEND", b""))  # fmt: skip
 
 
+def chunk_flood(n: int) -> bytes:
+    """A valid 32x32 grayscale PNG with ``n`` text chunks before its pixel data."""
+    ihdr = struct.pack(">IIBBBBB", *HMC_SIZE, 8, 0, 0, 0, 0)
+    text = _chunk(b"tEXt", b"k\0v")
+    idat = zlib.compress(b"\0" * (HMC_SIZE[1] * (HMC_SIZE[0] + 1)))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + text * n + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))  # fmt: skip
+
+
 def big_rgb_png(width: int, height: int) -> bytes:
     """A valid, all-black 8-bit RGB PNG, compressed row by row (never held decoded)."""
     comp = zlib.compressobj(1)
@@ -295,6 +306,19 @@ def _non_utf8_file(folder: str) -> Mutate:
     return fn
 
 
+def _char_device(path: Path, _: Path) -> None:
+    """A copy of /dev/zero's device node (an endless file) where a frame belongs."""
+    try:
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))
+    except PermissionError:  # not root: a FIFO is refused by the same rule
+        os.mkfifo(path)
+
+
+def _socket(path: Path, _: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(os.fspath(path))  # the socket file stays after the socket closes
+
+
 def _manifest_bytes(root: Path) -> bytes:
     return (root / "capture.json").read_bytes()
 
@@ -373,6 +397,7 @@ def _cases() -> list[Case]:
         c("rig-duplicate-camera", edit(_RIG, lambda o: o["cameras"].append(dict(o["cameras"][0]))),
           _RIG, "twice"),
         c("rig-symlink-out", symlink_out(_RIG, "rig.json"), _RIG, "outside"),
+        c("rig-camera-flood", setkey(_RIG, "cameras", value=[{}] * 100_000), _RIG, "checking stopped"),
         c("rig-version-list", setkey(_RIG, "rig_version", value=["x"] * 3), _RIG, "string"),
         # ------------------------------------------------------------------- phone
         c("ph-intrinsics-missing", remove("phone/neutral/intrinsics.json"), "phone/neutral/intrinsics.json"),
@@ -398,6 +423,9 @@ def _cases() -> list[Case]:
         # --------------------------------------------------------------- hmc frames
         c("hmc-png-60000", write(_FRAME, png_bytes(60000, 60000, 8, 0, zlib.compress(b"\0" * 64))),
           _FRAME, "limits"),
+        c("hmc-frame-char-device", replace_with(_FRAME, _char_device), _FRAME, "not a regular file"),
+        c("root-stray-socket", lambda r, o: _socket(r / "sock", o), "sock", "socket"),
+        c("hmc-png-chunk-flood", write(_FRAME, chunk_flood(100_000)), _FRAME, "limit"),
         c("hmc-fifo-frame", fifo(_FRAME), _FRAME, "fifo"),
         c("hmc-frame-symlink-out", symlink_out(_FRAME, "frame.png"), _FRAME, "outside"),
         c("hmc-frame-dangling", symlink_out(_FRAME, "no-such.png"), _FRAME, "dangling"),
@@ -451,7 +479,8 @@ def _cases() -> list[Case]:
         c("seg-negative-start", setkey(_SEGS, "segments", 0, "start", value=-3), _SEGS, ">= 0"),
         c("seg-float-start", setkey(_SEGS, "segments", 0, "start", value=0.5), _SEGS, "integer"),
         c("seg-unknown-camera", setkey(_SEGS, "segments", 0, "cameras", value=["nose"]), _SEGS, "unknown camera"),
-        c("seg-huge-array", setkey(_SEGS, "segments", value=[{"kind": "neutral"}] * 50_000), _SEGS),
+        c("seg-huge-array", setkey(_SEGS, "segments", value=[{"kind": "neutral"}] * 50_000), _SEGS,
+          "checking stopped"),
         # ----------------------------------------------------------------- keypoints
         c("kp-pickle", write(KP, zip_members({"points.npy": npy_bytes(np.array([{"a": 1}], dtype=object)),
                                               "confidence.npy": npy_bytes(conf)})), KP, "pickled"),

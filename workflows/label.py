@@ -37,7 +37,9 @@ def find_captures(source: str | Path) -> list[Path]:
         return paths
     if not source.is_dir():
         raise ConfigError(f"{source}: neither a captures folder nor a listing file")
-    return sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # A symlink counts even when it dangles: it then fails, named, instead of vanishing.
+    return sorted(p for p in source.iterdir()
+                  if (p.is_dir() or p.is_symlink()) and not p.name.startswith("."))
 
 
 def label_subject(capture: str | Path, out: str, config: RunConfig | None = None, chain: Chain | None = None,
