@@ -21,7 +21,15 @@ import pytest
 
 from pipeline.artifacts import MARKER, filesystem
 from pipeline.cli import main
+from pipeline.errors import ConfigError
 from pipeline.status import status
+from pipeline.storage_options import (
+    ENDPOINT_ENV,
+    delta_options,
+    fsspec_options,
+    parse_storage_options,
+    sibling_url,
+)
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable
@@ -226,3 +234,54 @@ def test_concurrent_writers_in_the_bucket_lose_no_commit(s3, truth_labels):
     counts = pc.value_counts(rows.column("subject_id")).to_pylist()
     assert sorted((c["values"], c["counts"]) for c in counts) == [
         ("w-a", truth_labels.num_rows), ("w-b", truth_labels.num_rows)]
+
+
+# ------------------------------------------------------------------ option parsing and mapping
+
+def test_storage_option_flags_parse_to_typed_nested_options():
+    assert parse_storage_options(["endpoint_url=http://h:9000/x=y", "anon=TRUE",
+                                  "client_kwargs.region_name=eu-west-1"]) == {
+        "endpoint_url": "http://h:9000/x=y", "anon": True,
+        "client_kwargs": {"region_name": "eu-west-1"}}
+    for bad, why in ((["s3cr3t"], "has no '='"), (["=v"], "not a (dotted) identifier"),
+                     (["a..b=1"], "not a (dotted) identifier")):
+        with pytest.raises(ConfigError, match=re.escape(why)) as info:
+            parse_storage_options(bad)
+        assert "s3cr3t" not in str(info.value), "a value is never echoed"
+
+
+def test_fsspec_names_reach_deltalake_and_back(monkeypatch):
+    for name in ENDPOINT_ENV + ("AWS_ALLOW_HTTP",):
+        monkeypatch.delenv(name, raising=False)
+    fs_style = {"endpoint_url": "http://127.0.0.1:9000", "key": "k", "secret": "s",
+                "client_kwargs": {"region_name": "eu-west-1"}, "use_listings_cache": False}
+    assert delta_options("s3://b/t", fs_style) == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "eu-west-1", "AWS_ALLOW_HTTP": "true"}
+    delta_style = {"AWS_ENDPOINT_URL": "https://s3.example", "aws_access_key_id": "k",
+                   "AWS_SKIP_SIGNATURE": "true", "AWS_S3_ALLOW_UNSAFE_RENAME": "false"}
+    assert fsspec_options("s3://b/t", delta_style) == {
+        "endpoint_url": "https://s3.example", "key": "k", "anon": True}
+    assert delta_options("s3://b/t", delta_style) == {
+        "AWS_ENDPOINT_URL": "https://s3.example", "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SKIP_SIGNATURE": "true", "AWS_S3_ALLOW_UNSAFE_RENAME": "false"}
+    # an explicit key of the library's own spelling wins over the translation
+    assert fsspec_options("s3://b", {"key": "mine", "AWS_ACCESS_KEY_ID": "other"})["key"] == "mine"
+    assert delta_options("/local/table", fs_style) is None
+    assert delta_options("gs://b/t", {"token": "t"}) is None, "S3 names only map for s3://"
+
+
+def test_an_http_endpoint_in_the_environment_is_allowed_for_deltalake(monkeypatch):
+    monkeypatch.delenv("AWS_ALLOW_HTTP", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://minio:9000")
+    assert delta_options("s3://b/t", None) == {"AWS_ALLOW_HTTP": "true"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://minio:9000")
+    assert delta_options("s3://b/t", None) is None
+
+
+def test_sibling_url_keeps_the_protocol():
+    assert sibling_url("s3://b/gt/labels/", "metrics") == "s3://b/gt/metrics"
+    assert sibling_url("/data/gt/labels", "metrics") == "/data/gt/metrics"
+    with pytest.raises(ConfigError):
+        sibling_url("s3://b", "metrics")
