@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pipeline.artifacts import MARKER, filesystem
+from pipeline.artifacts import ArtifactStore, filesystem
 from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.status import status
@@ -126,8 +126,8 @@ def test_backfill_writes_artifacts_records_and_tables_to_the_bucket(s3, s3_runs,
     assert fs.protocol[0] == "s3"
     assert fs.exists(f"{root}/runs/{run_id}/run.json")
     assert fs.exists(f"{root}/runs/{run_id}/dask-report.html")
-    markers = fs.glob(f"{root}/artifacts/*/*/{MARKER}")
-    assert sorted(m.split("/")[-3] for m in markers) == ["landmarks", "validate"]
+    committed = ArtifactStore(f"{OUT}/artifacts", {"endpoint_url": s3}).committed()
+    assert sorted(stage for stage, _ in committed) == ["landmarks", "validate"]
     capture_dir, _ = tiny_subject
     rows = delta.read_rows(f"{OUT}/tables/landmarks", storage_options={"endpoint_url": s3})
     capture = Capture.open(capture_dir)
