@@ -357,7 +357,8 @@ class LabelTable:
 
     Args:
         uri: table location (local path, or an object-store URL deltalake understands).
-        storage_options: object-store options (credentials, endpoint) for deltalake.
+        storage_options: object-store options (credentials, endpoint), in fsspec or
+            deltalake names (pipeline/storage_options.py).
         partition_by: partition columns used when the first write creates the table
             (default :data:`PARTITION_BY`, the measured choice); an existing table keeps
             its own layout.
