@@ -20,7 +20,6 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.artifacts import ArtifactStore, filesystem
-from pipeline.cli import main
 from pipeline.errors import ConfigError
 from pipeline.status import status
 from pipeline.storage_options import (
@@ -33,6 +32,7 @@ from pipeline.storage_options import (
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable
+from workflows.cli import main
 from workflows.metrics import MetricsJob, run_metrics
 
 pytestmark = pytest.mark.timeout(900)  # a hang (e.g. a store that never answers) fails

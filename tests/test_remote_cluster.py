@@ -17,9 +17,9 @@ import psutil
 import pytest
 
 from pipeline.artifacts import ArtifactStore
-from pipeline.cli import main
 from pipeline.runlog import read_stage_log
 from storage import delta
+from workflows.cli import main
 
 pytestmark = pytest.mark.timeout(900)
 
