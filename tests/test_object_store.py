@@ -31,7 +31,7 @@ from pipeline.storage_options import (
 )
 from storage import delta
 from storage.capture import Capture
-from storage.label_table import LabelTable
+from storage.label_table import PARTITION_COLUMN, LabelTable
 from workflows.cli import main
 from workflows.metrics import MetricsJob, run_metrics
 
@@ -187,8 +187,13 @@ def truth_labels(tiny_root) -> pa.Table:
 
 
 def _as_subject(table: pa.Table, subject: str) -> pa.Table:
-    i = table.schema.get_field_index("subject_id")
-    return table.set_column(i, table.schema.field(i), pa.array([subject] * table.num_rows, pa.string()))
+    # the subject's id and its partition value (label table v2) move together
+    for column in ("subject_id", PARTITION_COLUMN):
+        i = table.schema.get_field_index(column)
+        if i >= 0:
+            table = table.set_column(i, table.schema.field(i),
+                                     pa.array([subject] * table.num_rows, table.schema.field(i).type))
+    return table
 
 
 def test_label_table_write_replace_and_time_travel_in_the_bucket(s3, truth_labels):
