@@ -47,13 +47,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from deltalake import WriterProperties
 
 from storage import delta
 from storage.label_table import (
+    COMPRESSION,
     PARTITION_COLUMN,
+    ROW_GROUP_ROWS,
     LabelTable,
     labels_to_arrow,
-    writer_properties,
 )
 
 #: The default rig's 53 names (docs/contracts.md); copied so the benchmark does not depend
@@ -85,6 +87,7 @@ class Layout:
             (optimize's bin-packing, which never merges partitions).
         product: written, compacted and read through :class:`LabelTable` (the v2 code).
         buckets: number of hash buckets (``rows="bucket"`` only).
+        compression: Parquet codec of the files (the old layout used ZSTD).
     """
 
     name: str
@@ -93,9 +96,13 @@ class Layout:
     maintenance: str
     product: bool = False
     buckets: int = 0
+    compression: str = COMPRESSION
+
+    def writer_properties(self) -> WriterProperties:
+        return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression=self.compression)
 
 
-OLD = Layout("old: v1, unpartitioned, z-order", "v1", None, "zorder")
+OLD = Layout("old: v1, unpartitioned, z-order (ZSTD)", "v1", None, "zorder", compression="ZSTD")
 PRODUCT = Layout(
     "v2: partitioned by subject, compact", "v2", (PARTITION_COLUMN,), "compact", product=True
 )
@@ -169,7 +176,7 @@ def replace(layout: Layout, uri: str, rows: pa.Table) -> int:
     pred: dict[str, Any] = {"subject_id": sid, **KEY}
     if layout.rows == "bucket":
         pred = {"subject_bucket": bucket_of(sid, layout.buckets), **pred}
-    return delta.replace_rows(uri, rows, pred, writer_properties=writer_properties())
+    return delta.replace_rows(uri, rows, pred, writer_properties=layout.writer_properties())
 
 
 def read_one(layout: Layout, uri: str, sid: str) -> pa.Table:
@@ -195,7 +202,9 @@ def build(layout: Layout, uri: str, n: int, frames: int, batch: int) -> dict:
         recs = pa.concat_tables(tables)
         half = pa.compute.is_in(recs.column("recording_id"), pa.array(["rec000", "rec001"]))
         for part in (recs.filter(half), recs.filter(pa.compute.invert(half))):
-            delta.append_rows(uri, part, partition_by=pb, writer_properties=writer_properties())
+            delta.append_rows(
+                uri, part, partition_by=pb, writer_properties=layout.writer_properties()
+            )
     out = {
         "build_s": time.perf_counter() - t0,
         "files_before_maintenance": len(delta.data_files(uri)),
@@ -205,7 +214,7 @@ def build(layout: Layout, uri: str, n: int, frames: int, batch: int) -> dict:
         LabelTable(uri).optimize()
     else:
         zorder = ["subject_id"] if layout.maintenance == "zorder" else None
-        delta.optimize(uri, zorder_by=zorder, writer_properties=writer_properties())
+        delta.optimize(uri, zorder_by=zorder, writer_properties=layout.writer_properties())
     out["maintenance_s"] = time.perf_counter() - t0
     files = delta.data_files(uri)
     out["data_files"] = len(files)
@@ -365,20 +374,21 @@ def run_layout(key: str, root: Path, n: int, frames: int, cfg: dict) -> dict:
 
 
 def deletion_vectors_check(root: Path) -> dict:
-    """Does deltalake write deletion vectors for a predicate replace? (It rewrites.)"""
+    """Does deltalake write deletion vectors for a delete or a predicate replace?"""
     from deltalake import DeltaTable, write_deltalake
 
     uri = str(root / "dv")
     t = pa.table({"s": [f"s{i % 10}" for i in range(1000)], "x": np.arange(1000)})
     write_deltalake(uri, t, configuration={"delta.enableDeletionVectors": "true"})
+    delete = DeltaTable(uri).delete("s = 's1'")
     one = t.filter(pa.compute.equal(t.column("s"), "s2"))
     write_deltalake(uri, one, mode="overwrite", predicate="s = 's2'")
     dt = DeltaTable(uri)
-    m = dt.history(1)[0]["operationMetrics"]
     out = {
         "deltalake": __import__("deltalake").__version__,
         "protocol": str(dt.protocol()),
-        "replace_metrics": m,
+        "delete_metrics": delete,
+        "replace_metrics": dt.history(1)[0]["operationMetrics"],
         "deletion_vectors_in_table": dt.deletion_vectors().read_all().num_rows,
     }
     shutil.rmtree(uri, ignore_errors=True)

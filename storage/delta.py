@@ -35,7 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    QueryBuilder,
+    WriterProperties,
+    write_deltalake,
+)
 from deltalake.exceptions import (
     CommitFailedError,
     DeltaError,
@@ -150,6 +156,8 @@ def read_rows(
         The matching rows as a ``pa.Table`` with the Delta table's schema (column order as
         written, partition columns included).
     """
+    if not filters:
+        return _scan_all(uri, version=version, columns=columns, storage_options=storage_options)
     dataset = read_dataset(uri, filters=filters, version=version, storage_options=storage_options)
     try:
         expr = _filter_expression(filters) if filters else None
@@ -461,6 +469,38 @@ def _native_filesystem(uri: str) -> pa_fs.FileSystem | None:
         return None
     root = text.removeprefix("file://")
     return pa_fs.SubTreeFileSystem(os.path.abspath(root), pa_fs.LocalFileSystem())
+
+
+def _scan_all(
+    uri: str,
+    *,
+    version: int | None,
+    columns: Sequence[str] | None,
+    storage_options: Mapping[str, str] | None,
+) -> pa.Table:
+    """Every row of one version, read by delta-rs's own engine (DataFusion).
+
+    Why not pyarrow's dataset: its per-file cost dominates on tables of many small files
+    (one per subject): 200 label files of 1,980 rows took 4-7 s through pyarrow against
+    0.6-1.7 s here (measured, deltalake 1.6.6, pyarrow 22, docs/storage.md).
+    """
+    dt = _open(uri, version=version, storage_options=storage_options)
+    try:
+        schema = _plain_string_schema(pa.schema(dt.schema().to_arrow()))
+        cols = list(columns) if columns is not None else schema.names
+        unknown = [c for c in cols if c not in schema.names]
+        if unknown:
+            raise StorageError(f"{uri}: no such columns {unknown}")
+        select = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
+        reader = QueryBuilder().register("t", dt).execute(f"SELECT {select} FROM t")
+        target = pa.schema([schema.field(c) for c in cols], metadata=schema.metadata)
+        batches = [pa.record_batch(b) for b in reader]
+        if not batches:
+            return target.empty_table()
+        # DataFusion returns string_view columns; give readers the declared dtypes
+        return pa.Table.from_batches(batches).cast(target)
+    except (DeltaError, pa.ArrowException, OSError) as exc:
+        raise StorageError(f"{uri}: cannot read rows: {exc}") from exc
 
 
 def _open_or_none(uri: str, storage_options: Mapping[str, str] | None) -> DeltaTable | None:

@@ -62,6 +62,10 @@ LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation")
 PARTITION_COLUMN = "subject_partition"
 #: Partitioning of the Delta table (see docs/storage.md "Layout" for the measurement).
 PARTITION_BY: list[str] | None = [PARTITION_COLUMN]
+#: Parquet codec of label files. LZ4_RAW, not ZSTD: with one file per subject a full scan
+#: decodes ~90 column chunks per file, and ZSTD's per-chunk cost made it 2-4x slower
+#: (docs/storage.md); float labels compress little with either.
+COMPRESSION = "LZ4_RAW"
 #: write_subject_round compacts the subject's partition once it holds more data files
 #: than this (each write adds one; one compacted file per subject is the steady state).
 AUTO_COMPACT_FILES = 8
@@ -328,8 +332,9 @@ def labels_to_arrow(
 
 
 def writer_properties() -> WriterProperties:
-    """Parquet settings of label files (zstd, :data:`ROW_GROUP_ROWS` rows per group)."""
-    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD")
+    """Parquet settings of label files (:data:`COMPRESSION`, :data:`ROW_GROUP_ROWS` rows
+    per group)."""
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression=COMPRESSION)
 
 
 def blendshape_matrix(table: pa.Table, names: Sequence[str]) -> np.ndarray:

@@ -365,6 +365,7 @@ def test_pyarrow_duckdb_polars_dask_read_the_same_rows(tmp_path) -> None:
     import dask.dataframe as dd
     import duckdb
     import polars as pl
+    import pyarrow.parquet as pq
     from deltalake import DeltaTable
 
     uri = str(tmp_path / "labels")
@@ -380,6 +381,8 @@ def test_pyarrow_duckdb_polars_dask_read_the_same_rows(tmp_path) -> None:
     dt = DeltaTable(uri)
     via_pyarrow = dt.to_pyarrow_table(filesystem=local_fs(uri)).select(cols).to_pandas()
     files = dt.file_uris()  # the current version's Parquet files only
+    # v2 partitions by a copy of subject_id: the files themselves still hold subject_id
+    assert all("subject_id" in pq.read_schema(f).names for f in files)
     via_duckdb = duckdb.sql(f"SELECT {', '.join(cols)} FROM read_parquet({files!r})").df()
     via_polars = pl.read_delta(uri).select(cols).to_pandas()
     via_dask = dd.read_parquet(files, columns=cols).compute()
