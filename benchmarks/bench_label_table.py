@@ -395,6 +395,44 @@ def deletion_vectors_check(root: Path) -> dict:
     return out
 
 
+def bench_scan_paths(root: Path, n: int, frames: int, repeats: int = 3) -> dict:
+    """Full scan of an n-subject, one-file-per-subject table: pyarrow's dataset reader
+    against delta-rs's engine (what read_rows uses), for ZSTD and LZ4_RAW files."""
+    out: dict[str, Any] = {"subjects": n, "frames": frames}
+    for codec in ("ZSTD", "LZ4_RAW"):
+        layout = Layout("scan", "v2", (PARTITION_COLUMN,), "compact", compression=codec)
+        uri = str(root / f"scan_{codec}")
+        for start in range(0, n, 50):
+            t = pa.concat_tables(
+                [
+                    subject_rows(layout, subject_id(i), frames, 1, "x")
+                    for i in range(start, start + 50)
+                ]
+            )
+            delta.append_rows(
+                uri,
+                t,
+                partition_by=[PARTITION_COLUMN],
+                writer_properties=layout.writer_properties(),
+            )
+        files = delta.data_files(uri)
+        paths = {
+            "pyarrow_dataset": lambda u=uri: delta.read_dataset(u).to_table(),
+            "delta_rs_engine": lambda u=uri: delta.read_rows(u),
+        }
+        for name, read in paths.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                assert read().num_rows == n * frames
+                times.append(time.perf_counter() - t0)
+            out[f"{codec}/{name}_median_s"] = statistics.median(times)
+        out[f"{codec}/bytes_on_disk"] = sum(Path(f).stat().st_size for f in files)
+        shutil.rmtree(uri, ignore_errors=True)
+    print("scan paths", json.dumps(out), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -402,6 +440,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--options-subjects", type=int, default=1000, help="option comparison")
     ap.add_argument("--frames", type=int, default=1980, help="time steps per subject")
     ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument(
+        "--only-scan-paths",
+        action="store_true",
+        help="measure only the full-scan reader/codec comparison, into the existing --out",
+    )
     ap.add_argument("--workdir", default=None, help="where to build tables (default: temp)")
     ap.add_argument("--out", default=str(RESULTS), help="JSON output path")
     args = ap.parse_args(argv)
@@ -411,6 +454,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.update(batch=50, replace_repeats=3, read_repeats=3, scans=1, concurrent=2)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_label_table_"))
     root.mkdir(parents=True, exist_ok=True)
+    scan_n = 50 if args.quick else 200
+    if args.only_scan_paths:
+        out = Path(args.out)
+        results = json.loads(out.read_text())
+        results["scan_paths"] = bench_scan_paths(root, scan_n, args.frames)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        return results
     results: dict[str, Any] = {
         "config": {
             **cfg,
@@ -438,6 +488,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         for key in ("old", "product"):
             results["headline"][key] = run_layout(key, root, args.subjects, args.frames, cfg)
+        results["scan_paths"] = bench_scan_paths(root, scan_n, args.frames)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

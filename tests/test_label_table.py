@@ -271,6 +271,11 @@ def test_delta_helpers_quote_predicates_and_wrap_errors(tmp_path) -> None:
     assert delta.replace_rows(uri, new, {"k": "o'brien", "n": 1}) == 1
     assert delta.read_rows(uri, filters={"k": "o'brien"}).num_rows == 1
     assert delta.read_rows(uri, filters={"k": ["x", "o'brien"]}).num_rows == 2
+    whole = delta.read_rows(uri, columns=["n", "k"])  # full scans go through delta-rs
+    assert whole.schema == pa.schema([("n", pa.int16()), ("k", pa.string())])
+    assert sorted(whole.column("k").to_pylist()) == ["o'brien", "x"]
+    with pytest.raises(StorageError, match="no such columns"):
+        delta.read_rows(uri, columns=["nope"])
     assert delta.table_version(uri) == 1 and delta.exists(uri)
     # rows that do not match the predicate are refused (nothing committed)
     with pytest.raises(StorageError, match="generic"):
