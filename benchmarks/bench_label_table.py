@@ -54,6 +54,7 @@ from storage.label_table import (
     COMPRESSION,
     PARTITION_COLUMN,
     ROW_GROUP_ROWS,
+    TABLE_PROPERTIES,
     LabelTable,
     labels_to_arrow,
 )
@@ -203,7 +204,11 @@ def build(layout: Layout, uri: str, n: int, frames: int, batch: int) -> dict:
         half = pa.compute.is_in(recs.column("recording_id"), pa.array(["rec000", "rec001"]))
         for part in (recs.filter(half), recs.filter(pa.compute.invert(half))):
             delta.append_rows(
-                uri, part, partition_by=pb, writer_properties=layout.writer_properties()
+                uri,
+                part,
+                partition_by=pb,
+                writer_properties=layout.writer_properties(),
+                configuration=TABLE_PROPERTIES if layout.product else None,
             )
     out = {
         "build_s": time.perf_counter() - t0,
@@ -441,6 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=1980, help="time steps per subject")
     ap.add_argument("--skip-options", action="store_true")
     ap.add_argument(
+        "--options-only",
+        default=None,
+        help="comma-separated option layouts to (re)measure; the others are kept from --out",
+    )
+    ap.add_argument(
         "--only-scan-paths",
         action="store_true",
         help="measure only the full-scan reader/codec comparison, into the existing --out",
@@ -481,8 +491,11 @@ def main(argv: list[str] | None = None) -> dict:
         "headline": {},
     }
     try:
+        if args.options_only:
+            results["options"] = json.loads(Path(args.out).read_text())["options"]
         if not args.skip_options:
-            for key in LAYOUTS:
+            keys = args.options_only.split(",") if args.options_only else list(LAYOUTS)
+            for key in keys:
                 results["options"][key] = run_layout(
                     key, root, args.options_subjects, args.frames, cfg
                 )

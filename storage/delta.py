@@ -199,6 +199,7 @@ def append_rows(
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     """Append ``table`` to the Delta table at ``uri`` in one commit (create it if missing).
 
@@ -210,6 +211,8 @@ def append_rows(
         commit_metadata: extra string entries stored in the commit's commitInfo (e.g.
             ``{"pgt.run_id": ...}``); they show up in :func:`history`.
         writer_properties: Parquet writer settings (row-group size, compression).
+        configuration: Delta table properties, used only when the table is created
+            (e.g. ``{"delta.dataSkippingStatsColumns": "a,b"}``).
 
     Returns:
         The version of the commit that added the rows.
@@ -223,6 +226,7 @@ def append_rows(
         storage_options=storage_options,
         commit_metadata=commit_metadata,
         writer_properties=writer_properties,
+        configuration=configuration,
     )
 
 
@@ -235,6 +239,7 @@ def replace_rows(
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     """Atomically replace every row matching ``predicate`` by ``table`` (one commit).
 
@@ -252,6 +257,7 @@ def replace_rows(
         storage_options: object-store options passed to deltalake.
         commit_metadata: extra string entries stored in the commit's commitInfo.
         writer_properties: Parquet writer settings (row-group size, compression).
+        configuration: Delta table properties, used only when the table is created.
 
     Returns:
         The version of the commit.
@@ -268,6 +274,7 @@ def replace_rows(
         storage_options=storage_options,
         commit_metadata=commit_metadata,
         writer_properties=writer_properties,
+        configuration=configuration,
     )
 
 
@@ -279,16 +286,26 @@ def overwrite_table(
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     """Replace the whole table, schema and partitioning included, in one commit.
 
     For layout migrations: the old versions stay readable by time travel until
     ``vacuum``. ``data`` may stream from the table itself (the old files are only
     unreferenced, not deleted). Not retried: run it while no other writer is active.
+    ``configuration`` (Delta table properties) is set in a second commit, before the
+    rewrite, so that the rewritten files already follow it.
 
     Returns:
-        The version of the commit.
+        The version of the rewrite.
     """
+    if configuration:
+        try:
+            _open(uri, storage_options=storage_options).alter.set_table_properties(
+                dict(configuration), raise_if_not_exists=False
+            )
+        except DeltaError as exc:
+            raise StorageError(f"{uri}: cannot set table properties: {exc}") from exc
     token = uuid.uuid4().hex
     custom = {**{str(k): str(v) for k, v in (commit_metadata or {}).items()}, _TOKEN_KEY: token}
     try:
@@ -591,6 +608,7 @@ def _commit_with_retry(
     storage_options: Mapping[str, str] | None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     if not isinstance(table, pa.Table):
         raise StorageError(f"{uri}: expected a pyarrow.Table, got {type(table).__name__}")
@@ -613,6 +631,9 @@ def _commit_with_retry(
                 predicate=predicate,
                 partition_by=partition_by if isinstance(target, str) else None,
                 storage_options=opts if isinstance(target, str) else None,
+                configuration=dict(configuration)
+                if configuration and isinstance(target, str)
+                else None,
                 commit_properties=CommitProperties(custom_metadata=custom),
                 writer_properties=writer_properties,
             )
