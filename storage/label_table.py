@@ -31,14 +31,18 @@ from pipeline.errors import StorageError
 from storage import delta
 
 __all__ = [
+    "AUTO_COMPACT_FILES",
     "BS_PREFIX",
+    "COMPRESSION",
     "GAZE_COLUMNS",
     "HEAD_COLUMNS",
     "LABEL_SCHEMA_VERSION",
     "LABEL_SOURCES",
     "PARTITION_BY",
     "PARTITION_COLUMN",
+    "STATS_COLUMNS",
     "STATUSES",
+    "TABLE_PROPERTIES",
     "LabelTable",
     "blendshape_matrix",
     "blendshape_names_of",
@@ -76,7 +80,7 @@ TABLE_PROPERTIES = {"delta.dataSkippingStatsColumns": ",".join(STATS_COLUMNS)}
 #: than this (each write adds one; one compacted file per subject is the steady state).
 AUTO_COMPACT_FILES = 8
 #: Parquet row-group size of label files: small enough that reading one subject out of a
-#: compacted multi-subject file decodes ~16k rows, not the whole file (row-group stats).
+#: multi-subject file (v1 tables, bulk appends before compaction) decodes ~16k rows.
 ROW_GROUP_ROWS = 16_384
 #: The columns that identify what one write_subject_round replaces.
 REPLACE_KEY = ("subject_id", "label_round", "label_source")
@@ -84,8 +88,9 @@ REPLACE_KEY = ("subject_id", "label_round", "label_source")
 META_SCHEMA_VERSION = b"pgt.label_schema_version"
 META_BLENDSHAPES = b"pgt.blendshape_names"
 
-#: Columns the table may be partitioned by (the benchmark compares the layouts).
-_PARTITIONABLE = (PARTITION_COLUMN, "subject_id")
+#: Columns the table may be partitioned by (``subject_id`` itself would leave the files
+#: without it; see PARTITION_COLUMN).
+_PARTITIONABLE = (PARTITION_COLUMN,)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _QUAT_NORM_TOL = 1e-3
@@ -130,8 +135,7 @@ def label_schema(
         of blendshape names.
     """
     if version not in READABLE_VERSIONS:
-        raise StorageError(f"label schema version {version} unknown; this code reads "
-                           f"{READABLE_VERSIONS}")  # fmt: skip
+        raise StorageError(f"label schema version {version}: this code reads {READABLE_VERSIONS}")
     names = [str(n) for n in blendshape_names]
     if not names:
         raise StorageError("label_schema: blendshape_names is empty")
