@@ -240,6 +240,7 @@ def replace_rows(
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
     configuration: Mapping[str, str] | None = None,
+    compact_over: int | None = None,
 ) -> int:
     """Atomically replace every row matching ``predicate`` by ``table`` (one commit).
 
@@ -258,9 +259,13 @@ def replace_rows(
         commit_metadata: extra string entries stored in the commit's commitInfo.
         writer_properties: Parquet writer settings (row-group size, compression).
         configuration: Delta table properties, used only when the table is created.
+        compact_over: when the partition that ``predicate`` names (equality on partition
+            columns) then holds more data files than this, compact it (a second commit
+            that changes no rows; reuses the writer's table handle, so no extra open).
+            None = never.
 
     Returns:
-        The version of the commit.
+        The version of the commit that replaced the rows.
     """
     if not predicate:
         raise StorageError(f"{uri}: replace_rows needs a non-empty predicate")
@@ -275,6 +280,7 @@ def replace_rows(
         commit_metadata=commit_metadata,
         writer_properties=writer_properties,
         configuration=configuration,
+        compact=(predicate, compact_over) if compact_over is not None else None,
     )
 
 
@@ -609,6 +615,7 @@ def _commit_with_retry(
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
     configuration: Mapping[str, str] | None = None,
+    compact: tuple[Mapping[str, object], int] | None = None,
 ) -> int:
     if not isinstance(table, pa.Table):
         raise StorageError(f"{uri}: expected a pyarrow.Table, got {type(table).__name__}")
@@ -637,12 +644,17 @@ def _commit_with_retry(
                 commit_properties=CommitProperties(custom_metadata=custom),
                 writer_properties=writer_properties,
             )
+            version = None
             if isinstance(target, DeltaTable):
                 # the handle now points at our commit; confirm by token, else search.
                 head = target.history(1)
                 if head and head[0].get(_TOKEN_KEY) == token:
-                    return int(head[0]["version"])
-            return _version_of_token(uri, token, storage_options)
+                    version = int(head[0]["version"])
+            if version is None:
+                version = _version_of_token(uri, token, storage_options)
+            if compact is not None and isinstance(target, DeltaTable):
+                _compact_partition_over(uri, target, *compact, writer_properties)
+            return version
         except (DeltaError, OSError) as exc:
             # The error may come after our log entry landed (I/O error after the put,
             # failing post-commit hook, lost object-store response): then we are done,
@@ -671,6 +683,27 @@ def _commit_with_retry(
     raise StorageError(
         f"{uri}: {mode} commit still conflicting after {MAX_ATTEMPTS} attempts: {last}"
     )
+
+
+def _compact_partition_over(
+    uri: str,
+    dt: DeltaTable,
+    predicate: Mapping[str, object],
+    limit: int,
+    writer_properties: WriterProperties | None,
+) -> None:
+    """Compact the partition named by ``predicate`` when it holds more than ``limit``
+    files. Best effort: a failure (e.g. a concurrent writer of that partition) is logged,
+    the rows are already committed."""
+    parts = {c: predicate[c] for c in dt.metadata().partition_columns if c in predicate}
+    if not parts or any(v is None or isinstance(v, list | tuple | set) for v in parts.values()):
+        return
+    filters = _partition_filter_tuples(parts)
+    try:
+        if len(dt.file_uris(partition_filters=filters)) > limit:
+            dt.optimize.compact(partition_filters=filters, writer_properties=writer_properties)
+    except (DeltaError, OSError) as exc:
+        _log.info("%s: compaction of %s skipped: %s", uri, parts, exc)
 
 
 def _landed_version(

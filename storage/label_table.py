@@ -466,12 +466,11 @@ class LabelTable:
                 commit_metadata=meta,
                 writer_properties=writer_properties(),
                 configuration=TABLE_PROPERTIES,
+                compact_over=self.auto_compact_files,
             )
         except StorageError as exc:
             self._explain_schema_mismatch(table, exc)
             raise
-        if self.auto_compact_files is not None:
-            self.compact_subject(key["subject_id"], min_files=self.auto_compact_files + 1)
         return version
 
     def compact_subject(self, subject_id: str, *, min_files: int = 2) -> dict[str, Any] | None:
