@@ -446,6 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--frames", type=int, default=1980, help="time steps per subject")
     ap.add_argument("--skip-options", action="store_true")
     ap.add_argument(
+        "--skip-headline",
+        action="store_true",
+        help="measure only the options; headline and scan paths are kept from --out",
+    )
+    ap.add_argument(
         "--options-only",
         default=None,
         help="comma-separated option layouts to (re)measure; the others are kept from --out",
@@ -499,9 +504,15 @@ def main(argv: list[str] | None = None) -> dict:
                 results["options"][key] = run_layout(
                     key, root, args.options_subjects, args.frames, cfg
                 )
-        for key in ("old", "product"):
-            results["headline"][key] = run_layout(key, root, args.subjects, args.frames, cfg)
-        results["scan_paths"] = bench_scan_paths(root, scan_n, args.frames)
+        if args.skip_headline:
+            kept = json.loads(Path(args.out).read_text())
+            results["headline"], results["scan_paths"] = kept["headline"], kept["scan_paths"]
+            results["config"]["subjects"] = kept["config"]["subjects"]
+            results["machine"]["headline_load_avg"] = kept["machine"]["load_avg_start"]
+        else:
+            for key in ("old", "product"):
+                results["headline"][key] = run_layout(key, root, args.subjects, args.frames, cfg)
+            results["scan_paths"] = bench_scan_paths(root, scan_n, args.frames)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -107,7 +107,8 @@ def label_table_section(d: dict) -> list[str]:
            f"Old / new: replace **{ratios['replace_median_ms']:.0f}x** faster, two writers "
            f"**{ratios['concurrent_wall_s']:.0f}x** faster, read of one subject {ratios['read_one_median_ms']:.2f}x, "
            f"full scan {ratios['full_scan_median_s']:.2f}x (below 1: the new layout is slower).", "",
-           f"The options, on {c['options_subjects']:,} subjects:", "",
+           f"The options, on {c['options_subjects']:,} subjects (measured with `--skip-headline` right after the "
+           "headline run, same code):", "",
            *_table(header, [row(r["layout"]["name"], r) for r in d["options"].values()]),
            f"Deletion vectors: with `delta.enableDeletionVectors` set, deltalake {dv['deltalake']} still deletes "
            f"rows by rewriting the file (a delete of 100 of 1,000 rows copied {dv['delete_metrics']['num_copied_rows']} "
