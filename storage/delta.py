@@ -504,8 +504,8 @@ def _scan_all(
     """Every row of one version, read by delta-rs's own engine (DataFusion).
 
     Why not pyarrow's dataset: its per-file cost dominates on tables of many small files
-    (one per subject): 200 label files of 1,980 rows took 4-7 s through pyarrow against
-    0.6-1.7 s here (measured, deltalake 1.6.6, pyarrow 22, docs/storage.md).
+    (one per subject); delta-rs reads them 1.6-2.4x faster (deltalake 1.6.6, pyarrow 22;
+    docs/benchmarks.md, "Label table").
     """
     dt = _open(uri, version=version, storage_options=storage_options)
     try:
