@@ -47,13 +47,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from deltalake import WriterProperties
 
 from storage import delta
 from storage.label_table import (
+    COMPRESSION,
     PARTITION_COLUMN,
+    ROW_GROUP_ROWS,
+    TABLE_PROPERTIES,
     LabelTable,
     labels_to_arrow,
-    writer_properties,
 )
 
 #: The default rig's 53 names (docs/contracts.md); copied so the benchmark does not depend
@@ -85,6 +88,7 @@ class Layout:
             (optimize's bin-packing, which never merges partitions).
         product: written, compacted and read through :class:`LabelTable` (the v2 code).
         buckets: number of hash buckets (``rows="bucket"`` only).
+        compression: Parquet codec of the files (the old layout used ZSTD).
     """
 
     name: str
@@ -93,9 +97,13 @@ class Layout:
     maintenance: str
     product: bool = False
     buckets: int = 0
+    compression: str = COMPRESSION
+
+    def writer_properties(self) -> WriterProperties:
+        return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression=self.compression)
 
 
-OLD = Layout("old: v1, unpartitioned, z-order", "v1", None, "zorder")
+OLD = Layout("old: v1, unpartitioned, z-order (ZSTD)", "v1", None, "zorder", compression="ZSTD")
 PRODUCT = Layout(
     "v2: partitioned by subject, compact", "v2", (PARTITION_COLUMN,), "compact", product=True
 )
@@ -169,7 +177,7 @@ def replace(layout: Layout, uri: str, rows: pa.Table) -> int:
     pred: dict[str, Any] = {"subject_id": sid, **KEY}
     if layout.rows == "bucket":
         pred = {"subject_bucket": bucket_of(sid, layout.buckets), **pred}
-    return delta.replace_rows(uri, rows, pred, writer_properties=writer_properties())
+    return delta.replace_rows(uri, rows, pred, writer_properties=layout.writer_properties())
 
 
 def read_one(layout: Layout, uri: str, sid: str) -> pa.Table:
@@ -195,7 +203,13 @@ def build(layout: Layout, uri: str, n: int, frames: int, batch: int) -> dict:
         recs = pa.concat_tables(tables)
         half = pa.compute.is_in(recs.column("recording_id"), pa.array(["rec000", "rec001"]))
         for part in (recs.filter(half), recs.filter(pa.compute.invert(half))):
-            delta.append_rows(uri, part, partition_by=pb, writer_properties=writer_properties())
+            delta.append_rows(
+                uri,
+                part,
+                partition_by=pb,
+                writer_properties=layout.writer_properties(),
+                configuration=TABLE_PROPERTIES if layout.product else None,
+            )
     out = {
         "build_s": time.perf_counter() - t0,
         "files_before_maintenance": len(delta.data_files(uri)),
@@ -205,7 +219,7 @@ def build(layout: Layout, uri: str, n: int, frames: int, batch: int) -> dict:
         LabelTable(uri).optimize()
     else:
         zorder = ["subject_id"] if layout.maintenance == "zorder" else None
-        delta.optimize(uri, zorder_by=zorder, writer_properties=writer_properties())
+        delta.optimize(uri, zorder_by=zorder, writer_properties=layout.writer_properties())
     out["maintenance_s"] = time.perf_counter() - t0
     files = delta.data_files(uri)
     out["data_files"] = len(files)
@@ -365,23 +379,62 @@ def run_layout(key: str, root: Path, n: int, frames: int, cfg: dict) -> dict:
 
 
 def deletion_vectors_check(root: Path) -> dict:
-    """Does deltalake write deletion vectors for a predicate replace? (It rewrites.)"""
+    """Does deltalake write deletion vectors for a delete or a predicate replace?"""
     from deltalake import DeltaTable, write_deltalake
 
     uri = str(root / "dv")
     t = pa.table({"s": [f"s{i % 10}" for i in range(1000)], "x": np.arange(1000)})
     write_deltalake(uri, t, configuration={"delta.enableDeletionVectors": "true"})
+    delete = DeltaTable(uri).delete("s = 's1'")
     one = t.filter(pa.compute.equal(t.column("s"), "s2"))
     write_deltalake(uri, one, mode="overwrite", predicate="s = 's2'")
     dt = DeltaTable(uri)
-    m = dt.history(1)[0]["operationMetrics"]
     out = {
         "deltalake": __import__("deltalake").__version__,
         "protocol": str(dt.protocol()),
-        "replace_metrics": m,
+        "delete_metrics": delete,
+        "replace_metrics": dt.history(1)[0]["operationMetrics"],
         "deletion_vectors_in_table": dt.deletion_vectors().read_all().num_rows,
     }
     shutil.rmtree(uri, ignore_errors=True)
+    return out
+
+
+def bench_scan_paths(root: Path, n: int, frames: int, repeats: int = 3) -> dict:
+    """Full scan of an n-subject, one-file-per-subject table: pyarrow's dataset reader
+    against delta-rs's engine (what read_rows uses), for ZSTD and LZ4_RAW files."""
+    out: dict[str, Any] = {"subjects": n, "frames": frames}
+    for codec in ("ZSTD", "LZ4_RAW"):
+        layout = Layout("scan", "v2", (PARTITION_COLUMN,), "compact", compression=codec)
+        uri = str(root / f"scan_{codec}")
+        for start in range(0, n, 50):
+            t = pa.concat_tables(
+                [
+                    subject_rows(layout, subject_id(i), frames, 1, "x")
+                    for i in range(start, start + 50)
+                ]
+            )
+            delta.append_rows(
+                uri,
+                t,
+                partition_by=[PARTITION_COLUMN],
+                writer_properties=layout.writer_properties(),
+            )
+        files = delta.data_files(uri)
+        paths = {
+            "pyarrow_dataset": lambda u=uri: delta.read_dataset(u).to_table(),
+            "delta_rs_engine": lambda u=uri: delta.read_rows(u),
+        }
+        for name, read in paths.items():
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                assert read().num_rows == n * frames
+                times.append(time.perf_counter() - t0)
+            out[f"{codec}/{name}_median_s"] = statistics.median(times)
+        out[f"{codec}/bytes_on_disk"] = sum(Path(f).stat().st_size for f in files)
+        shutil.rmtree(uri, ignore_errors=True)
+    print("scan paths", json.dumps(out), flush=True)
     return out
 
 
@@ -392,6 +445,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--options-subjects", type=int, default=1000, help="option comparison")
     ap.add_argument("--frames", type=int, default=1980, help="time steps per subject")
     ap.add_argument("--skip-options", action="store_true")
+    ap.add_argument(
+        "--skip-headline",
+        action="store_true",
+        help="measure only the options; headline and scan paths are kept from --out",
+    )
+    ap.add_argument(
+        "--options-only",
+        default=None,
+        help="comma-separated option layouts to (re)measure; the others are kept from --out",
+    )
+    ap.add_argument(
+        "--only-scan-paths",
+        action="store_true",
+        help="measure only the full-scan reader/codec comparison, into the existing --out",
+    )
     ap.add_argument("--workdir", default=None, help="where to build tables (default: temp)")
     ap.add_argument("--out", default=str(RESULTS), help="JSON output path")
     args = ap.parse_args(argv)
@@ -401,6 +469,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.update(batch=50, replace_repeats=3, read_repeats=3, scans=1, concurrent=2)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_label_table_"))
     root.mkdir(parents=True, exist_ok=True)
+    scan_n = 50 if args.quick else 200
+    if args.only_scan_paths:
+        out = Path(args.out)
+        results = json.loads(out.read_text())
+        results["scan_paths"] = bench_scan_paths(root, scan_n, args.frames)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        return results
     results: dict[str, Any] = {
         "config": {
             **cfg,
@@ -421,13 +496,23 @@ def main(argv: list[str] | None = None) -> dict:
         "headline": {},
     }
     try:
+        if args.options_only:
+            results["options"] = json.loads(Path(args.out).read_text())["options"]
         if not args.skip_options:
-            for key in LAYOUTS:
+            keys = args.options_only.split(",") if args.options_only else list(LAYOUTS)
+            for key in keys:
                 results["options"][key] = run_layout(
                     key, root, args.options_subjects, args.frames, cfg
                 )
-        for key in ("old", "product"):
-            results["headline"][key] = run_layout(key, root, args.subjects, args.frames, cfg)
+        if args.skip_headline:
+            kept = json.loads(Path(args.out).read_text())
+            results["headline"], results["scan_paths"] = kept["headline"], kept["scan_paths"]
+            results["config"]["subjects"] = kept["config"]["subjects"]
+            results["machine"]["headline_load_avg"] = kept["machine"]["load_avg_start"]
+        else:
+            for key in ("old", "product"):
+                results["headline"][key] = run_layout(key, root, args.subjects, args.frames, cfg)
+            results["scan_paths"] = bench_scan_paths(root, scan_n, args.frames)
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -35,7 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pa_ds
 import pyarrow.fs as pa_fs
-from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+from deltalake import (
+    CommitProperties,
+    DeltaTable,
+    QueryBuilder,
+    WriterProperties,
+    write_deltalake,
+)
 from deltalake.exceptions import (
     CommitFailedError,
     DeltaError,
@@ -151,6 +157,8 @@ def read_rows(
         The matching rows as a ``pa.Table`` with the Delta table's schema (column order as
         written, partition columns included).
     """
+    if not filters:
+        return _scan_all(uri, version=version, columns=columns, storage_options=storage_options)
     dataset = read_dataset(uri, filters=filters, version=version, storage_options=storage_options)
     try:
         expr = _filter_expression(filters) if filters else None
@@ -192,6 +200,7 @@ def append_rows(
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     """Append ``table`` to the Delta table at ``uri`` in one commit (create it if missing).
 
@@ -203,6 +212,8 @@ def append_rows(
         commit_metadata: extra string entries stored in the commit's commitInfo (e.g.
             ``{"pgt.run_id": ...}``); they show up in :func:`history`.
         writer_properties: Parquet writer settings (row-group size, compression).
+        configuration: Delta table properties, used only when the table is created
+            (e.g. ``{"delta.dataSkippingStatsColumns": "a,b"}``).
 
     Returns:
         The version of the commit that added the rows.
@@ -216,6 +227,7 @@ def append_rows(
         storage_options=storage_options,
         commit_metadata=commit_metadata,
         writer_properties=writer_properties,
+        configuration=configuration,
     )
 
 
@@ -228,6 +240,8 @@ def replace_rows(
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
+    compact_over: int | None = None,
 ) -> int:
     """Atomically replace every row matching ``predicate`` by ``table`` (one commit).
 
@@ -245,9 +259,14 @@ def replace_rows(
         storage_options: object-store options passed to deltalake.
         commit_metadata: extra string entries stored in the commit's commitInfo.
         writer_properties: Parquet writer settings (row-group size, compression).
+        configuration: Delta table properties, used only when the table is created.
+        compact_over: when the partition that ``predicate`` names (equality on partition
+            columns) then holds more data files than this, compact it (a second commit
+            that changes no rows; reuses the writer's table handle, so no extra open).
+            None = never.
 
     Returns:
-        The version of the commit.
+        The version of the commit that replaced the rows.
     """
     if not predicate:
         raise StorageError(f"{uri}: replace_rows needs a non-empty predicate")
@@ -261,6 +280,8 @@ def replace_rows(
         storage_options=storage_options,
         commit_metadata=commit_metadata,
         writer_properties=writer_properties,
+        configuration=configuration,
+        compact=(predicate, compact_over) if compact_over is not None else None,
     )
 
 
@@ -272,16 +293,26 @@ def overwrite_table(
     storage_options: Mapping[str, str] | None = None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
 ) -> int:
     """Replace the whole table, schema and partitioning included, in one commit.
 
     For layout migrations: the old versions stay readable by time travel until
     ``vacuum``. ``data`` may stream from the table itself (the old files are only
     unreferenced, not deleted). Not retried: run it while no other writer is active.
+    ``configuration`` (Delta table properties) is set in a second commit, before the
+    rewrite, so that the rewritten files already follow it.
 
     Returns:
-        The version of the commit.
+        The version of the rewrite.
     """
+    if configuration:
+        try:
+            _open(uri, storage_options=storage_options).alter.set_table_properties(
+                dict(configuration), raise_if_not_exists=False
+            )
+        except DeltaError as exc:
+            raise StorageError(f"{uri}: cannot set table properties: {exc}") from exc
     token = uuid.uuid4().hex
     custom = {**{str(k): str(v) for k, v in (commit_metadata or {}).items()}, _TOKEN_KEY: token}
     try:
@@ -465,6 +496,38 @@ def _native_filesystem(uri: str) -> pa_fs.FileSystem | None:
     return pa_fs.SubTreeFileSystem(os.path.abspath(root), pa_fs.LocalFileSystem())
 
 
+def _scan_all(
+    uri: str,
+    *,
+    version: int | None,
+    columns: Sequence[str] | None,
+    storage_options: Mapping[str, str] | None,
+) -> pa.Table:
+    """Every row of one version, read by delta-rs's own engine (DataFusion).
+
+    Why not pyarrow's dataset: its per-file cost dominates on tables of many small files
+    (one per subject); delta-rs reads them 1.6-2.4x faster (deltalake 1.6.6, pyarrow 22;
+    docs/benchmarks.md, "Label table").
+    """
+    dt = _open(uri, version=version, storage_options=storage_options)
+    try:
+        schema = _plain_string_schema(pa.schema(dt.schema().to_arrow()))
+        cols = list(columns) if columns is not None else schema.names
+        unknown = [c for c in cols if c not in schema.names]
+        if unknown:
+            raise StorageError(f"{uri}: no such columns {unknown}")
+        select = ", ".join('"' + c.replace('"', '""') + '"' for c in cols)
+        reader = QueryBuilder().register("t", dt).execute(f"SELECT {select} FROM t")
+        target = pa.schema([schema.field(c) for c in cols], metadata=schema.metadata)
+        batches = [pa.record_batch(b) for b in reader]
+        if not batches:
+            return target.empty_table()
+        # DataFusion returns string_view columns; give readers the declared dtypes
+        return pa.Table.from_batches(batches).cast(target)
+    except (DeltaError, pa.ArrowException, OSError) as exc:
+        raise StorageError(f"{uri}: cannot read rows: {exc}") from exc
+
+
 def _open_or_none(uri: str, storage_options: Mapping[str, str] | None) -> DeltaTable | None:
     try:
         return DeltaTable(str(uri), storage_options=_opts(uri, storage_options))
@@ -553,6 +616,8 @@ def _commit_with_retry(
     storage_options: Mapping[str, str] | None,
     commit_metadata: Mapping[str, str] | None = None,
     writer_properties: WriterProperties | None = None,
+    configuration: Mapping[str, str] | None = None,
+    compact: tuple[Mapping[str, object], int] | None = None,
 ) -> int:
     if not isinstance(table, pa.Table):
         raise StorageError(f"{uri}: expected a pyarrow.Table, got {type(table).__name__}")
@@ -575,15 +640,23 @@ def _commit_with_retry(
                 predicate=predicate,
                 partition_by=partition_by if isinstance(target, str) else None,
                 storage_options=opts if isinstance(target, str) else None,
+                configuration=dict(configuration)
+                if configuration and isinstance(target, str)
+                else None,
                 commit_properties=CommitProperties(custom_metadata=custom),
                 writer_properties=writer_properties,
             )
+            version = None
             if isinstance(target, DeltaTable):
                 # the handle now points at our commit; confirm by token, else search.
                 head = target.history(1)
                 if head and head[0].get(_TOKEN_KEY) == token:
-                    return int(head[0]["version"])
-            return _version_of_token(uri, token, storage_options)
+                    version = int(head[0]["version"])
+            if version is None:
+                version = _version_of_token(uri, token, storage_options)
+            if compact is not None and isinstance(target, DeltaTable):
+                _compact_partition_over(uri, target, *compact, writer_properties)
+            return version
         except (DeltaError, OSError) as exc:
             # The error may come after our log entry landed (I/O error after the put,
             # failing post-commit hook, lost object-store response): then we are done,
@@ -612,6 +685,27 @@ def _commit_with_retry(
     raise StorageError(
         f"{uri}: {mode} commit still conflicting after {MAX_ATTEMPTS} attempts: {last}"
     )
+
+
+def _compact_partition_over(
+    uri: str,
+    dt: DeltaTable,
+    predicate: Mapping[str, object],
+    limit: int,
+    writer_properties: WriterProperties | None,
+) -> None:
+    """Compact the partition named by ``predicate`` when it holds more than ``limit``
+    files. Best effort: a failure (e.g. a concurrent writer of that partition) is logged,
+    the rows are already committed."""
+    parts = {c: predicate[c] for c in dt.metadata().partition_columns if c in predicate}
+    if not parts or any(v is None or isinstance(v, list | tuple | set) for v in parts.values()):
+        return
+    filters = _partition_filter_tuples(parts)
+    try:
+        if len(dt.file_uris(partition_filters=filters)) > limit:
+            dt.optimize.compact(partition_filters=filters, writer_properties=writer_properties)
+    except (DeltaError, OSError) as exc:
+        _log.info("%s: compaction of %s skipped: %s", uri, parts, exc)
 
 
 def _landed_version(

@@ -31,14 +31,18 @@ from pipeline.errors import StorageError
 from storage import delta
 
 __all__ = [
+    "AUTO_COMPACT_FILES",
     "BS_PREFIX",
+    "COMPRESSION",
     "GAZE_COLUMNS",
     "HEAD_COLUMNS",
     "LABEL_SCHEMA_VERSION",
     "LABEL_SOURCES",
     "PARTITION_BY",
     "PARTITION_COLUMN",
+    "STATS_COLUMNS",
     "STATUSES",
+    "TABLE_PROPERTIES",
     "LabelTable",
     "blendshape_matrix",
     "blendshape_names_of",
@@ -62,11 +66,21 @@ LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation")
 PARTITION_COLUMN = "subject_partition"
 #: Partitioning of the Delta table (see docs/storage.md "Layout" for the measurement).
 PARTITION_BY: list[str] | None = [PARTITION_COLUMN]
+#: Parquet codec of label files. LZ4_RAW, not ZSTD: with one file per subject a full scan
+#: decodes ~90 column chunks per file, and ZSTD's per-chunk cost made it 2-4x slower
+#: (docs/storage.md); float labels compress little with either.
+COMPRESSION = "LZ4_RAW"
+#: The only columns whose min/max statistics the Delta log keeps (the ones reads and
+#: replaces filter on). Delta's default indexes the first 32 columns, which made the log
+#: ~6x larger and every table open, replace and one-subject read ~3-4x slower on a
+#: 2,000-subject table (docs/storage.md).
+STATS_COLUMNS = ("subject_id", "recording_id", "frame_index", "label_source", "label_round")
+TABLE_PROPERTIES = {"delta.dataSkippingStatsColumns": ",".join(STATS_COLUMNS)}
 #: write_subject_round compacts the subject's partition once it holds more data files
 #: than this (each write adds one; one compacted file per subject is the steady state).
 AUTO_COMPACT_FILES = 8
 #: Parquet row-group size of label files: small enough that reading one subject out of a
-#: compacted multi-subject file decodes ~16k rows, not the whole file (row-group stats).
+#: multi-subject file (v1 tables, bulk appends before compaction) decodes ~16k rows.
 ROW_GROUP_ROWS = 16_384
 #: The columns that identify what one write_subject_round replaces.
 REPLACE_KEY = ("subject_id", "label_round", "label_source")
@@ -74,8 +88,9 @@ REPLACE_KEY = ("subject_id", "label_round", "label_source")
 META_SCHEMA_VERSION = b"pgt.label_schema_version"
 META_BLENDSHAPES = b"pgt.blendshape_names"
 
-#: Columns the table may be partitioned by (the benchmark compares the layouts).
-_PARTITIONABLE = (PARTITION_COLUMN, "subject_id")
+#: Columns the table may be partitioned by (``subject_id`` itself would leave the files
+#: without it; see PARTITION_COLUMN).
+_PARTITIONABLE = (PARTITION_COLUMN,)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _QUAT_NORM_TOL = 1e-3
@@ -120,8 +135,7 @@ def label_schema(
         of blendshape names.
     """
     if version not in READABLE_VERSIONS:
-        raise StorageError(f"label schema version {version} unknown; this code reads "
-                           f"{READABLE_VERSIONS}")  # fmt: skip
+        raise StorageError(f"label schema version {version}: this code reads {READABLE_VERSIONS}")
     names = [str(n) for n in blendshape_names]
     if not names:
         raise StorageError("label_schema: blendshape_names is empty")
@@ -328,8 +342,9 @@ def labels_to_arrow(
 
 
 def writer_properties() -> WriterProperties:
-    """Parquet settings of label files (zstd, :data:`ROW_GROUP_ROWS` rows per group)."""
-    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression="ZSTD")
+    """Parquet settings of label files (:data:`COMPRESSION`, :data:`ROW_GROUP_ROWS` rows
+    per group)."""
+    return WriterProperties(max_row_group_size=ROW_GROUP_ROWS, compression=COMPRESSION)
 
 
 def blendshape_matrix(table: pa.Table, names: Sequence[str]) -> np.ndarray:
@@ -451,12 +466,12 @@ class LabelTable:
                 storage_options=self.storage_options,
                 commit_metadata=meta,
                 writer_properties=writer_properties(),
+                configuration=TABLE_PROPERTIES,
+                compact_over=self.auto_compact_files,
             )
         except StorageError as exc:
             self._explain_schema_mismatch(table, exc)
             raise
-        if self.auto_compact_files is not None:
-            self.compact_subject(key["subject_id"], min_files=self.auto_compact_files + 1)
         return version
 
     def compact_subject(self, subject_id: str, *, min_files: int = 2) -> dict[str, Any] | None:
@@ -530,6 +545,7 @@ class LabelTable:
             storage_options=self.storage_options,
             commit_metadata={"pgt.table": "labels", "pgt.upgrade": f"v1->v{LABEL_SCHEMA_VERSION}"},
             writer_properties=writer_properties(),
+            configuration=TABLE_PROPERTIES,
         )
         self._partitions = None  # the layout changed
         return version

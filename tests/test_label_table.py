@@ -25,6 +25,8 @@ from storage import delta
 from storage.label_table import (
     LABEL_SCHEMA_VERSION,
     PARTITION_COLUMN,
+    STATS_COLUMNS,
+    TABLE_PROPERTIES,
     LabelTable,
     blendshape_matrix,
     label_schema,
@@ -271,6 +273,11 @@ def test_delta_helpers_quote_predicates_and_wrap_errors(tmp_path) -> None:
     assert delta.replace_rows(uri, new, {"k": "o'brien", "n": 1}) == 1
     assert delta.read_rows(uri, filters={"k": "o'brien"}).num_rows == 1
     assert delta.read_rows(uri, filters={"k": ["x", "o'brien"]}).num_rows == 2
+    whole = delta.read_rows(uri, columns=["n", "k"])  # full scans go through delta-rs
+    assert whole.schema == pa.schema([("n", pa.int16()), ("k", pa.string())])
+    assert sorted(whole.column("k").to_pylist()) == ["o'brien", "x"]
+    with pytest.raises(StorageError, match="no such columns"):
+        delta.read_rows(uri, columns=["nope"])
     assert delta.table_version(uri) == 1 and delta.exists(uri)
     # rows that do not match the predicate are refused (nothing committed)
     with pytest.raises(StorageError, match="generic"):
@@ -365,6 +372,7 @@ def test_pyarrow_duckdb_polars_dask_read_the_same_rows(tmp_path) -> None:
     import dask.dataframe as dd
     import duckdb
     import polars as pl
+    import pyarrow.parquet as pq
     from deltalake import DeltaTable
 
     uri = str(tmp_path / "labels")
@@ -380,6 +388,8 @@ def test_pyarrow_duckdb_polars_dask_read_the_same_rows(tmp_path) -> None:
     dt = DeltaTable(uri)
     via_pyarrow = dt.to_pyarrow_table(filesystem=local_fs(uri)).select(cols).to_pandas()
     files = dt.file_uris()  # the current version's Parquet files only
+    # v2 partitions by a copy of subject_id: the files themselves still hold subject_id
+    assert all("subject_id" in pq.read_schema(f).names for f in files)
     via_duckdb = duckdb.sql(f"SELECT {', '.join(cols)} FROM read_parquet({files!r})").df()
     via_polars = pl.read_delta(uri).select(cols).to_pandas()
     via_dask = dd.read_parquet(files, columns=cols).compute()
@@ -397,10 +407,13 @@ def test_pyarrow_duckdb_polars_dask_read_the_same_rows(tmp_path) -> None:
 # ------------------------------------------------------------ layout and maintenance
 
 
+def _log_lines(uri: str, version: int) -> list[str]:
+    return Path(uri, "_delta_log", f"{version:020d}.json").read_text().splitlines()
+
+
 def _commit_actions(uri: str, version: int) -> tuple[list[str], list[str]]:
     """(removed, added) data-file paths of one commit, from its log entry."""
-    log = Path(uri, "_delta_log", f"{version:020d}.json").read_text().splitlines()
-    actions = [json.loads(line) for line in log]
+    actions = [json.loads(line) for line in _log_lines(uri, version)]
     removed = [a["remove"]["path"] for a in actions if "remove" in a]
     added = [a["add"]["path"] for a in actions if "add" in a]
     return removed, added
@@ -453,6 +466,11 @@ def test_replace_after_compaction_touches_only_that_subjects_files(tmp_path) -> 
     untouched = {f for f in files_before if f"/{PARTITION_COLUMN}=s3/" not in f}
     assert untouched <= set(delta.data_files(lt.uri))  # every other subject's file stays
     assert len(untouched) == 7
+    # the log keeps min/max statistics only for the columns reads and replaces filter on
+    stats = json.loads(
+        next(json.loads(x)["add"]["stats"] for x in _log_lines(lt.uri, v) if '"add"' in x)
+    )
+    assert sorted(stats["minValues"]) == sorted(STATS_COLUMNS)
     s3 = lt.read(subject_id="s3")
     assert sorted(set(s3.column("run_id").to_pylist())) == ["relabel", "run-a"]
     assert lt.read(subject_id="s3", label_round=1).num_rows == 5  # the other round kept
@@ -616,9 +634,10 @@ def test_v1_tables_stay_readable_refuse_writes_clearly_and_upgrade(tmp_path) -> 
         lt.write_subject_round(make_labels("s1", 3))
     assert lt.version() == 1
 
-    assert lt.upgrade() == 2 and lt.upgrade() is None
+    assert lt.upgrade() == 3 and lt.upgrade() is None  # v2: table properties, v3: rewrite
     assert LabelTable(uri).schema_version() == 2
     assert DeltaTable(uri).metadata().partition_columns == [PARTITION_COLUMN]
+    assert DeltaTable(uri).metadata().configuration == TABLE_PROPERTIES
     order = [("subject_id", "ascending"), ("frame_index", "ascending")]
     assert (
         lt.read()
