@@ -18,7 +18,6 @@ stay readable; :meth:`LabelTable.upgrade` rewrites one as v2. See docs/storage.m
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,6 +28,7 @@ from deltalake import WriterProperties
 
 from pipeline.errors import StorageError
 from storage import delta
+from storage.capture_layout import unsafe_name_reason
 
 __all__ = [
     "AUTO_COMPACT_FILES",
@@ -92,7 +92,6 @@ META_BLENDSHAPES = b"pgt.blendshape_names"
 #: without it; see PARTITION_COLUMN).
 _PARTITIONABLE = (PARTITION_COLUMN,)
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _QUAT_NORM_TOL = 1e-3
 
 _HEAD = [
@@ -655,10 +654,8 @@ class LabelTable:
 def _check_id(arg: str, value: object, *, safe: bool) -> None:
     if not isinstance(value, str) or not value:
         raise StorageError(f"{arg} must be a non-empty string, got {value!r}")
-    if safe and (not _SAFE_ID.match(value) or ".." in value):
-        raise StorageError(
-            f"{arg}={value!r} is not a safe id (^[A-Za-z0-9][A-Za-z0-9_.-]{{0,63}}$)"
-        )
+    if safe and (reason := unsafe_name_reason(value, arg)) is not None:
+        raise StorageError(reason)
 
 
 def _check_shape(arg: str, a: np.ndarray, want: tuple[int, ...], hint: str = "") -> None:

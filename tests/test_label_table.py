@@ -156,6 +156,8 @@ _GOOD = dict(
         ({"label_source": "teacher"}, ["label_source", "teacher"]),
         ({"label_round": 2}, ["label_round", "self_supervision"]),
         ({"subject_id": "../evil"}, ["subject_id", "safe"]),
+        ({"subject_id": "subj0001\n"}, ["subject_id", "safe"]),  # "$" matches before a newline
+        ({"recording_id": "rec000\n"}, ["recording_id", "safe"]),
         ({"timestamp_ns": np.zeros(T)}, ["timestamp_ns", "integers"]),
     ],
 )
