@@ -506,7 +506,7 @@ def _scan_all(
     """Every row of one version, read by delta-rs's own engine (DataFusion).
 
     Why not pyarrow's dataset: its per-file cost dominates on tables of many small files
-    (one per subject); delta-rs reads them 1.6-2.4x faster (deltalake 1.6.6, pyarrow 22;
+    (one per subject); delta-rs reads them 1.3-1.7x faster (deltalake 1.6.6, pyarrow 22;
     docs/benchmarks.md, "Label table").
     """
     dt = _open(uri, version=version, storage_options=storage_options)

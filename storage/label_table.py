@@ -67,8 +67,8 @@ PARTITION_COLUMN = "subject_partition"
 #: Partitioning of the Delta table (see docs/storage.md "Layout" for the measurement).
 PARTITION_BY: list[str] | None = [PARTITION_COLUMN]
 #: Parquet codec of label files. LZ4_RAW, not ZSTD: with one file per subject a full scan
-#: decodes ~90 column chunks per file, and ZSTD's per-chunk cost made it 2-4x slower
-#: (docs/storage.md); float labels compress little with either.
+#: decodes ~90 column chunks per file, and ZSTD's per-chunk cost made it ~1.6x slower
+#: (docs/benchmarks.md); float labels compress little with either.
 COMPRESSION = "LZ4_RAW"
 #: The only columns whose min/max statistics the Delta log keeps (the ones reads and
 #: replaces filter on). Delta's default indexes the first 32 columns, which made the log
