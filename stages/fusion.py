@@ -75,7 +75,7 @@ class FusionConfig:
     """Iterations of each ICP run. >= 1."""
     robust_kernel: RobustKernel = "tukey"
     """Robust loss of the point-to-plane ICP; its scale is each run's correspondence distance."""
-    min_fitness: float = 0.5
+    min_fitness: float = 0.7
     """Frames whose final ICP fitness (fraction of their points with a reference point within
     ``icp_min_distance_mm``) is below this are rejected; in [0, 1]."""
     max_rmse_mm: float = 1.0
