@@ -141,20 +141,23 @@ def test_fused_mesh_lies_on_the_true_surface(fused, burst, model):
 
 def test_backproject_and_lift_match_the_pinhole_model():
     depth = np.zeros((H, W), np.uint16)
-    depth[50:60, 40:52] = 500
+    rows, cols = np.mgrid[50:60, 40:52]
+    depth[50:60, 40:52] = 500 + 10 * (rows - 50) + (cols - 40)  # every pixel its own depth
     mask = np.zeros((H, W), bool)
     mask[:, :46] = True
     pts = backproject(depth, mask, INTR)
     assert pts.shape == (60, 3)  # 10 rows x 6 masked columns
     v, u = np.nonzero(mask & (depth > 0))
-    np.testing.assert_allclose(pts, np.stack([(u - INTR.cx) / F * 0.5, (v - INTR.cy) / F * 0.5, np.full(60, 0.5)], 1))
+    z = depth[v, u] * 1e-3
+    np.testing.assert_allclose(pts, np.stack([(u - INTR.cx) / F * z, (v - INTR.cy) / F * z, z], 1))
     lm = np.full((478, 2), np.nan, np.float32)
-    lm[0] = (41.3, 52.6)  # on valid depth: its own sub-pixel ray
+    lm[0] = (41.3, 52.6)  # on valid depth: the rounded pixel's depth, its own sub-pixel ray
     lm[1] = (47.0, 55.0)  # masked out: the nearest valid pixel (45, 55) is 2 px away
     lm[2] = (49.0, 55.0)  # nearest valid pixel 4 px away: rejected with window 2
     out = lift_landmarks(lm, depth, mask, INTR, window_px=2)
-    np.testing.assert_allclose(out[0], [(41.3 - INTR.cx) / F * 0.5, (52.6 - INTR.cy) / F * 0.5, 0.5], rtol=1e-6)
-    np.testing.assert_allclose(out[1], [(47.0 - INTR.cx) / F * 0.5, (55.0 - INTR.cy) / F * 0.5, 0.5])
+    z0, z1 = depth[53, 41] * 1e-3, depth[55, 45] * 1e-3
+    np.testing.assert_allclose(out[0], [(41.3 - INTR.cx) / F * z0, (52.6 - INTR.cy) / F * z0, z0], rtol=1e-6)
+    np.testing.assert_allclose(out[1], [(47.0 - INTR.cx) / F * z1, (55.0 - INTR.cy) / F * z1, z1])
     assert np.isnan(out[2:]).all()
 
 
@@ -191,7 +194,9 @@ def test_fusion_with_outlier_landmarks_still_recovers_the_pose(burst):
     angle = rng.uniform(0, 2 * np.pi, len(bad))
     lm[bad] += 20.0 * np.stack([np.cos(angle), np.sin(angle)], 1)
     frames = [dataclasses.replace(burst[0], landmarks=lm), burst[1]]
-    out = fuse(frames, FusionConfig(poisson_depth=6))
+    # A short-range ICP (3 then 2 mm) can only polish: the landmark init must be right.
+    short = FusionConfig(poisson_depth=6, icp_max_distance_mm=3.0, icp_levels=2)
+    out = fuse(frames, short)
     assert out.ok and out.frames_used.tolist() == [0, 1]
     assert out.landmark_inliers[0] < 478 - 80  # the moved ones were left out
     rot_deg, t_mm = pose_error(out.poses[0], 1, 0)
