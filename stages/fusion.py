@@ -556,7 +556,7 @@ def fuse_expression(
             poses[i], fitness[i], rmse[i] = icp_refine(source, target, init, cfg)
             if fitness[i] < cfg.min_fitness:
                 reject(i, "icp_fitness", f"ICP fitness {fitness[i]:.3f} < min_fitness={cfg.min_fitness}")
-            elif rmse[i] * 1e3 > cfg.max_rmse_mm:
+            elif not rmse[i] * 1e3 <= cfg.max_rmse_mm:  # NaN (no overlap) fails too
                 reject(i, "icp_rmse", f"ICP inlier RMSE {rmse[i] * 1e3:.3f} mm > max_rmse_mm={cfg.max_rmse_mm}")
             else:
                 merged.append(source.transform(poses[i]))
