@@ -20,6 +20,7 @@ valid depth or whose refined mask keeps too little of the oval (docs/phone-chain
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -420,5 +421,5 @@ def refine_masks_for_capture(capture, landmarks, config: FaceMaskConfig | Mappin
     """
     from storage.capture import Capture
 
-    cap = capture if isinstance(capture, Capture) else Capture.open(capture)
+    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
     return refine_masks(cap, landmarks, _section(config)).to_output()
