@@ -200,7 +200,9 @@ def test_stage_records_rejections_reads_no_depth_without_face_and_round_trips(sc
     out = refine_masks_for_capture(_FakeCapture(scan), landmarks, {"face_mask": FaceMaskConfig()})
     rows = out.tables["rows"].to_pylist()
     assert [r["status"] for r in rows] == ["ok", "rejected"] and rows[1]["reason"] == e.reasons[1]
-    back = RefinedMasks.from_output(out)
+    from pipeline.serialize import decode, encode
+
+    back = RefinedMasks.from_output(decode(*encode(out)))  # through the artifact store's bytes
     assert back.rejections == result.rejections
     assert np.array_equal(back.expressions["neutral"].mask(0), e.mask(0))
     assert out.meta["count_names"] == list(COUNT_NAMES)
