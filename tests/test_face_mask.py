@@ -13,6 +13,7 @@ from stages.face_mask import (
     COUNT_NAMES,
     REASON_NO_DEPTH,
     REASON_NO_FACE,
+    REASON_TOO_SMALL,
     FaceMaskConfig,
     RefinedMasks,
     refine_face_mask,
@@ -163,6 +164,13 @@ def test_no_face_is_rejected_without_depth(scan: Scan) -> None:
     # Landmarks on no depth at all: rejected with its reason, no mask.
     mask, info = refine_face_mask(np.zeros((H, W), np.uint16), scan.oval, scan.points, INTR, FaceMaskConfig())
     assert info.reason.startswith(REASON_NO_DEPTH) and not mask.any()
+    # Depth only under the landmarks (the rest a hole): a face depth, but too small a mask.
+    sparse = np.zeros_like(scan.depth_mm)
+    ij = np.round(scan.points[:, ::-1]).astype(int)
+    sparse[ij[:, 0], ij[:, 1]] = scan.depth_mm[ij[:, 0], ij[:, 1]]
+    mask, info = refine_face_mask(sparse, scan.oval, scan.points, INTR, FaceMaskConfig())
+    assert info.reason.startswith(REASON_TOO_SMALL) and not mask.any()
+    assert np.isfinite(info.face_depth_m) and info.counts["dropped_no_depth"] > 0.9 * info.counts["oval"]
 
 
 class _FakeCapture:
