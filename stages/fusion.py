@@ -584,3 +584,142 @@ def fuse_expression(
         reference=int(ids[reference]) if reference >= 0 else -1, frames_used=ids[used],
         rejected=tuple(rejected[i] for i in sorted(rejected)), reason=reason,
     )
+
+
+# ------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True, eq=False)
+class FusedScans:
+    """Every expression of one subject, fused.
+
+    Attributes:
+        subject_id: the subject.
+        expressions: expression name -> its :class:`FusedExpression` (rejected ones too,
+            with their ``reason`` and an empty mesh).
+    """
+
+    subject_id: str
+    expressions: dict[str, FusedExpression]
+
+    def rows(self) -> Any:
+        """One record per phone frame: ``used`` or ``rejected`` with its code and reason."""
+        import pyarrow as pa
+
+        cols: dict[str, list] = {k: [] for k in (
+            "subject_id", "expression", "frame_index", "status", "code", "reason", "fitness", "rmse_mm")}
+        for name, fused in self.expressions.items():
+            why = {r.frame: r for r in fused.rejected}
+            used = set(fused.frames_used.tolist()) if fused.ok else set()
+            for i, frame in enumerate(fused.frame_ids.tolist()):
+                r = why.get(frame)
+                status = "used" if frame in used else "rejected"
+                code = r.code if r else ("" if status == "used" else "expression")
+                reason = r.reason if r else ("" if status == "used" else fused.reason)
+                for key, value in (("subject_id", self.subject_id), ("expression", name),
+                                   ("frame_index", frame), ("status", status), ("code", code),
+                                   ("reason", reason), ("fitness", float(fused.fitness[i])),
+                                   ("rmse_mm", float(fused.rmse[i]) * 1e3)):
+                    cols[key].append(value)
+        return pa.table(cols, schema=pa.schema([
+            ("subject_id", pa.string()), ("expression", pa.string()), ("frame_index", pa.int32()),
+            ("status", pa.string()), ("code", pa.string()), ("reason", pa.string()),
+            ("fitness", pa.float64()), ("rmse_mm", pa.float64())]))
+
+    def to_output(self) -> Any:
+        """A :class:`pipeline.serialize.StageOutput`: arrays ``<expression>.<part>``, the
+        per-expression metadata, and the per-frame ``rows`` table."""
+        from pipeline.serialize import StageOutput
+
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {}
+        for name, fused in self.expressions.items():
+            part = fused.to_output()
+            arrays.update({f"{name}.{k}": v for k, v in part.arrays.items()})
+            meta[name] = dict(part.meta)
+        return StageOutput(arrays=arrays, meta={"subject_id": self.subject_id, "expressions": meta},
+                           tables={"rows": self.rows()})
+
+    @classmethod
+    def from_output(cls, output: Any) -> FusedScans:
+        """Inverse of :meth:`to_output`.
+
+        Raises:
+            StageError: a part is missing.
+        """
+        from pipeline.serialize import StageOutput
+
+        if "expressions" not in output.meta or "subject_id" not in output.meta:
+            raise StageError("fusion output lacks its expression list")
+        expressions = {}
+        for name, meta in output.meta["expressions"].items():
+            prefix = f"{name}."
+            arrays = {k[len(prefix):]: v for k, v in output.arrays.items() if k.startswith(prefix)}
+            expressions[name] = FusedExpression.from_output(StageOutput(arrays=arrays, meta=meta))
+        return cls(str(output.meta["subject_id"]), expressions)
+
+
+def _section(config: FusionConfig | Any | None) -> FusionConfig:
+    """The stage's section from what the engine passes (``{"fusion": section}``)."""
+    if config is None:
+        return FusionConfig()
+    if isinstance(config, FusionConfig):
+        return config
+    section = config["fusion"]
+    if not isinstance(section, FusionConfig):
+        raise ConfigError(f"config fusion must be a FusionConfig, got {type(section).__name__}")
+    return section
+
+
+def fuse_scans(capture: Any, landmarks: Any, masks: Any, cfg: FusionConfig) -> FusedScans:
+    """Fuses every expression of an opened capture.
+
+    Args:
+        capture: an opened :class:`storage.capture.Capture`.
+        landmarks: the landmark stage's ``StageOutput`` (``points_<expression>`` (N, P, 2)).
+        masks: the face-mask stage's :class:`stages.face_mask.RefinedMasks`.
+        cfg: the fusion section.
+
+    Raises:
+        StageError: an upstream artifact lacks an expression or disagrees on its frames.
+    """
+    out: dict[str, FusedExpression] = {}
+    for expression in capture.phone_expressions:
+        points = landmarks.arrays.get(f"points_{expression}")
+        refined = masks.expressions.get(expression)
+        n = capture.phone_frame_count(expression)
+        if points is None or refined is None or len(points) != n or len(refined.masks) != n:
+            raise StageError(f"landmark or mask artifact disagrees with the {n} frames of {expression!r}")
+        frame_masks = [refined.mask(i) for i in range(n)]
+        faces = [m.any() and np.isfinite(points[i]).any() for i, m in enumerate(frame_masks)]
+        h, w = refined.shape
+        # frames without a face are never read: their depth plays no part
+        depth = [capture.read_phone_frame(expression, i).depth_mm if faces[i]
+                 else np.zeros((h, w), np.uint16) for i in range(n)]
+        out[expression] = fuse_expression(
+            depth, [m if f else None for m, f in zip(frame_masks, faces, strict=True)],
+            [points[i] if faces[i] else None for i in range(n)],
+            capture.phone_intrinsics(expression), cfg, expression=expression)
+    return FusedScans(capture.subject_id, out)
+
+
+def fuse_capture(capture: Any, landmarks: Any, face_mask: Any, config: Any = None) -> Any:
+    """Stage ``fusion``: each expression's burst fused into one mesh.
+
+    Args:
+        capture: the capture folder (the engine's ``"capture"`` input) or an opened Capture.
+        landmarks: the ``landmarks`` stage's loaded artifact.
+        face_mask: the ``face_mask`` stage's loaded artifact.
+        config: the engine's config view declaring ``fusion``, or a :class:`FusionConfig`.
+
+    Returns:
+        ``FusedScans.to_output()``.
+    """
+    import os
+
+    from stages.face_mask import RefinedMasks
+    from storage.capture import Capture
+
+    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
+    masks = RefinedMasks.from_output(face_mask)
+    return fuse_scans(cap, landmarks, masks, _section(config)).to_output()

@@ -24,7 +24,10 @@ from workflows.config import RunConfig
 from workflows.label import backfill
 
 REPO = Path(__file__).resolve().parents[1]
-KILL_AFTER_FINISHES = (1, 2, 3, 4, 5)
+KILL_AFTER_FINISHES = (1, 3, 5, 7, 9)
+#: Stages whose output bytes are reproducible. Fusion's Open3D ICP and Poisson reduce over
+#: threads, so its bytes differ between runs (docs/fusion.md); its keys must still match.
+BYTE_REPRODUCIBLE = {"validate", "landmarks", "face_mask"}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +46,11 @@ def captures(tiny_subject, tmp_path_factory) -> Path:
 
 
 def _artifacts(out: Path) -> dict[tuple[str, str], dict]:
-    """(stage, key) -> content hashes of the committed parts (provenance left out)."""
+    """(stage, key) -> content hashes of the committed parts (provenance left out); only
+    the part names for stages whose bytes are not reproducible."""
     store = ArtifactStore(str(out / "artifacts"))
-    return {(s, k): {n: p["sha256"] for n, p in store.marker(s, k)["parts"].items()} for s, k in store.committed()}
+    return {(s, k): {n: p["sha256"] if s in BYTE_REPRODUCIBLE else "" for n, p in store.marker(s, k)["parts"].items()}
+            for s, k in store.committed()}
 
 
 def _landmark_rows(out: Path) -> list[dict]:
@@ -71,7 +76,7 @@ def test_killed_backfills_resume_to_the_uninterrupted_result(captures, tmp_path)
     base = _run(captures, base_out)
     ref_artifacts, ref_rows = _artifacts(base_out), _landmark_rows(base_out)
     ref_failures = _failures(base_out, base.run_id)
-    assert len(ref_artifacts) == 6 and len(ref_rows) == 30 and len(ref_failures) == 1
+    assert len(ref_artifacts) == 12 and len(ref_rows) == 30 and len(ref_failures) == 1
 
     for k in KILL_AFTER_FINISHES:
         out = tmp_path / f"kill-after-{k}"

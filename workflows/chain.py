@@ -9,6 +9,8 @@ Stages are listed in execution order: each input names ``"capture"`` or an earli
 from __future__ import annotations
 
 from pipeline.stage import Chain, Publish, Stage
+from stages.face_mask import refine_masks_for_capture
+from stages.fusion import fuse_capture
 from stages.landmarks import detect_landmarks_for_capture
 from stages.validation import validate_capture_stage
 
@@ -24,6 +26,18 @@ STAGES: list[Stage] = [
         outputs=("rows",), publish=Publish(table="landmarks", predicate_columns=("subject_id",)),
         description="MediaPipe landmarks, confidence and face mask per phone frame",
         library_versions=("mediapipe", "opencv-contrib-python"),
+    ),
+    Stage(
+        name="face_mask", version="1", fn=refine_masks_for_capture, inputs=("capture", "landmarks"),
+        config_fields=("face_mask",), outputs=("rows",),
+        description="face mask refined with depth: depth band, depth-edge test, forehead",
+        library_versions=("opencv-contrib-python",),
+    ),
+    Stage(
+        name="fusion", version="1", fn=fuse_capture, inputs=("capture", "landmarks", "face_mask"),
+        config_fields=("fusion",), outputs=("rows",),
+        description="landmark-initialised RANSAC + point-to-plane ICP, Poisson mesh per expression",
+        library_versions=("open3d",),
     ),
 ]
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline import __version__
+from stages.face_mask import FaceMaskConfig
+from stages.fusion import FusionConfig
 from stages.landmarks import LandmarksConfig
 from stages.validation import ValidateConfig
 
@@ -19,5 +21,7 @@ class RunConfig:
 
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     landmarks: LandmarksConfig = field(default_factory=LandmarksConfig)
+    face_mask: FaceMaskConfig = field(default_factory=FaceMaskConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     pipeline_version: str = __version__
     """Written into every label row."""

@@ -1,7 +1,7 @@
 """The README's main job on the embedded default: synthesize a subject, then run the chain.
 
 1. ``pgt synth`` a ``tiny`` subject (captures + ground truth + true label table);
-2. the chain through the Dask DAG (today: validation, landmarks and face masks);
+2. the chain through the Dask DAG (today: validation, landmarks, depth-refined face masks, fusion);
 3. the QA report: status of every stage, and the label metrics of the ground-truth table
    (the reference the pipeline's own labels will be scored against).
 Each chain issue extends step 2 until it ends in labels, which step 3 then scores.
