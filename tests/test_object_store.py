@@ -32,6 +32,7 @@ from pipeline.storage_options import (
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import PARTITION_COLUMN, LabelTable
+from workflows.chain import STAGES
 from workflows.cli import main
 from workflows.metrics import MetricsJob, run_metrics
 
@@ -120,14 +121,14 @@ def s3_runs(s3, tiny_root, tmp_path_factory):
 
 def test_backfill_writes_artifacts_records_and_tables_to_the_bucket(s3, s3_runs, tiny_subject):
     first, _, cwd = s3_runs
-    assert "done 2" in first and "failed 0" in first
+    assert f"done {len(STAGES)}" in first and "failed 0" in first
     run_id = _run_id(first)
     fs, root = filesystem(OUT, {"endpoint_url": s3})
     assert fs.protocol[0] == "s3"
     assert fs.exists(f"{root}/runs/{run_id}/run.json")
     assert fs.exists(f"{root}/runs/{run_id}/dask-report.html")
     committed = ArtifactStore(f"{OUT}/artifacts", {"endpoint_url": s3}).committed()
-    assert sorted(stage for stage, _ in committed) == ["landmarks", "validate"]
+    assert sorted(stage for stage, _ in committed) == sorted(st.name for st in STAGES)
     capture_dir, _ = tiny_subject
     rows = delta.read_rows(f"{OUT}/tables/landmarks", storage_options={"endpoint_url": s3})
     capture = Capture.open(capture_dir)
@@ -140,7 +141,7 @@ def test_backfill_writes_artifacts_records_and_tables_to_the_bucket(s3, s3_runs,
 
 def test_resume_from_the_bucket_recomputes_nothing(s3, s3_runs):
     first, second, _ = s3_runs
-    assert "cached 2, done 0, failed 0" in second, second
+    assert f"cached {len(STAGES)}, done 0, failed 0" in second, second
     assert _run_id(second) != _run_id(first)
     rows = delta.read_rows(f"{OUT}/tables/landmarks", storage_options={"endpoint_url": s3})
     assert rows.num_rows > 0 and len(set(rows.column("subject_id").to_pylist())) == 1
@@ -150,14 +151,14 @@ def test_status_reads_the_runs_in_the_bucket(s3, s3_runs):
     _, second, _ = s3_runs
     text = _pgt("status", OUT, "--storage-option", f"endpoint_url={s3}")
     assert f"run {_run_id(second)} (finished)" in text, text
-    assert "| validate | 1 | 0 | 0 | 0 |" in text
-    assert "| landmarks | 1 | 0 | 0 | 0 |" in text
+    for st in STAGES:
+        assert f"| {st.name} | 1 | 0 | 0 | 0 |" in text
     with pytest.MonkeyPatch.context() as mp:  # the library call, endpoint from the environment
         mp.setenv("AWS_ENDPOINT_URL", s3)
         report = status(OUT)
     assert report.run_id == _run_id(second)
     assert report.counts() == {st: {"done": 1, "failed": 0, "skipped": 0, "pending": 0}
-                               for st in ("validate", "landmarks")}
+                               for st in (s.name for s in STAGES)}
 
 
 def test_metrics_of_a_label_table_in_the_bucket_match_the_local_ones(s3, tiny_root, tmp_path):
