@@ -22,7 +22,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pipeline.errors import ConfigError
 
@@ -228,3 +228,28 @@ def fingerprint_path(path: str | Path, kind: str = "file") -> str:
                 rel = f.relative_to(p).as_posix()
                 h.update(f"{rel}\0{_file_sha256(str(f), f.stat())}\n".encode())
     return h.hexdigest()
+
+
+T = TypeVar("T")
+
+
+def config_section(config: Any, name: str, cls: type[T]) -> T:
+    """A stage's typed section from what the engine passes (``{name: section}``).
+
+    Args:
+        config: the engine's config view declaring ``name`` (a whole section), an instance
+            of ``cls`` itself, or None for the defaults.
+        name: the section's field name in the run config (e.g. ``"fusion"``).
+        cls: the section's dataclass.
+
+    Raises:
+        ConfigError: the view holds something other than a ``cls``.
+    """
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    section = config[name]
+    if not isinstance(section, cls):
+        raise ConfigError(f"config {name} must be a {cls.__name__}, got {type(section).__name__}")
+    return section

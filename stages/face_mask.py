@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import check_fields
+from pipeline.config import check_fields, config_section
 from pipeline.errors import ConfigError, StageError
 from stages.landmarks import FACE_OVAL, OVAL_68
 
@@ -350,17 +350,6 @@ class RefinedMasks:
         return cls(meta["subject_id"], expressions)
 
 
-def _section(config: FaceMaskConfig | Mapping[str, Any] | None) -> FaceMaskConfig:
-    """The stage's section from what the engine passes (``{"face_mask": section}``)."""
-    if config is None:
-        return FaceMaskConfig()
-    if isinstance(config, FaceMaskConfig):
-        return config
-    section = config["face_mask"]
-    if not isinstance(section, FaceMaskConfig):
-        raise ConfigError(f"config face_mask must be a FaceMaskConfig, got {type(section).__name__}")
-    return section
-
 
 def refine_masks(capture, landmarks, cfg: FaceMaskConfig) -> RefinedMasks:
     """Refines every phone frame's landmark mask of an opened capture.
@@ -422,4 +411,4 @@ def refine_masks_for_capture(capture, landmarks, config: FaceMaskConfig | Mappin
     from storage.capture import Capture
 
     cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
-    return refine_masks(cap, landmarks, _section(config)).to_output()
+    return refine_masks(cap, landmarks, config_section(config, "face_mask", FaceMaskConfig)).to_output()

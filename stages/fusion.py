@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import check_fields
+from pipeline.config import check_fields, config_section
 from pipeline.errors import ConfigError, StageError
 from rigs.camera import Camera, PinholeIntrinsics
 from rigs.geometry import similarity_fit
@@ -659,17 +659,6 @@ class FusedScans:
         return cls(str(output.meta["subject_id"]), expressions)
 
 
-def _section(config: FusionConfig | Any | None) -> FusionConfig:
-    """The stage's section from what the engine passes (``{"fusion": section}``)."""
-    if config is None:
-        return FusionConfig()
-    if isinstance(config, FusionConfig):
-        return config
-    section = config["fusion"]
-    if not isinstance(section, FusionConfig):
-        raise ConfigError(f"config fusion must be a FusionConfig, got {type(section).__name__}")
-    return section
-
 
 def fuse_scans(capture: Any, landmarks: Any, masks: Any, cfg: FusionConfig) -> FusedScans:
     """Fuses every expression of an opened capture.
@@ -722,4 +711,4 @@ def fuse_capture(capture: Any, landmarks: Any, face_mask: Any, config: Any = Non
 
     cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
     masks = RefinedMasks.from_output(face_mask)
-    return fuse_scans(cap, landmarks, masks, _section(config)).to_output()
+    return fuse_scans(cap, landmarks, masks, config_section(config, "fusion", FusionConfig)).to_output()
