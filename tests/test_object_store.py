@@ -8,8 +8,6 @@ concurrent writers.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import subprocess
 import sys
@@ -32,8 +30,8 @@ from pipeline.storage_options import (
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import PARTITION_COLUMN, LabelTable
+from tests.cli_runner import run_pgt as _pgt
 from workflows.chain import STAGES
-from workflows.cli import main
 from workflows.metrics import MetricsJob, run_metrics
 
 pytestmark = pytest.mark.timeout(900)  # a hang (e.g. a store that never answers) fails
@@ -89,13 +87,6 @@ def s3():
         env.undo()
 
 
-def _pgt(*args: str) -> str:
-    """Runs ``pgt ARGS`` in this process; returns its standard output (exit status 0)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(args))
-    assert code == 0, out.getvalue()
-    return out.getvalue()
 
 
 def _run_id(stdout: str) -> str:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -19,8 +18,8 @@ import pytest
 from pipeline.artifacts import ArtifactStore
 from pipeline.runlog import read_stage_log
 from storage import delta
+from tests.cli_runner import run_pgt as _pgt
 from workflows.chain import STAGES
-from workflows.cli import main
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -74,14 +73,6 @@ def scheduler(tmp_path_factory):
     finally:
         for proc in reversed(procs):
             _stop(proc)
-
-
-def _pgt(*args: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(args))
-    assert code == 0, out.getvalue()
-    return out.getvalue()
 
 
 def _rows(table_uri: str) -> list[dict]:

@@ -1,0 +1,17 @@
+"""Running the ``pgt`` CLI in the test process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+from workflows.cli import main
+
+
+def run_pgt(*args: str) -> str:
+    """Runs ``pgt ARGS`` in this process; returns its standard output (exit status 0)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    assert code == 0, out.getvalue()
+    return out.getvalue()
