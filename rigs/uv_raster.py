@@ -70,18 +70,25 @@ class UvRaster:
         out[self.texel] = values
         return out.reshape(*self.shape, *values.shape[1:])
 
-    def interpolate(self, triangles: np.ndarray, vertex_values: np.ndarray) -> np.ndarray:
+    def interpolate(self, triangles: np.ndarray, vertex_values: np.ndarray,
+                    texels: np.ndarray | None = None) -> np.ndarray:
         """Per-vertex values interpolated at the covered texels.
 
         Args:
             triangles: (m, 3) mesh triangles (vertex indices), the ones rasterised.
             vertex_values: (n, C) per-vertex values (positions, normals, ...).
+            texels: (s,) int indices into the covered texels to interpolate at; all by default.
 
         Returns:
-            (k, C) float64.
+            (k, C) (or (s, C)) array of ``vertex_values``' float dtype.
         """
-        corners = np.asarray(vertex_values, np.float64)[np.asarray(triangles)[self.triangle]]  # (k, 3, C)
-        return np.einsum("kjc,kj->kc", corners, self.barycentric.astype(np.float64))
+        values = np.asarray(vertex_values)
+        if not np.issubdtype(values.dtype, np.floating):
+            values = values.astype(np.float64)
+        tri = self.triangle if texels is None else self.triangle[texels]
+        bary = (self.barycentric if texels is None else self.barycentric[texels]).astype(values.dtype)
+        corners = values[np.asarray(triangles)[tri]]  # (s, 3, C)
+        return np.einsum("kjc,kj->kc", corners, bary)
 
 
 def uv_to_texel(uv: np.ndarray, resolution: int) -> np.ndarray:

@@ -354,18 +354,22 @@ def frontalness(camera: Camera) -> float:
 def mesh_depth(scene: Scene, camera: Camera, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
     """Camera-z depth of the mesh at the pixel centres of a window (inclusive bounds).
 
+    The rays are cast with camera-frame directions ``((u - cx) / fx, (v - cy) / fy, 1)``,
+    unnormalised, so the hit parameter is the camera z itself (pinhole cameras only: the
+    phone's images are undistorted).
+
     Args:
         scene: the posed mesh (head frame).
-        camera: the camera (head frame as world).
+        camera: the pinhole camera (head frame as world).
         x0, y0, x1, y1: the window's first and last pixel column and row.
 
     Returns:
-        (y1 - y0 + 1, x1 - x0 + 1) float64 depth, metres; inf where no triangle is hit.
+        (y1 - y0 + 1, x1 - x0 + 1) float32 depth, metres; inf where no triangle is hit.
     """
-    v, u = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float64)
-    origins, dirs = camera.pixel_rays(np.stack([u, v], -1))
-    t = scene.cast(origins, dirs)["t"].astype(np.float64)
-    return t * (dirs @ camera.R_world_from_camera[:, 2])
+    v, u = np.mgrid[y0:y1 + 1, x0:x1 + 1].astype(np.float32)
+    d = np.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones_like(u)], -1)
+    d = d @ camera.R_world_from_camera.T.astype(np.float32)
+    return scene.cast(np.broadcast_to(camera.t_world_from_camera.astype(np.float32), d.shape), d)["t"]
 
 
 def observe(points: np.ndarray, normals: np.ndarray, scene: Scene, camera: Camera,
@@ -381,37 +385,40 @@ def observe(points: np.ndarray, normals: np.ndarray, scene: Scene, camera: Camer
         points: (p, 3) points on the mesh, head frame, metres.
         normals: (p, 3) unit outward normals.
         scene: the mesh the points lie on, for the depth test.
-        camera: the frame's camera (head frame as world).
+        camera: the frame's pinhole camera (head frame as world).
         rgb_linear: (H, W, 3) float32 linear image.
         cfg: the texture config.
 
     Returns:
         :class:`Observations` with indices into ``points``.
     """
+    if camera.model != "opencv" or np.any(np.asarray(camera.distortion) != 0):
+        raise StageError("texture baking needs a pinhole (undistorted) camera")
     to_cam = camera.t_world_from_camera - points
-    dist = np.linalg.norm(to_cam, axis=1)
-    cos = np.einsum("ij,ij->i", normals, to_cam) / np.maximum(dist, 1e-12)
+    cos = np.einsum("ij,ij->i", normals, to_cam) / np.sqrt(np.einsum("ij,ij->i", to_cam, to_cam))
     idx = np.flatnonzero(cos >= cfg.min_cos)
     pix, z = camera.project(points[idx])
     h, w = rgb_linear.shape[:2]
     inside = (z > 0) & (pix[:, 0] >= 0) & (pix[:, 0] < w - 1) & (pix[:, 1] >= 0) & (pix[:, 1] < h - 1)
     idx, pix, z = idx[inside], pix[inside], z[inside]
-    empty = Observations(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.zeros(0, np.float32))
     if not len(idx):
-        return empty
+        return Observations(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.zeros(0, np.float32))
     x0, y0 = np.floor(pix[:, 0]).astype(np.int64), np.floor(pix[:, 1]).astype(np.int64)
     bx0, by0 = int(x0.min()), int(y0.min())
     depth = mesh_depth(scene, camera, bx0, by0, int(x0.max()) + 1, int(y0.max()) + 1)
     c = cos[idx]
     slope = np.sqrt(np.maximum(1 - c**2, 0)) / c  # tan(view angle)
     tol = cfg.depth_tolerance_mm * 1e-3 + 1.5 * z / (0.5 * (camera.fx + camera.fy)) * slope
-    ok = np.ones(len(idx), bool)
-    fx, fy = pix[:, 0] - x0, pix[:, 1] - y0
-    colour = np.zeros((len(idx), 3), np.float64)
-    for dx, dy, bw in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
-        ok &= np.abs(depth[y0 + dy - by0, x0 + dx - bx0] - z) <= tol
-        colour += bw[:, None] * rgb_linear[y0 + dy, x0 + dx]
-    return Observations(idx[ok], colour[ok].astype(np.float32), c[ok].astype(np.float32))
+    # the 4 bilinear neighbours, as flat indices into the depth window and the image
+    dx, dy = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    win = (y0 - by0)[:, None] + dy
+    win = win * depth.shape[1] + (x0 - bx0)[:, None] + dx
+    ok = (np.abs(depth.ravel()[win] - z[:, None]) <= tol[:, None]).all(1)
+    img = (y0[ok, None] + dy) * w + x0[ok, None] + dx  # (q, 4)
+    fx, fy = (pix[ok, 0] - x0[ok]).astype(np.float32), (pix[ok, 1] - y0[ok]).astype(np.float32)
+    bw = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+    colour = np.einsum("qkc,qk->qc", rgb_linear.reshape(-1, 3)[img], bw)
+    return Observations(idx[ok], colour.astype(np.float32), c[ok].astype(np.float32))
 
 
 @dataclass
@@ -451,6 +458,27 @@ def exposure_gain(sums: _Sums, obs: Observations) -> float:
     return gain if np.isfinite(gain) and gain > 0 else 1.0
 
 
+#: Triangles whose face normal misses min_cos by more than this for every view of an
+#: expression are not interpolated (vertex normals inside a triangle differ from its
+#: face normal by less than this on the template, except at creases the depth test drops).
+CULL_MARGIN = 0.3
+
+
+def _candidate_texels(raster: UvRaster, triangles: np.ndarray, vertices: np.ndarray,
+                      views: list[View], cfg: TextureConfig) -> np.ndarray:
+    """(s,) indices of the texels whose triangle faces at least one view's camera."""
+    corners = vertices[triangles]
+    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-20)
+    centre = corners.mean(1)
+    facing = np.zeros(len(triangles), bool)
+    for view in views:
+        to_cam = view.camera.t_world_from_camera - centre
+        cos = np.einsum("ij,ij->i", normal, to_cam) / np.linalg.norm(to_cam, axis=1)
+        facing |= cos >= cfg.min_cos - CULL_MARGIN
+    return np.flatnonzero(facing[raster.triangle])
+
+
 def bake(raster: UvRaster, triangles: np.ndarray,
          expressions: Iterable[tuple[str, np.ndarray, list[View]]], cfg: TextureConfig
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
@@ -471,15 +499,19 @@ def bake(raster: UvRaster, triangles: np.ndarray,
     sums = _Sums.zeros(len(raster.texel))
     rows: list[dict[str, Any]] = []
     gains: list[float] = []
+    triangles = np.asarray(triangles)
     for name, vertices, views in expressions:
         vertices = np.asarray(vertices, np.float64)
         scene = Scene(vertices, triangles)
-        points = raster.interpolate(triangles, vertices)
-        normals = raster.interpolate(triangles, vertex_normals(vertices, triangles))
+        sub = _candidate_texels(raster, triangles, vertices, views, cfg)
+        geometry = raster.interpolate(triangles, np.concatenate(
+            [vertices, vertex_normals(vertices, triangles)], 1).astype(np.float32), sub)
+        points, normals = geometry[:, :3].astype(np.float64), geometry[:, 3:].astype(np.float64)
         normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
         for view in views:
             rgb = view.rgb() if callable(view.rgb) else view.rgb
             obs = observe(points, normals, scene, view.camera, _SRGB8_TO_LINEAR[np.asarray(rgb, np.uint8)], cfg)
+            obs = Observations(sub[obs.texel], obs.colour, obs.cos)
             row = {"expression": name, "frame_index": int(view.frame), "texels": len(obs.texel),
                    "mean_cos": float(obs.cos.mean()) if len(obs.texel) else float("nan"), "gain": float("nan")}
             if not len(obs.texel):
@@ -627,16 +659,18 @@ def texture_subject(capture: Any, fused: Any, refined: RefinedMeshes, cfg: Textu
     rows: list[dict[str, Any]] = []
     work = []
     for e in capture.phone_expressions:
-        if e not in refined.vertices:
+        f = fused.expressions.get(e)
+        if e not in refined.vertices or f is None or not f.ok:
+            if e in refined.vertices:
+                skipped[e] = "fusion: " + (f.reason if f is not None else "no fused scan")
             skipped.setdefault(e, "no refined mesh")
+            rows += [{"expression": e, "frame_index": i, "status": "skipped", "reason": f"expression skipped: {skipped[e]}",
+                      "texels": 0, "mean_cos": float("nan"), "gain": float("nan")}
+                     for i in range(capture.phone_frame_count(e))]
             continue
         if refined.vertices[e].shape != (model.n_vertices, 3):
             raise StageError(f"refined mesh of {e!r} has {refined.vertices[e].shape[0]} vertices; "
                              f"the face model {model.name} has {model.n_vertices}")
-        f = fused.expressions.get(e)
-        if f is None or not f.ok:
-            skipped[e] = "fusion: " + (f.reason if f is not None else "no fused scan")
-            continue
         views, left_out = select_views(capture, e, f, refined.scan_from_head[e], cfg)
         rows += left_out
         work.append((e, refined.vertices[e], views))
