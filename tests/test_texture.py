@@ -391,3 +391,17 @@ def test_bad_refine_input_is_a_stage_error(tiny_subject) -> None:
         texture_capture(cap, fusion, StageOutput(arrays=arrays, meta=refine.meta), TextureConfig(resolution=64))
     with pytest.raises(StageError, match="rotation"):
         camera_from_pose(SimpleNamespace(width=4, height=4, fx=1, fy=1, cx=1, cy=1), np.diag([2.0, 1, 1, 1]))
+
+
+def test_frame_rule_keeps_the_most_frontal_frames(tiny_subject) -> None:
+    """max_frames_per_expression=1: per expression the frame whose optical axis is closest
+    to the face's -z is used and the other is recorded as left out by the rule."""
+    capture_dir, truth_dir = tiny_subject
+    cap, truth, fusion, refine = truth_inputs(capture_dir, truth_dir, drop_expression="", unregistered=("", -1))
+    tex = UvTexture.from_output(texture_capture(cap, fusion, refine, TextureConfig(resolution=64, max_frames_per_expression=1)))
+    for e in cap.phone_expressions:
+        hic = truth.phone(e)["head_in_camera"]
+        frontal = int(np.argmin(hic[:, 2, 2]))  # the optical axis in head coordinates is row 2 of R
+        mine = {r["frame_index"]: r for r in tex.rows if r["expression"] == e}
+        assert mine[frontal]["status"] == "used"
+        assert mine[1 - frontal]["status"] == "skipped" and "most frontal" in mine[1 - frontal]["reason"]
