@@ -140,9 +140,10 @@ def away_from_edges(r, squares: int = 4, margin_texels: float = 1.5) -> np.ndarr
 def test_checker_quad_bakes_back_to_the_checker() -> None:
     """A 4 x 4 checker quad seen frontally and at 35 degrees (200 x 200 px, 0.25 m, f = 400 px:
     the quad spans 160 px, the 64-texel map is undersampled 2.5x) bakes back to the checker.
-    Measured: every texel seen by both views; away from the checker edges the largest
-    error is 0.008 (linear), 8-bit quantisation level; at the edges the bilinear blend
-    of the image gives errors up to ~0.4 over 1-2 texels."""
+    Measured: every texel seen by both views; away from the checker edges (1.5 texels) the
+    largest error is 0.0037 (linear; 8-bit quantisation level); at the edges the images'
+    anti-aliasing and the bilinear look-up give up to 0.054. Summed weight 1.44-1.79
+    (median 1.65)."""
     r = rasterize_uv(QUAD_UV, QUAD_TRIS, 64, tiles=1)
     views = [View(i, cam, photograph(cam, QUAD, QUAD_TRIS)) for i, cam in enumerate((quad_camera(0), quad_camera(35)))]
     colour, weight, count, rows = bake(r, QUAD_TRIS, [("quad", QUAD, views)], TextureConfig(exposure_compensation=False))
@@ -151,7 +152,8 @@ def test_checker_quad_bakes_back_to_the_checker() -> None:
     truth = checker(np.stack([(r.cols + 0.5) / 64, 1 - (r.rows + 0.5) / 64], 1))
     far = away_from_edges(r)
     assert far.mean() > 0.5  # 12 of every 16 texels per axis
-    assert np.abs(colour[far] - truth[far]).max() < 0.02
+    assert np.abs(colour[far] - truth[far]).max() < 0.01
+    assert np.abs(colour - truth).max() < 0.15
     # the weight is cos^2 summed: 1 for the frontal view plus cos(35 deg)^2 ~ 0.67, give or take perspective
     assert 1.5 < np.median(weight) < 1.8
 
@@ -393,12 +395,18 @@ def test_bad_refine_input_is_a_stage_error(tiny_subject) -> None:
         camera_from_pose(SimpleNamespace(width=4, height=4, fx=1, fy=1, cx=1, cy=1), np.diag([2.0, 1, 1, 1]))
 
 
-def test_frame_rule_keeps_the_most_frontal_frames(tiny_subject) -> None:
+def test_frame_rule_keeps_the_most_frontal_frames_and_bakes_reproducibly(tiny_subject) -> None:
     """max_frames_per_expression=1: per expression the frame whose optical axis is closest
-    to the face's -z is used and the other is recorded as left out by the rule."""
+    to the face's -z is used and the other is recorded as left out by the rule. Two runs
+    give the same bytes."""
     capture_dir, truth_dir = tiny_subject
     cap, truth, fusion, refine = truth_inputs(capture_dir, truth_dir, drop_expression="", unregistered=("", -1))
-    tex = UvTexture.from_output(texture_capture(cap, fusion, refine, TextureConfig(resolution=64, max_frames_per_expression=1)))
+    cfg = TextureConfig(resolution=64, max_frames_per_expression=1)
+    first, again = (texture_capture(cap, fusion, refine, cfg) for _ in range(2))
+    # reproducible: the same inputs give the same PNG bytes and confidence
+    assert first.arrays["texture_png"].tobytes() == again.arrays["texture_png"].tobytes()
+    assert np.array_equal(first.arrays["weight"], again.arrays["weight"])
+    tex = UvTexture.from_output(first)
     for e in cap.phone_expressions:
         hic = truth.phone(e)["head_in_camera"]
         frontal = int(np.argmin(hic[:, 2, 2]))  # the optical axis in head coordinates is row 2 of R
