@@ -202,7 +202,7 @@ def _usable_or_fail(expressions: list[str], rejected: dict[str, str], prompts: t
     usable = [e for e in expressions if e not in rejected]
     absent = [p for p in prompts if p not in expressions]
     why = "; ".join([f"missing prompts: {', '.join(absent)}"] * bool(absent)
-                    + [f"rejected: " + ", ".join(f"{e} ({r})" for e, r in rejected.items())] * bool(rejected))
+                    + ["rejected: " + ", ".join(f"{e} ({r})" for e, r in rejected.items())] * bool(rejected))
     if cfg.neutral_expression not in usable:
         state = f"rejected ({rejected[cfg.neutral_expression]})" if cfg.neutral_expression in rejected else "missing"
         raise StageError(f"{stage}: the neutral prompt {cfg.neutral_expression!r} is {state}; {why}")

@@ -26,11 +26,13 @@ only) comes first. Tensors are float64 (:data:`rigs.deformable.DTYPE`).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from pipeline.config import check_fields
@@ -42,6 +44,8 @@ from rigs.face_model import LandmarkEmbedding
 DistanceLoss = Literal["geman_mcclure", "huber", "l2"]
 #: MediaPipe landmarks 468-477 are the irises (they move with gaze, not with the surface).
 N_SURFACE_LANDMARKS = 468
+#: Scan points sampled per scan for the reported scan-to-model distances.
+RESIDUAL_POINTS = 5000
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,10 @@ class _Problem:
         local[fit_ids[fit_ids <= tris.max()]] = np.flatnonzero(fit_ids <= tris.max())
         inside = (local[tris] >= 0).all(1)
         self.fit_tris = local[tris[inside]]
+        # (f, t) sparse sum of each vertex's triangle normals (area-weighted vertex normals)
+        t = len(self.fit_tris)
+        self.normal_sum = sp.csr_matrix((np.ones(3 * t), (self.fit_tris.T.ravel(), np.tile(np.arange(t), 3))),
+                                        shape=(len(fit_ids), t))
         self.trees = [cKDTree(o.points) for o in obs]
         self.points = [np.asarray(o.points, np.float64) for o in obs]
         self.normals = [_oriented(o.points, o.normals) for o in obs]
@@ -276,8 +284,6 @@ class _Problem:
         Returns:
             targets (S, f, 3), normals (S, f, 3), valid (S, f) bool.
         """
-        from rigs.raycast import vertex_normals
-
         S, f = x_fit.shape[:2]
         targets, normals, valid = np.zeros((S, f, 3)), np.zeros((S, f, 3)), np.zeros((S, f), bool)
         cos_max = np.cos(np.deg2rad(self.cfg.max_normal_angle_deg))
@@ -285,11 +291,18 @@ class _Problem:
             dist, idx = self.trees[s].query(x_fit[s], distance_upper_bound=max_distance)
             hit = np.isfinite(dist)
             idx = np.where(hit, idx, 0)
-            mn = vertex_normals(x_fit[s], self.fit_tris).astype(np.float64)
+            mn = self.normal_sum @ _face_normals(x_fit[s], self.fit_tris)
+            mn /= np.maximum(np.linalg.norm(mn, axis=1, keepdims=True), 1e-20)
             agree = ((mn * self.normals[s][idx]).sum(1) >= cos_max) | (np.abs(mn).sum(1) == 0)
             valid[s] = hit & agree & ~self.boundary[s][idx]
             targets[s], normals[s] = self.points[s][idx], self.normals[s][idx]
         return targets, normals, valid
+
+
+def _face_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(t, 3) area-weighted (unnormalised) triangle normals."""
+    v = vertices[triangles]
+    return np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
 
 
 def _oriented(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
@@ -396,17 +409,45 @@ class _Packing:
         self.scale[self.slice(name)] = self.STEP_M / np.maximum(rms, 1e-6)
         self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
 
+    def whiten_identity(self, fields: np.ndarray) -> None:
+        """Makes the identity parameters orthonormal on the fitting vertices.
+
+        ``c = P z`` with ``P = U diag(STEP_M / sqrt(lambda))`` from the eigen-decomposition
+        of the modes' Gram matrix ``G = U diag(lambda) U^T`` (mean over vertices): a unit
+        step of any z moves the vertices by STEP_M RMS, and different z move them
+        orthogonally, so the identity block of the data Hessian is ~ the identity matrix.
+
+        Args:
+            fields: (k, f, 3) vertex motion per unit of each identity coefficient, metres.
+        """
+        flat = fields.reshape(len(fields), -1)
+        gram = flat @ flat.T / fields.shape[1]
+        lam, u = np.linalg.eigh(gram)
+        lam = np.maximum(lam, 1e-12)  # modes moving the fitting vertices < 1 um per unit
+        self._whiten = u * (self.STEP_M / np.sqrt(lam))
+        self._whiten_t = torch.as_tensor(self._whiten, dtype=DTYPE)
+        self.scale[self.slice("c")] = 1.0
+        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
+
+    _whiten: np.ndarray | None = None
+
     def unpack(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x * self._scale_t
-        return {k: x[self.slice(k)].reshape(self.shapes[k]) for k in self.sizes}
+        p = {k: x[self.slice(k)].reshape(self.shapes[k]) for k in self.sizes}
+        if self._whiten is not None:
+            p["c"] = self._whiten_t @ p["c"]
+        return p
 
     def pack(self, c, w, a, r, t) -> np.ndarray:
+        if self._whiten is not None:
+            c = np.linalg.solve(self._whiten, np.ravel(c))
         return np.concatenate([np.ravel(v) for v in (c, w, a, r, t)]) / self.scale
 
 
-def _sensitivity(prob: _Problem, w0: np.ndarray) -> dict[str, np.ndarray]:
-    """RMS motion of the fitting vertices per unit of each identity, expression and
-    articulation parameter, by finite differences at the start (one scan's prior)."""
+def _sensitivity(prob: _Problem, w0: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Motion of the fitting vertices per unit of each parameter, by finite differences at
+    the start (one scan's prior): the identity's (k, f, 3) fields, and the RMS per unit of
+    each expression and articulation parameter."""
     k, e, j = prob.model.n_identity, prob.model.n_expression, prob.model.n_articulation
     h = 1e-3
     with torch.no_grad():
@@ -418,12 +459,28 @@ def _sensitivity(prob: _Problem, w0: np.ndarray) -> dict[str, np.ndarray]:
         def rms(v: torch.Tensor) -> np.ndarray:
             return ((v - base) ** 2).sum(-1).mean(-1).sqrt().numpy() / h
 
-        ident = np.array([rms(prob.local_vertices(c0 + h * torch.eye(k, dtype=DTYPE)[i], w, a0)[:, prob.fit_local])[0]
+        eye = torch.eye(k, dtype=DTYPE)
+        ident = np.stack([(prob.local_vertices(c0 + h * eye[i], w, a0)[0, prob.fit_local] - base[0]).numpy() / h
                           for i in range(k)])
         expr = rms(prob.local_vertices(c0, w + h * torch.eye(e, dtype=DTYPE), a0.expand(e, j))[:, prob.fit_local])
         art = (rms(prob.local_vertices(c0, w.expand(j, e), h * torch.eye(j, dtype=DTYPE))[:, prob.fit_local])
                if j else np.zeros(0))
-    return {"c": ident, "w": expr, "a": art}
+    return ident, {"w": expr, "a": art}
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Runs torch on one intra-op thread inside the block (restored after).
+
+    The fit's tensors are small: extra threads only add synchronisation, and on a busy
+    2-core machine torch's default 2 threads made a 3-scan fit 7x slower (62 s vs 8.6 s).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig = FitConfig()) -> FitResult:
@@ -440,6 +497,11 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
     Raises:
         StageError: malformed observations.
     """
+    with single_thread():
+        return _fit_scans(model, observations, cfg)
+
+
+def _fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig) -> FitResult:
     from scipy.optimize import minimize
     from scipy.spatial.transform import Rotation
 
@@ -452,8 +514,10 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
     w0 = prob.prior.numpy().copy()
     if model.expression_bounds is not None:
         w0 = np.clip(w0, *model.expression_bounds)
-    for name, rms in _sensitivity(prob, w0).items():
-        pk.set_scale(name, rms)
+    fields, rms = _sensitivity(prob, w0)
+    for name, value in rms.items():
+        pk.set_scale(name, value)
+    pk.whiten_identity(fields)
     x = pk.pack(np.zeros(k), w0, np.zeros((S, j)), Rotation.from_matrix(T0[:, :3, :3]).as_rotvec(), T0[:, :3, 3])
     bounds = [(None, None)] * pk.n
     if model.expression_bounds is not None:
@@ -465,9 +529,9 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
         v = prob.local_vertices(p["c"], p["w"], p["a"]) if v is None else v
         return v @ so3_exp(p["r"]).transpose(-1, -2) + p["t"][:, None, :]
 
-    def energy(xt: torch.Tensor, corr, sigma: float) -> torch.Tensor:
+    def energy(xt: torch.Tensor, corr, sigma: float, shape: torch.Tensor | None) -> torch.Tensor:
         p = pk.unpack(xt)
-        X = posed(p)  # (S, p, 3) scan frame
+        X = posed(p, shape)  # (S, p, 3) scan frame
         tgt, nrm, valid = corr
         r = ((X[:, prob.fit_local] - tgt) * nrm).sum(-1) / sigma
         scan = (robust(r * r, cfg.distance_loss) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
@@ -492,17 +556,22 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
         return (torch.as_tensor(tgt, dtype=DTYPE), torch.as_tensor(nrm, dtype=DTYPE),
                 torch.as_tensor(valid, dtype=DTYPE))
 
-    def run(x_np: np.ndarray, distance: float, free: np.ndarray) -> np.ndarray:
+    def run(x_np: np.ndarray, distance: float, free: np.ndarray, rigid_only: bool) -> np.ndarray:
         corr = correspondences(x_np, distance)
         sigma = max(cfg.scan_sigma_mm * 1e-3, distance / 4.0)
         fixed = torch.as_tensor(x_np, dtype=DTYPE)
         free_t = torch.as_tensor(free)
+        shape = None
+        if rigid_only:  # the head-frame vertices do not change: evaluate them once
+            with torch.no_grad():
+                p0 = pk.unpack(fixed)
+                shape = prob.local_vertices(p0["c"], p0["w"], p0["a"])
 
         def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
             xt = fixed.clone()
             zt = torch.as_tensor(z, dtype=DTYPE).requires_grad_(True)
             xt[free_t] = zt
-            value = energy(xt, corr, sigma)
+            value = energy(xt, corr, sigma, shape)
             (grad,) = torch.autograd.grad(value, zt)
             return float(value.detach()), grad.numpy().astype(np.float64)
 
@@ -514,9 +583,9 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
 
     rigid = np.r_[pk.slice("r"), pk.slice("t")]
     for d in cfg.distances_m(cfg.rigid_iterations + 1)[:cfg.rigid_iterations] if cfg.rigid_iterations else []:
-        x = run(x, float(d), np.arange(pk.n)[rigid])
+        x = run(x, float(d), np.arange(pk.n)[rigid], True)
     for d in cfg.distances_m(cfg.outer_iterations):
-        x = run(x, float(d), np.arange(pk.n))
+        x = run(x, float(d), np.arange(pk.n), False)
     return _result(model, prob, pk, x, observations, start)
 
 
@@ -537,7 +606,10 @@ def _result(model: DeformableModel, prob: _Problem, pk: _Packing, x: np.ndarray,
     tris = np.asarray(model.triangles)
     for s in range(S):
         posed = verts[s].numpy() @ T[s, :3, :3].T + T[s, :3, 3]
-        _, dist, _, _ = ClosestPoints(posed, tris).query(prob.points[s])
+        pts = prob.points[s]
+        if len(pts) > RESIDUAL_POINTS:  # a fixed sample: the median and p90 do not need all
+            pts = pts[np.random.default_rng(s).choice(len(pts), RESIDUAL_POINTS, replace=False)]
+        _, dist, _, _ = ClosestPoints(posed, tris).query(pts)
         med[s], p90[s] = np.median(dist) * 1e3, np.percentile(dist, 90) * 1e3
         if len(prob.lm_ids) and model.landmarks is not None:
             lm = model.landmarks.points(posed, tris)[prob.lm_ids]  # (L, 3) reference camera
