@@ -208,6 +208,20 @@ class LaplacianSystem:
         diag[self._data_in_free] += self.data_weight
         self._diag = sp.diags(diag).tocsc()
         self._factors: dict[float, object] = {}
+        # Sums of the incident triangles' area vectors at the data vertices: their normals
+        # in one sparse product (np.add.at over the whole mesh is ~10x slower).
+        t = self.triangles
+        hit = np.isin(t, self.data)
+        rows = np.searchsorted(self.data, t[hit])
+        self._incidence = sp.csr_matrix((np.ones(len(rows)), (rows, np.nonzero(hit)[0])),
+                                        shape=(len(self.data), len(t)))
+
+    def data_normals(self, vertices: np.ndarray) -> np.ndarray:
+        """(d, 3) float64 unit area-weighted normals of the data vertices at ``vertices`` (n, 3)."""
+        corners = vertices[self.triangles]
+        area = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+        nrm = self._incidence @ area
+        return nrm / np.maximum(np.linalg.norm(nrm, axis=1, keepdims=True), 1e-20)
 
     def factor(self, stiffness: float):
         """The SuperLU factorisation of ``stiffness L'L + diag``, cached per stiffness."""
@@ -382,6 +396,6 @@ def _correspondences(x: np.ndarray, system: LaplacianSystem, scan: ScanTargets, 
     dist, j = scan.tree.query(x[d_ids], distance_upper_bound=limit)
     accepted = np.isfinite(dist)
     j = np.where(accepted, j, 0)
-    nrm = vertex_normals(x, system.triangles)[d_ids].astype(np.float64)
+    nrm = system.data_normals(x)
     accepted &= np.einsum("ij,ij->i", nrm, scan.normals[j]) >= cos_min
     return accepted, j
