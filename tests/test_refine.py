@@ -227,8 +227,9 @@ def test_tiny_subject_refinement_beats_the_fit(tiny_refined, model) -> None:
 
 def test_tiny_subject_round_trip_and_rejections(tiny_refined, model) -> None:
     """The artifact survives the store's serializer; an expression the fit rejected, one
-    whose scan was not fused, and one whose pose is 5 cm off (no correspondences) become
-    records with reasons while the rest is refined."""
+    whose scan was not fused (the neutral: the fit's mesh of it then stands in), and one
+    whose pose is 5 cm off (no correspondences) become records with reasons while the rest
+    is refined."""
     import dataclasses
 
     cap, fusion, fit, out, _, prompts = tiny_refined
@@ -241,7 +242,8 @@ def test_tiny_subject_round_trip_and_rejections(tiny_refined, model) -> None:
         assert back.refined[e].displacement_mm.shape == (model.n_vertices,)
     assert back.rows().equals(out.tables["rows"])
 
-    gone, unfused, shifted = prompts[1], prompts[2], prompts[3]
+    # The neutral's scan is not fused: its fitted mesh stands in as the subject's neutral.
+    unfused, gone, shifted = prompts[0], prompts[1], prompts[3]
     arrays = {k: v for k, v in fit.arrays.items() if not k.startswith(f"{gone}.")}
     arrays[f"{shifted}.scan_from_head"] = fit.arrays[f"{shifted}.scan_from_head"].copy()
     arrays[f"{shifted}.scan_from_head"][2, 3] += 0.05  # the head 5 cm farther than the scan
@@ -254,6 +256,7 @@ def test_tiny_subject_round_trip_and_rejections(tiny_refined, model) -> None:
     assert res.rejected[gone] == "not fitted: landmarks: too few"
     assert res.rejected[unfused].startswith("no fused scan: 1 usable frame")
     assert res.rejected[shifted].startswith("too few scan correspondences")
+    assert res.neutral_source == "fit" and np.array_equal(res.neutral, fit.arrays[f"{unfused}.vertices"])
     rows = res.rows().to_pylist()
     assert [r["expression"] for r in rows] == prompts
     assert [r["status"] for r in rows].count("rejected") == 3
