@@ -1,0 +1,166 @@
+"""FLAME option (issue 7 step 4): loading, LBS, fitting, and the rig template on FLAME surfaces.
+
+Everything runs on a FLAME-structured model the tests build from ICT
+(``tests/flame_factory.py``: 2,323 vertices, 20 identity + 12 expression columns, 5 joints),
+written as a pickle with chumpy-like wrappers and a sparse J_regressor, and read through
+the real :func:`rigs.flame.convert_flame_pickle`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from pipeline.errors import ModelError
+from rigs.flame import convert_flame_pickle, embedded_ids, load_flame_arrays, load_flame_landmarks
+from rigs.flame_lbs import FlameModel, axis_angle_to_matrix
+from tests.flame_factory import make_flame
+
+JAW, NECK, EYE_L = 2, 1, 3
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    return make_flame(tmp_path_factory.mktemp("flame"))
+
+
+@pytest.fixture(scope="module")
+def flame_npz(made):
+    return convert_flame_pickle(made.pickle_path, made.pickle_path.with_suffix(".npz"),
+                                n_shape=made.n_identity, masks=made.masks_path)
+
+
+@pytest.fixture(scope="module")
+def flame(made, flame_npz):
+    return FlameModel.from_npz(flame_npz, made.landmarks_path)
+
+
+def _articulation(**joints: np.ndarray) -> np.ndarray:
+    """(1, 12) articulation with the named joints' axis-angles (neck, jaw, eye_left, eye_right)."""
+    out = np.zeros((1, 12))
+    for name, aa in joints.items():
+        j = ("neck", "jaw", "eye_left", "eye_right").index(name)
+        out[0, 3 * j: 3 * j + 3] = aa
+    return out
+
+
+def _shaped(made, beta, psi) -> np.ndarray:
+    """(n, 3) template + shapedirs . [beta, psi], by hand."""
+    a = made.arrays
+    return a["v_template"] + a["shapedirs"] @ np.concatenate([beta, psi])
+
+
+def test_factory_file_converts_through_the_restricted_unpickler(made, flame):
+    a = made.arrays
+    np.testing.assert_array_equal(flame.arrays.v_template, a["v_template"])
+    np.testing.assert_array_equal(flame.arrays.J_regressor, a["J_regressor"])  # sparse -> dense
+    np.testing.assert_array_equal(flame.parents, [-1, 0, 1, 1, 1])
+    assert (flame.n_identity, flame.n_expression, flame.n_articulation) == (20, 12, 12)
+    assert flame.expression_bounds is None and flame.triangles.shape == a["f"].shape
+    # FLAME_masks.pkl's face region became the fitting vertices
+    np.testing.assert_array_equal(np.sort(flame.fitting_vertices), np.setdiff1d(np.arange(len(a["v_template"])), np.concatenate(made.eyeballs)))
+    # FLAME 2023 embedding: 468 ids given, the 10 iris points missing (NaN points)
+    assert flame.landmarks.triangle.shape == (478,)
+    np.testing.assert_array_equal(embedded_ids(flame.landmarks), np.arange(468))
+    pts = flame.landmarks.points(a["v_template"], flame.triangles)
+    assert np.isfinite(pts[:468]).all() and np.isnan(pts[468:]).all()
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("weights", lambda a: a["weights"][:, :4], r"weights must be \(2323, 5\)"),
+    ("weights", lambda a: a["weights"] * 2, "sum to 1"),
+    ("posedirs", lambda a: a["posedirs"][..., :27], r"posedirs must be \(2323, 3, 36\)"),
+    ("kintree_table", lambda a: a["kintree_table"][:, ::-1], "kintree_table row 1"),
+    ("J_regressor", lambda a: a["J_regressor"][:, :-1], r"J_regressor must be \(J, 2323\)"),
+    ("shapedirs", lambda a: a["shapedirs"][:-1], "shapedirs must be"),
+    ("posedirs", None, "skinning needs all of"),
+])
+def test_malformed_arrays_are_refused_naming_the_file(flame_npz, tmp_path, key, value, message):
+    with np.load(flame_npz) as npz:
+        data = dict(npz)
+    if value is None:
+        del data[key]
+    else:
+        data[key] = value(data)
+    bad = tmp_path / "broken_flame.npz"
+    np.savez(bad, **data)
+    with pytest.raises(ModelError, match=rf"broken_flame\.npz: .*{message}"):
+        load_flame_arrays(bad)
+
+
+def test_landmark_file_errors_name_the_file(made, tmp_path):
+    with np.load(made.landmarks_path) as npz:
+        data = dict(npz)
+    data["landmark_indices"] = data["landmark_indices"] + 20  # past 477
+    bad = tmp_path / "bad_lmk.npz"
+    np.savez(bad, **data)
+    with pytest.raises(ModelError, match=r"bad_lmk\.npz: landmark ids"):
+        load_flame_landmarks(bad, made.arrays["f"])
+
+
+def test_zero_pose_is_the_shaped_template(made, flame):
+    rng = np.random.default_rng(1)
+    beta, psi = rng.normal(size=20), rng.normal(size=12)
+    v = flame.vertices_np(beta, psi[None])
+    np.testing.assert_allclose(v[0], _shaped(made, beta, psi), rtol=0, atol=1e-12)
+
+
+def test_jaw_moves_only_jaw_weighted_vertices_about_the_jaw_joint(made, flame):
+    """Fully jaw-weighted vertices (200 on the chin) match a hand-made rotation about the
+    regressed jaw joint plus FLAME's pose correctives; vertices without jaw weight do not move."""
+    rng = np.random.default_rng(2)
+    beta, psi = rng.normal(size=20), rng.normal(size=12) * 0.5
+    jaw = np.array([0.25, 0.03, -0.02])
+    shaped = _shaped(made, beta, psi)
+    posed = flame.vertices_np(beta, psi[None], _articulation(jaw=jaw))[0]
+    w = made.arrays["weights"][:, JAW]
+    still, full = w == 0, w >= 1 - 1e-12
+    assert still.sum() > 1000 and full.sum() > 100
+    np.testing.assert_allclose(posed[still], shaped[still], rtol=0, atol=1e-15)  # float round-off only
+    rot = Rotation.from_rotvec(jaw).as_matrix()
+    joint = made.arrays["J_regressor"][JAW] @ shaped
+    corrective = made.arrays["posedirs"][:, :, 9:18] @ (rot - np.eye(3)).ravel()  # the jaw's block
+    expected = (shaped + corrective - joint) @ rot.T + joint
+    np.testing.assert_allclose(posed[full], expected[full], rtol=0, atol=1e-12)
+    assert np.linalg.norm(posed[full] - shaped[full], axis=1).min() > 0.005  # the chin moved >5 mm
+
+
+def test_eyes_rotate_rigidly_about_their_joints_and_follow_the_neck(made, flame):
+    rng = np.random.default_rng(3)
+    beta, psi = rng.normal(size=20), np.zeros(12)
+    shaped = _shaped(made, beta, psi)
+    eye, neck = np.array([0.1, -0.3, 0.0]), np.array([-0.1, 0.2, 0.05])
+    left = made.eyeballs[0]
+    j_eye, j_neck = (made.arrays["J_regressor"][[EYE_L, NECK]] @ shaped)
+    r_eye, r_neck = Rotation.from_rotvec(eye).as_matrix(), Rotation.from_rotvec(neck).as_matrix()
+    alone = flame.vertices_np(beta, psi[None], _articulation(eye_left=eye))[0]
+    np.testing.assert_allclose(alone[left], (shaped[left] - j_eye) @ r_eye.T + j_eye, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(alone[made.eyeballs[1]], shaped[made.eyeballs[1]], rtol=0, atol=1e-15)
+    chained = flame.vertices_np(beta, psi[None], _articulation(eye_left=eye, neck=neck))[0]
+    by_hand = ((shaped[left] - j_eye) @ r_eye.T + j_eye - j_neck) @ r_neck.T + j_neck
+    np.testing.assert_allclose(chained[left], by_hand, rtol=0, atol=1e-12)
+
+
+def test_rodrigues_matches_scipy_and_is_smooth_at_zero():
+    rng = np.random.default_rng(4)
+    aa = np.concatenate([rng.normal(size=(20, 3)), rng.normal(size=(5, 3)) * 1e-9, np.zeros((1, 3))])
+    got = axis_angle_to_matrix(torch.as_tensor(aa)).numpy()
+    np.testing.assert_allclose(got, Rotation.from_rotvec(aa).as_matrix(), rtol=0, atol=1e-14)
+    zero = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    (axis_angle_to_matrix(zero) * torch.arange(9.0, dtype=torch.float64).reshape(3, 3)).sum().backward()
+    assert torch.isfinite(zero.grad).all()
+
+
+def test_autograd_through_lbs(flame):
+    """Analytic gradients of all three inputs match finite differences (at zero and non-zero pose)."""
+    rng = np.random.default_rng(5)
+    ids = np.array([0, 500, 1200, 2100, 2250, 2300])  # face, chin and eyeball vertices
+    for scale in (0.0, 0.3):
+        inputs = (
+            torch.tensor(rng.normal(size=20), requires_grad=True),
+            torch.tensor(rng.normal(size=(2, 12)), requires_grad=True),
+            torch.tensor(rng.normal(size=(2, 12)) * scale, requires_grad=True),
+        )
+        assert torch.autograd.gradcheck(lambda b, p, a: flame.vertices(b, p, a, vertex_ids=ids), inputs, fast_mode=True)
