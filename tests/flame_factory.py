@@ -97,9 +97,12 @@ def _dump_with_chumpy(obj: object, path: Path) -> None:
             del sys.modules[m]
 
 
-def _decimate(vertices: np.ndarray, triangles: np.ndarray, n_triangles: int) -> tuple[np.ndarray, np.ndarray]:
+def _decimate(vertices: np.ndarray, triangles: np.ndarray, n_triangles: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation to about ``n_triangles``; None keeps the mesh as it is."""
     import open3d as o3d
 
+    if n_triangles is None:
+        return vertices, triangles
     mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(vertices), o3d.utility.Vector3iVector(triangles))
     mesh = mesh.simplify_quadric_decimation(n_triangles)
     mesh.remove_unreferenced_vertices()
@@ -137,8 +140,8 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
 def make_flame(
     folder: Path,
     *,
-    face_triangles: int = 4000,
-    eye_triangles: int = 240,
+    face_triangles: int | None = 4000,
+    eye_triangles: int | None = 240,
     n_identity: int = 20,
     expressions: tuple[str, ...] = EXPRESSIONS,
     seed: int = 0,
@@ -146,7 +149,8 @@ def make_flame(
     """Writes a FLAME-structured model built from ICT into ``folder``.
 
     Args:
-        face_triangles, eye_triangles: decimation targets of the face part and each eyeball.
+        face_triangles, eye_triangles: decimation targets of the face part and each
+            eyeball; None keeps ICT's own triangles (the same surface as ICT).
         n_identity: ICT identity modes kept as the identity space.
         expressions: ICT expression shapes kept as the expression space.
         seed: seed of the pose correctives.
