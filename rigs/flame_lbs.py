@@ -19,6 +19,7 @@ the articulation of a scan is the axis-angles of the other joints in kintree ord
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,7 @@ class FlameModel:
         self._joint_template = arrays.J_regressor @ arrays.v_template  # (J, 3)
         self._joint_dirs = np.einsum("jn,nck->jck", arrays.J_regressor, arrays.shapedirs)  # (J, 3, K)
         self._cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._subset: np.ndarray | None = None  # vertex ids this model evaluates (None = all)
 
     @classmethod
     def from_npz(
@@ -126,7 +128,23 @@ class FlameModel:
 
     @property
     def n_vertices(self) -> int:
-        return len(self.arrays.v_template)
+        return len(self.arrays.v_template) if self._subset is None else len(self._subset)
+
+    def subset(self, vertex_ids: np.ndarray) -> FlameModel:
+        """The same model over ``vertex_ids`` only (``rigs.deformable.Subsettable``).
+
+        Vertex i of the result is ``vertex_ids[i]``; the joints still come from the whole
+        shape, so the subset's vertices equal the full model's. Triangles, fitting
+        vertices and landmarks are dropped (empty / None).
+        """
+        ids = np.asarray(vertex_ids, np.int64)
+        full = len(self.arrays.v_template)
+        if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= full)):
+            raise ModelError(f"{self.name}: vertex ids must be (p,) in [0, {full}), got shape {ids.shape}")
+        sub = copy.copy(self)  # shares the arrays and the tensor cache
+        sub._subset = ids if self._subset is None else self._subset[ids]
+        sub.triangles, sub.fitting_vertices, sub.landmarks = np.zeros((0, 3), np.int64), np.zeros(0, np.int64), None
+        return sub
 
     def _tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         key = (dtype, device)
@@ -170,13 +188,17 @@ class FlameModel:
             expression: (S, e) psi.
             articulation: (S, 3 (J-1)) axis-angles of the non-root joints (kintree order).
             vertex_ids: optional (v,) vertices to evaluate (joints still use the whole
-                shape); None = all n.
+                shape); None = all n (of a :meth:`subset`, its vertices).
 
         Returns:
             (S, n, 3) (or (S, v, 3)) vertices, the dtype of ``identity``.
         """
         s = self._check(identity, expression, articulation)
         t = self._tensors(identity.dtype, identity.device)
+        if vertex_ids is None:
+            vertex_ids = self._subset
+        elif self._subset is not None:
+            vertex_ids = self._subset[np.asarray(vertex_ids, np.int64)]
         ids = slice(None) if vertex_ids is None else torch.as_tensor(np.asarray(vertex_ids, np.int64), device=identity.device)
         coeffs = torch.cat([identity.expand(s, -1), expression], 1)
         v_shaped = t["template"][ids] + torch.einsum("nck,sk->snc", t["shapedirs"][ids], coeffs)

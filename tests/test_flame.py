@@ -146,6 +146,20 @@ def test_eyes_rotate_rigidly_about_their_joints_and_follow_the_neck(made, flame)
     np.testing.assert_allclose(chained[left], by_hand, rtol=0, atol=1e-12)
 
 
+def test_subset_evaluates_the_same_vertices(flame):
+    """``subset`` (the fit's optional speed-up) gives the full model's rows (to round-off)."""
+    rng = np.random.default_rng(9)
+    beta, psi, art = rng.normal(size=20), rng.normal(size=(2, 12)), rng.normal(size=(2, 12)) * 0.2
+    ids = np.array([5, 1700, 2200, 17])
+    sub = flame.subset(ids)
+    assert sub.n_vertices == 4 and sub.landmarks is None and len(sub.triangles) == 0
+    full = flame.vertices_np(beta, psi, art)
+    np.testing.assert_allclose(sub.vertices_np(beta, psi, art), full[:, ids], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(sub.subset([3, 0]).vertices_np(beta, psi, art), full[:, [17, 5]], rtol=0, atol=1e-15)
+    with pytest.raises(ModelError, match="vertex ids must be"):
+        flame.subset([flame.n_vertices])
+
+
 def test_rodrigues_matches_scipy_and_is_smooth_at_zero():
     rng = np.random.default_rng(4)
     aa = np.concatenate([rng.normal(size=(20, 3)), rng.normal(size=(5, 3)) * 1e-9, np.zeros((1, 3))])
