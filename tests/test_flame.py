@@ -112,7 +112,8 @@ def test_zero_pose_is_the_shaped_template(made, flame):
 
 def test_jaw_moves_only_jaw_weighted_vertices_about_the_jaw_joint(made, flame):
     """Fully jaw-weighted vertices (200 on the chin) match a hand-made rotation about the
-    regressed jaw joint plus FLAME's pose correctives; vertices without jaw weight do not move."""
+    regressed jaw joint plus FLAME's pose correctives; vertices without jaw weight do not
+    move. Measured: both 2.8e-17 m (round-off)."""
     rng = np.random.default_rng(2)
     beta, psi = rng.normal(size=20), rng.normal(size=12) * 0.5
     jaw = np.array([0.25, 0.03, -0.02])
@@ -252,7 +253,8 @@ def ict():
 def test_rig_from_a_flame_model_on_ict_s_own_surface_gives_back_the_ict_meshes(ict, tmp_path_factory):
     """FLAME-structured model with ICT's own face triangles (9,657 vertices: same surface),
     three scans (neutral + two expressions, psi in [0, 0.8], no jaw). Measured: per-vertex
-    error on the 7,801 fitting vertices max 4e-4 mm, identity and weights within 1e-4."""
+    error on the 7,801 fitting vertices max 1.9e-4 mm, identity within 4.7e-5, weights
+    within 2.4e-5, pose within 4e-8."""
     made = make_flame(tmp_path_factory.mktemp("flame_same"), face_triangles=None)
     npz = convert_flame_pickle(made.pickle_path, made.pickle_path.with_suffix(".npz"), n_shape=made.n_identity)
     flame = FlameModel.from_npz(npz, made.landmarks_path)
