@@ -141,19 +141,22 @@ class FlameModel:
         full = len(self.arrays.v_template)
         if ids.ndim != 1 or (len(ids) and (ids.min() < 0 or ids.max() >= full)):
             raise ModelError(f"{self.name}: vertex ids must be (p,) in [0, {full}), got shape {ids.shape}")
-        sub = copy.copy(self)  # shares the arrays and the tensor cache
+        sub = copy.copy(self)  # shares the arrays; its own tensors, cut to the subset
         sub._subset = ids if self._subset is None else self._subset[ids]
+        sub._cache = {}
         sub.triangles, sub.fitting_vertices, sub.landmarks = np.zeros((0, 3), np.int64), np.zeros(0, np.int64), None
         return sub
 
     def _tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """The model's arrays as tensors (per-vertex ones cut to the subset), cached."""
         key = (dtype, device)
         if key not in self._cache:
             a = self.arrays
+            rows = slice(None) if self._subset is None else self._subset
             as_t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=dtype, device=device)  # noqa: E731
             self._cache[key] = {
-                "template": as_t(a.v_template), "shapedirs": as_t(a.shapedirs),
-                "posedirs": as_t(a.posedirs), "weights": as_t(a.weights),
+                "template": as_t(a.v_template[rows]), "shapedirs": as_t(a.shapedirs[rows]),
+                "posedirs": as_t(a.posedirs[rows]), "weights": as_t(a.weights[rows]),
                 "joint_template": as_t(self._joint_template), "joint_dirs": as_t(self._joint_dirs),
             }
         return self._cache[key]
@@ -187,18 +190,14 @@ class FlameModel:
             identity: (k,) beta.
             expression: (S, e) psi.
             articulation: (S, 3 (J-1)) axis-angles of the non-root joints (kintree order).
-            vertex_ids: optional (v,) vertices to evaluate (joints still use the whole
-                shape); None = all n (of a :meth:`subset`, its vertices).
+            vertex_ids: optional (v,) vertices to evaluate (of a :meth:`subset`, indices
+                into it); joints still use the whole shape. None = all.
 
         Returns:
             (S, n, 3) (or (S, v, 3)) vertices, the dtype of ``identity``.
         """
         s = self._check(identity, expression, articulation)
         t = self._tensors(identity.dtype, identity.device)
-        if vertex_ids is None:
-            vertex_ids = self._subset
-        elif self._subset is not None:
-            vertex_ids = self._subset[np.asarray(vertex_ids, np.int64)]
         ids = slice(None) if vertex_ids is None else torch.as_tensor(np.asarray(vertex_ids, np.int64), device=identity.device)
         coeffs = torch.cat([identity.expand(s, -1), expression], 1)
         v_shaped = t["template"][ids] + torch.einsum("nck,sk->snc", t["shapedirs"][ids], coeffs)
