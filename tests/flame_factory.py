@@ -19,9 +19,9 @@ No FLAME file exists here (it is licensed), so tests build one with FLAME's stru
   ``chumpy.ch.Ch`` class (as FLAME's own files do), a ``scipy.sparse`` J_regressor and a
   uint32 ``f``, and is read by the real :func:`rigs.flame.convert_flame_pickle`;
 - a FLAME-2023-style ``mediapipe_landmark_embedding.npz`` (``lmk_face_idx``,
-  ``lmk_b_coords``, ``landmark_indices``) carrying ICT's MediaPipe embedding over, less
-  the 10 iris points (FLAME's file has none either), and a ``FLAME_masks.pkl`` with a
-  ``face`` region (the non-eyeball vertices).
+  ``lmk_b_coords``, ``landmark_indices``) carrying 105 of ICT's MediaPipe landmarks over
+  (:data:`LANDMARK_IDS`; FLAME's file places 105, no irises), and a ``FLAME_masks.pkl``
+  with a ``face`` region (the non-eyeball vertices).
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ EXPRESSIONS = (
     "browInnerUp_L", "browInnerUp_R", "browDown_L", "browDown_R", "eyeBlink_L", "eyeBlink_R",
     "mouthSmile_L", "mouthSmile_R", "mouthPucker", "cheekPuff_L", "cheekPuff_R", "noseSneer_L",
 )
+#: MediaPipe ids the factory's landmark file places: 105 (as many as FLAME 2023's file),
+#: evenly spread over the 468 surface points; the other 373 are missing (NaN).
+LANDMARK_IDS = np.linspace(0, 467, 105).round().astype(np.int64)
 #: FLAME's root-parent marker in kintree_table (2**32 - 1).
 NO_PARENT = 4294967295
 
@@ -222,12 +225,12 @@ def make_flame(
     pickle_path = folder / "generic_model.pkl"
     _dump_with_chumpy(wrapped, pickle_path)
 
-    # MediaPipe embedding, FLAME 2023 style, without the iris points
+    # MediaPipe embedding, FLAME 2023 style: a subset of the ids, no iris points
     emb = ict.embeddings["mediapipe478"]
-    points = emb.points(ict.neutral.astype(np.float64), ict.triangles)[:468]
+    points = emb.points(ict.neutral.astype(np.float64), ict.triangles)[LANDMARK_IDS]
     lmk_tri, lmk_bary = ClosestPoints(v_template, f.astype(np.int64), np.flatnonzero(part[f[:, 0]] == 0)).query(points)[2:]
     landmarks_path = folder / "mediapipe_landmark_embedding.npz"
-    np.savez(landmarks_path, lmk_face_idx=lmk_tri, lmk_b_coords=lmk_bary, landmark_indices=np.arange(468))
+    np.savez(landmarks_path, lmk_face_idx=lmk_tri, lmk_b_coords=lmk_bary, landmark_indices=LANDMARK_IDS)
     masks_path = folder / "FLAME_masks.pkl"
     masks_path.write_bytes(pickle.dumps({"face": face, "eye_region": np.concatenate(eyes)}, protocol=2))
     return MadeFlame(pickle_path, landmarks_path, masks_path, n_identity, tuple(expressions), eyes, (tri, bary),

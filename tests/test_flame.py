@@ -19,7 +19,7 @@ from pipeline.errors import ModelError
 from rigs.flame import convert_flame_pickle, embedded_ids, load_flame_arrays, load_flame_landmarks
 from rigs.flame_lbs import FlameModel, axis_angle_to_matrix
 from rigs.flame_register import FlameRegistrationConfig, rig_meshes_from_flame
-from tests.flame_factory import make_flame
+from tests.flame_factory import LANDMARK_IDS, make_flame
 
 JAW, NECK, EYE_L = 2, 1, 3
 
@@ -64,11 +64,19 @@ def test_factory_file_converts_through_the_restricted_unpickler(made, flame):
     assert flame.expression_bounds is None and flame.triangles.shape == a["f"].shape
     # FLAME_masks.pkl's face region became the fitting vertices
     np.testing.assert_array_equal(np.sort(flame.fitting_vertices), np.setdiff1d(np.arange(len(a["v_template"])), np.concatenate(made.eyeballs)))
-    # FLAME 2023 embedding: 468 ids given, the 10 iris points missing (NaN points)
+    # FLAME 2023 embedding: 105 ids given, the other 373 missing (NaN points)
     assert flame.landmarks.triangle.shape == (478,)
-    np.testing.assert_array_equal(embedded_ids(flame.landmarks), np.arange(468))
+    np.testing.assert_array_equal(embedded_ids(flame.landmarks), LANDMARK_IDS)
     pts = flame.landmarks.points(a["v_template"], flame.triangles)
-    assert np.isfinite(pts[:468]).all() and np.isnan(pts[468:]).all()
+    missing = np.setdiff1d(np.arange(478), LANDMARK_IDS)
+    assert np.isfinite(pts[LANDMARK_IDS]).all() and np.isnan(pts[missing]).all()
+    # each placed landmark sits where ICT's embedding puts it (the factory's surface is
+    # a decimation of ICT's: measured median 0.10 mm, max 0.43 mm)
+    from rigs.face_model import load_ict_face_model
+
+    ict = load_ict_face_model()
+    ict_pts = ict.embeddings["mediapipe478"].points(ict.neutral.astype(np.float64), ict.triangles)
+    assert np.linalg.norm(pts[LANDMARK_IDS] - ict_pts[LANDMARK_IDS], axis=1).max() < 1e-3
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -253,8 +261,8 @@ def ict():
 def test_rig_from_a_flame_model_on_ict_s_own_surface_gives_back_the_ict_meshes(ict, tmp_path_factory):
     """FLAME-structured model with ICT's own face triangles (9,657 vertices: same surface),
     three scans (neutral + two expressions, psi in [0, 0.8], no jaw). Measured: per-vertex
-    error on the 7,801 fitting vertices max 1.9e-4 mm, identity within 4.7e-5, weights
-    within 2.4e-5, pose within 4e-8."""
+    error on the 7,801 fitting vertices max 3.1e-4 mm, identity within 5.7e-5, weights
+    within 4.3e-5, pose within 8e-8."""
     made = make_flame(tmp_path_factory.mktemp("flame_same"), face_triangles=None)
     npz = convert_flame_pickle(made.pickle_path, made.pickle_path.with_suffix(".npz"), n_shape=made.n_identity)
     flame = FlameModel.from_npz(npz, made.landmarks_path)
@@ -276,9 +284,9 @@ def test_rig_from_the_decimated_flame_model_and_the_deformation_seam(made, flame
     lies a median 0.11-0.12 mm, p90 0.28-0.32 mm from it), neutral and an expression,
     and a third scan with the jaw opened 11 deg by LBS (not in ICT's span: ICT opens it
     with a blendshape). Measured, fit only: per-vertex error against ICT on the first two
-    scans median 0.35/0.40 mm, p90 0.76/0.81 mm (without the jaw scan, which pulls the
-    shared identity: 0.28-0.32 / 0.46-0.49 mm); the jaw scan's fit lies a median 0.21 mm
-    (p90 0.90 mm) from its surface, jawOpen weight 0.55. With a deformer (here: each
+    scans median 0.47/0.47 mm, p90 0.78/0.77 mm (without the jaw scan, which pulls the
+    shared identity: 0.31-0.35 / 0.51-0.54 mm); the jaw scan's fit lies a median 0.22 mm
+    (p90 1.0 mm) from its surface, jawOpen weight 0.52. With a deformer (here: each
     face vertex to its closest FLAME point) the output lies on the FLAME surface once
     mapped by flame_from_rig, so the frames around ``deform`` are right."""
     from rigs.geometry import ClosestPoints
@@ -301,7 +309,7 @@ def test_rig_from_the_decimated_flame_model_and_the_deformation_seam(made, flame
 
     res = rig_meshes_from_flame(surfaces, flame.triangles, ict, flame_landmarks=flame.landmarks, deform=project)
     err = np.linalg.norm(res.fitted - truth, axis=2)[:2, face] * 1e3
-    assert np.median(err, 1).max() < 0.45 and np.percentile(err, 90, 1).max() < 0.9, (np.median(err, 1), np.percentile(err, 90, 1))
+    assert np.median(err, 1).max() < 0.6 and np.percentile(err, 90, 1).max() < 1.0, (np.median(err, 1), np.percentile(err, 90, 1))
     assert res.fit_median_mm[2] < 0.35 and res.weights[2, ict.expression_names.index("jawOpen")] > 0.3
     assert len(calls) == 3
     for s in range(3):  # deformer input = the fit in the FLAME frame; output mapped back
@@ -343,7 +351,7 @@ def test_a_surface_the_rig_cannot_reach_is_a_rejection_not_a_mesh(ict, flame):
 def test_registration_without_landmarks_starts_from_the_centroids(ict, flame):
     """No landmark embedding: the mean FLAME surface moved 50 cm away is still found from
     the centroid start. Measured: translation off by 0.27 mm, rotation by 0.10 deg (with
-    landmarks: 0.10 mm, 0.02 deg); bounds 0.5 mm, 0.2 deg."""
+    the 105 landmarks: 0.12 mm, 0.03 deg); bounds 0.5 mm, 0.2 deg."""
     far = flame.vertices_np(np.zeros(20), np.zeros((1, 12))) + np.array([0.1, 0.0, 0.5])
     res = rig_meshes_from_flame(far, flame.triangles, ict)
     assert np.linalg.norm(res.flame_from_rig[0, :3, 3] - [0.1, 0.0, 0.5]) < 5e-4
