@@ -1,0 +1,283 @@
+"""The phone-scan geometry chain (issue 7) on `standard` subjects, against their truth.
+
+Data (phone-only subjects: the `standard` phone part, 60 prompts x 4 frames at 480 x 640,
+and one minimal HMC recording; a few minutes per subject instead of ~23)::
+
+    pgt synth --preset standard --phone-only --subjects 3 --seed 1000 --out DATA
+    pgt synth --preset standard --phone-only --subjects 3 --seed 2000 \\
+        --phone-yaw-deg 40 --phone-pitch-deg 20 --out TURNS        # ablation 1
+
+Run::
+
+    python -m benchmarks.bench_phone_chain --data DATA --turns TURNS --out WORK
+    python -m benchmarks.bench_phone_chain --data DATA --out WORK --only fusion --subjects 1 --no-ablations
+
+The chain runs in-process through the engine (:func:`pipeline.dag.run_chain`, the
+product's `workflows.chain.default_chain()`, 2 worker processes) on all subjects at once;
+seconds per stage come from the run's stage log (each unit's stage function plus commit),
+medians over the subjects. Then every artifact is scored by :mod:`stages.geometry_eval`
+on the face region, and the two ablations run (up to the fit stage only):
+
+1. ``fit.landmark_init=false`` against the default, on bursts with large head turns;
+2. with the face mask's depth-edge test off (``face_mask.edge_rel_threshold=1000``: flying
+   pixels at the silhouette stay in the scans), ``fit.distance_loss="l2"`` against the
+   default robust term.
+
+Writes ``benchmarks/results/phone_chain.json`` (``--results`` to change); rerun
+``python -m benchmarks.report`` for docs/benchmarks.md. Reruns over the same ``--out``
+reuse the engine's cached artifacts (delete it for fresh timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "phone_chain.json"
+PHONE_STAGES = ("validate", "landmarks", "face_mask", "fusion", "fit", "refine", "texture")
+#: The issue's targets: (key, figure, target text, predicate on the measured value).
+TARGETS = (
+    ("fused_scan_median_mm", "fused scan, scan-to-true-surface distance, median (mm)", "<= 0.5", lambda v: v <= 0.5),
+    ("neutral_now_median_mm", "fitted + refined neutral, NoW protocol, median (mm)", "<= 0.5", lambda v: v <= 0.5),
+    ("neutral_vertex_median_mm", "per-vertex error vs the true mesh, neutral, median (mm)", "<= 1.0", lambda v: v <= 1.0),
+    ("expressions_vertex_mean_mm", "per-vertex error vs the true mesh, all expressions, mean (mm)", "<= 1.5", lambda v: v <= 1.5),
+    ("refinement_gain", "Laplacian refinement: per-vertex error lower than the fit alone by", ">= 25 %", lambda v: v >= 0.25),
+    ("wall_per_subject_s", "phone chain per standard subject, 2 cores, wall (s)", "<= 180", lambda v: v <= 180),
+)
+#: The face mask's depth-edge test off: no 3 x 3 window spans 1000 times its depth.
+NO_EDGE_TEST = {"face_mask.edge_rel_threshold": "1000"}
+
+
+def chain_until(last: str | None):
+    """The product chain, cut after stage ``last`` (all of it when None)."""
+    from pipeline.errors import ConfigError
+    from pipeline.stage import Chain
+    from workflows.chain import default_chain
+
+    stages = list(default_chain())
+    if last is None:
+        return Chain(tuple(stages))
+    names = [s.name for s in stages]
+    if last not in names:
+        raise ConfigError(f"--only {last}: the chain has no such stage (it has {', '.join(names)})")
+    return Chain(tuple(stages[: names.index(last) + 1]))
+
+
+def stage_seconds(out: str, run_id: str) -> dict[str, dict[str, float]]:
+    """``{stage: {subject: seconds}}`` of the units a run executed (stage log ``finish``)."""
+    from pipeline.runlog import read_stage_log
+
+    seconds: dict[str, dict[str, float]] = {}
+    for e in read_stage_log(out, run_id):
+        if e.get("event") == "finish":
+            seconds.setdefault(e["stage"], {})[e["subject"]] = float(e["seconds"])
+    return seconds
+
+
+def run_variant(captures: list[Path], out: Path, overrides: dict[str, str], chain, workers: int) -> dict[str, Any]:
+    """One engine run; returns the summary's essentials, the per-unit seconds and keys."""
+    from pipeline.config import with_overrides
+    from pipeline.dag import run_chain
+    from workflows.config import RunConfig
+
+    config = with_overrides(RunConfig(), overrides)
+    t0 = time.perf_counter()
+    summary = run_chain(captures, str(out), config, chain=chain, workers=workers, progress=False, report=False)
+    wall = time.perf_counter() - t0
+    return {
+        "overrides": overrides, "wall_s": wall, "counts": summary.counts,
+        "failures": [f"{f.subject}/{f.stage}: {f.error_type}: {f.message}"[:500] for f in summary.failures],
+        "seconds": stage_seconds(str(out), summary.run_id),
+        "keys": {f"{stage}/{subject}": key for (stage, subject), key in summary.keys.items()},
+    }
+
+
+def load_outputs(out: Path, run: dict, subject: str, stages: tuple[str, ...]) -> dict[str, Any]:
+    """The committed artifacts of ``stages`` for one subject (absent ones skipped)."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.runlog import OutputLayout
+
+    store = ArtifactStore(OutputLayout(str(out)).artifacts)
+    found = {}
+    for stage in stages:
+        key = run["keys"].get(f"{stage}/{subject}")
+        if key and store.is_committed(stage, key):
+            found[stage] = store.load(stage, key)
+    return found
+
+
+def evaluate(out: Path, run: dict, subject: str, truth_root: Path) -> dict[str, Any]:
+    """geometry_eval's records for one subject, plus the stages' own rejection records."""
+    from stages.fusion import FusedScans
+    from stages.geometry_eval import evaluate_subject
+    from stages.synthesis.truth import SubjectTruth
+
+    outputs = load_outputs(out, run, subject, ("fusion", "fit", "refine", "texture"))
+    if "fusion" not in outputs:
+        return {"error": "no fusion artifact"}
+    fused = FusedScans.from_output(outputs["fusion"])
+    result = evaluate_subject(SubjectTruth.open(truth_root / subject), fused, outputs.get("fit"), outputs.get("refine"))
+    result["fusion_rejected"] = {e: f.reason for e, f in fused.expressions.items() if not f.ok}
+    for stage in ("fit", "refine"):
+        if stage in outputs:
+            result[f"{stage}_rejected"] = dict(outputs[stage].meta.get("rejected", {}))
+            rows = outputs[stage].tables.get("rows")
+            result[f"{stage}_rows"] = rows.to_pylist() if rows is not None else []
+    if "texture" in outputs:
+        result["texture_meta"] = {k: v for k, v in outputs["texture"].meta.items() if np.isscalar(v)}
+    return result
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def headline(evals: dict[str, dict], wall_per_subject: float | None) -> dict[str, float | None]:
+    """The issue's figures over subjects (see the module docstring of stages/geometry_eval).
+
+    fused scan: median over every fused expression of every subject of its median distance;
+    neutral figures: median over subjects; expressions: mean over every refined expression
+    of every subject of its mean per-vertex error (rigid); refinement gain: 1 - that mean for
+    refine / the same mean for fit, over the expressions both have.
+    """
+    ok = [e for e in evals.values() if "error" not in e]
+    fused = [r["median_mm"] for e in ok for r in e["fusion"]]
+    now = [e["neutral"]["refine"]["now_median_mm"] for e in ok if "refine" in e["neutral"]]
+    vert = [e["neutral"]["refine"]["rigid_median_mm"] for e in ok if "refine" in e["neutral"]]
+    refined = [r for e in ok for r in e["refine"]]
+    fit_by = {(sid, r["expression"]): r["rigid_mean_mm"] for sid, e in evals.items() if "error" not in e for r in e["fit"]}
+    pairs = [(r["rigid_mean_mm"], fit_by[(sid, r["expression"])]) for sid, e in evals.items() if "error" not in e
+             for r in e["refine"] if (sid, r["expression"]) in fit_by]
+    from stages.geometry_eval import refinement_gain
+
+    return {
+        "fused_scan_median_mm": float(np.median(fused)) if fused else None,
+        "neutral_now_median_mm": float(np.median(now)) if now else None,
+        "neutral_vertex_median_mm": float(np.median(vert)) if vert else None,
+        "expressions_vertex_mean_mm": _mean(refined, "rigid_mean_mm"),
+        "refinement_gain": refinement_gain(np.mean([p[0] for p in pairs]), np.mean([p[1] for p in pairs])) if pairs else None,
+        "wall_per_subject_s": wall_per_subject,
+        "expressions_refined": len(refined),
+        "expressions_fused": len(fused),
+    }
+
+
+def figures_table(values: dict[str, float | None]) -> list[dict]:
+    return [{"key": k, "figure": f, "target": t, "measured": values.get(k),
+             "met": None if values.get(k) is None else bool(ok(values[k]))} for k, f, t, ok in TARGETS]
+
+
+def fit_summary(evals: dict[str, dict]) -> dict[str, float | int | None]:
+    """A fit variant's scores: mean per-vertex error (rigid, as estimated), NoW of the neutral."""
+    ok = [e for e in evals.values() if "error" not in e]
+    rows = [r for e in ok for r in e["fit"]]
+    now = [e["neutral"]["fit"]["now_median_mm"] for e in ok if "fit" in e["neutral"]]
+    worst = max((r["rigid_mean_mm"] for r in rows), default=None)
+    return {"expressions_fitted": len(rows), "rejected": sum(len(e.get("fit_rejected", {})) for e in ok),
+            "rigid_mean_mm": _mean(rows, "rigid_mean_mm"), "estimated_mean_mm": _mean(rows, "estimated_mean_mm"),
+            "worst_expression_rigid_mean_mm": worst,
+            "expressions_over_3mm": sum(r["rigid_mean_mm"] > 3.0 for r in rows),
+            "neutral_fit_now_median_mm": float(np.median(now)) if now else None}
+
+
+def ablation(name: str, data: Path, out: Path, variants: dict[str, dict[str, str]], n: int, workers: int) -> dict:
+    """Runs each variant (chain up to fit) on ``n`` subjects of ``data`` into one output
+    root (so unchanged upstream stages are shared), and scores each variant's fit."""
+    from pipeline.errors import PgtError
+
+    captures = sorted(p for p in (data / "captures").iterdir() if p.is_dir())[:n]
+    result: dict[str, Any] = {"data": str(data), "subjects": [c.name for c in captures], "variants": {}}
+    try:
+        chain = chain_until("fit")
+    except PgtError as exc:
+        return {**result, "skipped": str(exc)}
+    for label, overrides in variants.items():
+        try:
+            run = run_variant(captures, out / name, overrides, chain, workers)
+        except PgtError as exc:
+            result["variants"][label] = {"overrides": overrides, "skipped": str(exc)}
+            continue
+        evals = {c.name: evaluate(out / name, run, c.name, data / "ground_truth") for c in captures}
+        result["variants"][label] = {"overrides": overrides, "failures": run["failures"],
+                                     "fit_seconds": run["seconds"].get("fit", {}), **fit_summary(evals)}
+        print(f"[{name}] {label}: {result['variants'][label]}", flush=True)
+    return result
+
+
+def _stage_medians(seconds: dict[str, dict[str, float]]) -> dict[str, dict]:
+    return {st: {"median_s": statistics.median(v.values()), "per_subject_s": v} for st, v in seconds.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, type=Path, help="folder with captures/ and ground_truth/ (phone-only standard subjects)")
+    p.add_argument("--turns", type=Path, help="the same, made with large head turns (ablation 1); default: --data")
+    p.add_argument("--out", required=True, type=Path, help="work folder for the engine's outputs")
+    p.add_argument("--subjects", type=int, default=3, help="subjects of --data to run")
+    p.add_argument("--only", choices=PHONE_STAGES, help="run the chain up to this stage only")
+    p.add_argument("--workers", type=int, default=2, help="engine worker processes")
+    p.add_argument("--ablation-subjects", type=int, default=3, help="subjects per ablation")
+    p.add_argument("--no-ablations", action="store_true", help="skip the two ablations")
+    p.add_argument("--results", type=Path, default=RESULTS, help="result JSON to write")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # the driver only scores; the workers run the stages
+    captures = sorted(c for c in (args.data / "captures").iterdir() if c.is_dir())[: args.subjects]
+    chain = chain_until(args.only)
+    stages = tuple(s.name for s in chain)
+    print(f"chain: {' -> '.join(stages)} on {len(captures)} subject(s)", flush=True)
+    load0 = os.getloadavg()
+    run = run_variant(captures, args.out / "main", {}, chain, args.workers)
+    print(f"ran in {run['wall_s']:.0f} s: {run['counts']} {run['failures']}", flush=True)
+    evals = {c.name: evaluate(args.out / "main", run, c.name, args.data / "ground_truth") for c in captures}
+    executed = run["counts"].get("done", 0) == len(stages) * len(captures)
+    # Amortised: the run's wall time over its subjects, as a backfill on these cores sees it.
+    wall_per_subject = run["wall_s"] / len(captures) if executed else None
+    chain_s = {c.name: sum(v.get(c.name, 0.0) for v in run["seconds"].values()) for c in captures}
+    values = headline(evals, wall_per_subject)
+    result: dict[str, Any] = {
+        "command": "python -m benchmarks.bench_phone_chain " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpus": os.cpu_count(), "load_avg_start": load0, "load_avg_end": os.getloadavg()},
+        "data": str(args.data), "subjects": [c.name for c in captures], "stages": list(stages),
+        "workers": args.workers, "wall_s": run["wall_s"], "counts": run["counts"], "failures": run["failures"],
+        "seconds_per_stage": _stage_medians(run["seconds"]), "chain_seconds_per_subject": chain_s,
+        "headline": values, "figures": figures_table(values), "per_subject": evals,
+    }
+    if not args.no_ablations and args.only in (None, "fit", "refine", "texture"):
+        n = args.ablation_subjects
+        result["ablations"] = {
+            "landmark_init": ablation("turns", args.turns or args.data, args.out, {
+                "default (landmark init)": {}, "no landmark init": {"fit.landmark_init": "false"}}, n, args.workers),
+            "l2_flying_pixels": ablation("flying", args.data, args.out, {
+                "robust, flying pixels": dict(NO_EDGE_TEST),
+                "L2, flying pixels": {**NO_EDGE_TEST, "fit.distance_loss": "l2"}}, n, args.workers),
+        }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+    from benchmarks.report import phone_chain_section
+
+    print("\n".join(phone_chain_section(result)))
+    return 0 if not run["failures"] else 1
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
