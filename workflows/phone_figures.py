@@ -89,14 +89,15 @@ def error_colours(error_mm: np.ndarray, vmax_mm: float = ERROR_VMAX_MM) -> np.nd
 
 def colour_bar(height: int, vmax_mm: float = ERROR_VMAX_MM, width: int = 90) -> np.ndarray:
     """(height, width, 3) uint8 vertical colour bar, 0 mm at the bottom, ticks each mm."""
-    top, bottom = 20, height - 20
+    top, bottom = 50, height - 20
     bar = np.full((height, width, 3), BACKGROUND, np.uint8)
+    cv2.putText(bar, "mm", (8, top - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (230, 230, 230), 1, cv2.LINE_AA)
     values = np.linspace(vmax_mm, 0, bottom - top)
     bar[top:bottom, 8:30] = (error_colours(values, vmax_mm) * 255 + 0.5).astype(np.uint8)[:, None]
     for tick in range(int(vmax_mm) + 1):
         y = int(round(bottom - 1 - tick / vmax_mm * (bottom - top - 1)))
         cv2.line(bar, (30, y), (36, y), (230, 230, 230), 1)
-        cv2.putText(bar, f"{tick}" + ("+ mm" if tick == int(vmax_mm) else ""), (38, y + 5),
+        cv2.putText(bar, f"{tick}" + ("+" if tick == int(vmax_mm) else ""), (38, y + 5),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.45, (230, 230, 230), 1, cv2.LINE_AA)
     return bar
 
