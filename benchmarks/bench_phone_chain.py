@@ -56,19 +56,58 @@ TARGETS = (
 NO_EDGE_TEST = {"face_mask.edge_rel_threshold": "1000"}
 
 
-def chain_until(last: str | None):
-    """The product chain, cut after stage ``last`` (all of it when None)."""
+class CpuTimed:
+    """A stage function that also appends its wall and CPU seconds to a JSONL file.
+
+    The engine's stage log has wall seconds only; on a machine shared with other jobs the
+    process CPU time (all threads of the worker process, which runs one unit at a time) is
+    the steadier figure. The key of a unit does not depend on its function, so the timed
+    chain shares the product chain's cached artifacts.
+    """
+
+    def __init__(self, fn, stage: str, log: str) -> None:
+        self.fn, self.stage, self.log = fn, stage, log
+
+    def __call__(self, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = self.fn(*args, **kwargs)
+        line = {"stage": self.stage, "subject": Path(str(args[0])).name if args else None,
+                "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}
+        with open(self.log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+        return out
+
+
+def chain_until(last: str | None, cpu_log: Path | None = None):
+    """The product chain, cut after stage ``last`` (all of it when None); with ``cpu_log``,
+    each stage function wrapped in :class:`CpuTimed`."""
+    from dataclasses import replace
+
     from pipeline.errors import ConfigError
     from pipeline.stage import Chain
     from workflows.chain import default_chain
 
     stages = list(default_chain())
-    if last is None:
-        return Chain(tuple(stages))
     names = [s.name for s in stages]
-    if last not in names:
-        raise ConfigError(f"--only {last}: the chain has no such stage (it has {', '.join(names)})")
-    return Chain(tuple(stages[: names.index(last) + 1]))
+    if last is not None:
+        if last not in names:
+            raise ConfigError(f"--only {last}: the chain has no such stage (it has {', '.join(names)})")
+        stages = stages[: names.index(last) + 1]
+    if cpu_log is not None:
+        stages = [replace(s, fn=CpuTimed(s.fn, s.name, str(cpu_log))) for s in stages]
+    return Chain(tuple(stages))
+
+
+def cpu_seconds(cpu_log: Path, since: float) -> dict[str, dict[str, float]]:
+    """``{stage: {subject: cpu seconds}}`` from a :class:`CpuTimed` log (lines after byte ``since``)."""
+    out: dict[str, dict[str, float]] = {}
+    if cpu_log.is_file():
+        with open(cpu_log) as f:
+            f.seek(int(since))
+            for line in f:
+                d = json.loads(line)
+                out.setdefault(d["stage"], {})[d["subject"]] = d["cpu_s"]
+    return out
 
 
 def stage_seconds(out: str, run_id: str) -> dict[str, dict[str, float]]:
@@ -189,20 +228,26 @@ def fit_summary(evals: dict[str, dict]) -> dict[str, float | int | None]:
             "neutral_fit_now_median_mm": float(np.median(now)) if now else None}
 
 
-def ablation(name: str, data: Path, out: Path, variants: dict[str, dict[str, str]], n: int, workers: int) -> dict:
-    """Runs each variant (chain up to fit) on ``n`` subjects of ``data`` into one output
-    root (so unchanged upstream stages are shared), and scores each variant's fit."""
+def ablation(name: str, data: Path, out: Path, variants: dict[str, dict[str, str]], n: int, workers: int,
+             common: dict[str, str], last: str = "fit") -> dict:
+    """Runs each variant (chain up to ``last``, normally ``fit``) on ``n`` subjects of
+    ``data`` into one output root (so unchanged upstream stages are shared), and scores
+    each variant's fit. With ``last`` before ``fit`` only the shared upstream stages run
+    (to fill the cache ahead of a later full run)."""
     from pipeline.errors import PgtError
 
     captures = sorted(p for p in (data / "captures").iterdir() if p.is_dir())[:n]
-    result: dict[str, Any] = {"data": str(data), "subjects": [c.name for c in captures], "variants": {}}
+    result: dict[str, Any] = {"data": str(data), "subjects": [c.name for c in captures], "common": common, "variants": {}}
     try:
-        chain = chain_until("fit")
+        chain = chain_until(last)
     except PgtError as exc:
         return {**result, "skipped": str(exc)}
+    if "fit" not in [s.name for s in chain]:
+        run = run_variant(captures, out / name, common, chain, workers)
+        return {**result, "skipped": f"upstream stages only ({' -> '.join(s.name for s in chain)}): {run['counts']}"}
     for label, overrides in variants.items():
         try:
-            run = run_variant(captures, out / name, overrides, chain, workers)
+            run = run_variant(captures, out / name, {**common, **overrides}, chain, workers)
         except PgtError as exc:
             result["variants"][label] = {"overrides": overrides, "skipped": str(exc)}
             continue
@@ -227,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="engine worker processes")
     p.add_argument("--ablation-subjects", type=int, default=3, help="subjects per ablation")
     p.add_argument("--no-ablations", action="store_true", help="skip the two ablations")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override for every run (default: the product's config)")
+    p.add_argument("--ablation-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override for the ablation runs only (both variants of each)")
     p.add_argument("--results", type=Path, default=RESULTS, help="result JSON to write")
     args = p.parse_args(argv)
 
@@ -234,11 +283,15 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # the driver only scores; the workers run the stages
     captures = sorted(c for c in (args.data / "captures").iterdir() if c.is_dir())[: args.subjects]
-    chain = chain_until(args.only)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cpu_log = (args.out / "cpu-times.jsonl").resolve()
+    log_start = cpu_log.stat().st_size if cpu_log.is_file() else 0
+    chain = chain_until(args.only, cpu_log)
     stages = tuple(s.name for s in chain)
     print(f"chain: {' -> '.join(stages)} on {len(captures)} subject(s)", flush=True)
+    common = _overrides(args.set)
     load0 = os.getloadavg()
-    run = run_variant(captures, args.out / "main", {}, chain, args.workers)
+    run = run_variant(captures, args.out / "main", common, chain, args.workers)
     print(f"ran in {run['wall_s']:.0f} s: {run['counts']} {run['failures']}", flush=True)
     evals = {c.name: evaluate(args.out / "main", run, c.name, args.data / "ground_truth") for c in captures}
     executed = run["counts"].get("done", 0) == len(stages) * len(captures)
@@ -250,18 +303,21 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.bench_phone_chain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "load_avg_start": load0, "load_avg_end": os.getloadavg()},
         "data": str(args.data), "subjects": [c.name for c in captures], "stages": list(stages),
-        "workers": args.workers, "wall_s": run["wall_s"], "counts": run["counts"], "failures": run["failures"],
+        "workers": args.workers, "overrides": common, "wall_s": run["wall_s"], "counts": run["counts"], "failures": run["failures"],
         "seconds_per_stage": _stage_medians(run["seconds"]), "chain_seconds_per_subject": chain_s,
+        "cpu_seconds_per_stage": _stage_medians(cpu_seconds(cpu_log, log_start)),
         "headline": values, "figures": figures_table(values), "per_subject": evals,
     }
-    if not args.no_ablations and args.only in (None, "fit", "refine", "texture"):
-        n = args.ablation_subjects
+    if not args.no_ablations:
+        n, last = args.ablation_subjects, "fit" if args.only in (None, "fit", "refine", "texture") else args.only
+        ab_common = {**common, **_overrides(args.ablation_set)}
         result["ablations"] = {
             "landmark_init": ablation("turns", args.turns or args.data, args.out, {
-                "default (landmark init)": {}, "no landmark init": {"fit.landmark_init": "false"}}, n, args.workers),
+                "default (landmark init)": {}, "no landmark init": {"fit.landmark_init": "false"}},
+                n, args.workers, ab_common, last),
             "l2_flying_pixels": ablation("flying", args.data, args.out, {
-                "robust, flying pixels": dict(NO_EDGE_TEST),
-                "L2, flying pixels": {**NO_EDGE_TEST, "fit.distance_loss": "l2"}}, n, args.workers),
+                "robust, flying pixels": {}, "L2, flying pixels": {"fit.distance_loss": "l2"}},
+                n, args.workers, {**ab_common, **NO_EDGE_TEST}, last),
         }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
@@ -269,6 +325,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n".join(phone_chain_section(result)))
     return 0 if not run["failures"] else 1
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    from pipeline.errors import ConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects section.field=VALUE, got {item!r}")
+        out[key] = value
+    return out
 
 
 def _jsonable(x: Any) -> Any:
