@@ -98,25 +98,27 @@ def chain_until(last: str | None, cpu_log: Path | None = None):
     return Chain(tuple(stages))
 
 
-def cpu_seconds(cpu_log: Path, since: float) -> dict[str, dict[str, float]]:
-    """``{stage: {subject: cpu seconds}}`` from a :class:`CpuTimed` log (lines after byte ``since``)."""
+def cpu_seconds(cpu_log: Path) -> dict[str, dict[str, float]]:
+    """``{stage: {subject: cpu seconds}}`` from a :class:`CpuTimed` log, the latest line of
+    each (stage, subject): runs into one output root with one config add to one log."""
     out: dict[str, dict[str, float]] = {}
     if cpu_log.is_file():
         with open(cpu_log) as f:
-            f.seek(int(since))
             for line in f:
                 d = json.loads(line)
                 out.setdefault(d["stage"], {})[d["subject"]] = d["cpu_s"]
     return out
 
 
-def stage_seconds(out: str, run_id: str) -> dict[str, dict[str, float]]:
-    """``{stage: {subject: seconds}}`` of the units a run executed (stage log ``finish``)."""
+def stage_seconds(out: str, keys: dict[str, str]) -> dict[str, dict[str, float]]:
+    """``{stage: {subject: seconds}}`` of the units ``keys`` names (``"stage/subject"`` ->
+    key), from every run's stage log in ``out``: a unit cached now reports the seconds of
+    the run that made it (the latest ``finish`` of that key)."""
     from pipeline.runlog import read_stage_log
 
     seconds: dict[str, dict[str, float]] = {}
-    for e in read_stage_log(out, run_id):
-        if e.get("event") == "finish":
+    for e in read_stage_log(out):
+        if e.get("event") == "finish" and keys.get(f"{e['stage']}/{e['subject']}") == e.get("key"):
             seconds.setdefault(e["stage"], {})[e["subject"]] = float(e["seconds"])
     return seconds
 
@@ -131,11 +133,11 @@ def run_variant(captures: list[Path], out: Path, overrides: dict[str, str], chai
     t0 = time.perf_counter()
     summary = run_chain(captures, str(out), config, chain=chain, workers=workers, progress=False, report=False)
     wall = time.perf_counter() - t0
+    keys = {f"{stage}/{subject}": key for (stage, subject), key in summary.keys.items()}
     return {
         "overrides": overrides, "wall_s": wall, "counts": summary.counts,
         "failures": [f"{f.subject}/{f.stage}: {f.error_type}: {f.message}"[:500] for f in summary.failures],
-        "seconds": stage_seconds(str(out), summary.run_id),
-        "keys": {f"{stage}/{subject}": key for (stage, subject), key in summary.keys.items()},
+        "seconds": stage_seconds(str(out), keys), "keys": keys,
     }
 
 
@@ -173,6 +175,48 @@ def evaluate(out: Path, run: dict, subject: str, truth_root: Path) -> dict[str, 
     if "texture" in outputs:
         result["texture_meta"] = {k: v for k, v in outputs["texture"].meta.items() if np.isscalar(v)}
     return result
+
+
+def probe_poisson_depth(out: Path, run: dict, capture: Path, truth_root: Path, n: int,
+                        depths: tuple[int, ...] = (8, 9)) -> list[dict]:
+    """Fusion's cost and accuracy against its Poisson octree depth, in the driver process:
+    the first ``n`` expressions of one subject fused again from the run's landmark and
+    mask artifacts at each depth (CPU seconds, vertices, scan-to-true-surface distance)."""
+    from dataclasses import replace
+
+    from stages.face_mask import RefinedMasks
+    from stages.fusion import FusionConfig, fuse_expression
+    from stages.geometry_eval import face_region, face_region_triangles, fused_scan_error
+    from stages.synthesis.truth import SubjectTruth
+    from storage.capture import Capture
+
+    outputs = load_outputs(out, run, capture.name, ("landmarks", "face_mask"))
+    if len(outputs) < 2:
+        return []
+    cap, truth = Capture.open(capture), SubjectTruth.open(truth_root / capture.name)
+    masks = RefinedMasks.from_output(outputs["face_mask"])
+    model = truth.rig.model
+    region_tri = face_region_triangles(model.triangles, face_region(model))
+    ex = truth.expressions()
+    prompts = [str(p) for p in ex["prompts"]]
+    rows = []
+    for e in cap.phone_expressions[:n]:
+        frames = range(cap.phone_frame_count(e))
+        depth = [cap.read_phone_frame(e, i).depth_mm for i in frames]
+        m = masks.expressions[e]
+        for d in depths:
+            t0, c0 = time.perf_counter(), time.process_time()
+            f = fuse_expression(depth, [m.mask(i) for i in frames], [outputs["landmarks"].arrays[f"points_{e}"][i] for i in frames],
+                                cap.phone_intrinsics(e), replace(FusionConfig(), poisson_depth=d), expression=e)
+            row = {"expression": e, "poisson_depth": d, "wall_s": time.perf_counter() - t0,
+                   "cpu_s": time.process_time() - c0, "vertices": len(f.vertices)}
+            if f.ok:
+                s = fused_scan_error(f.vertices, ex["vertices"][prompts.index(e)],
+                                     truth.phone(e)["head_in_camera"][f.reference], model.triangles, region_tri)
+                row.update(median_mm=s.median_mm, p90_mm=s.p90_mm)
+            rows.append(row)
+            print(f"[poisson probe] {row}", flush=True)
+    return rows
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -277,15 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config override for the ablation runs only (both variants of each)")
     p.add_argument("--results", type=Path, default=RESULTS, help="result JSON to write")
+    p.add_argument("--probe-expressions", type=int, default=3,
+                   help="expressions of the first subject re-fused at Poisson depth 8 and 9 (cost vs accuracy); 0 = skip")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)  # the driver only scores; the workers run the stages
     captures = sorted(c for c in (args.data / "captures").iterdir() if c.is_dir())[: args.subjects]
-    args.out.mkdir(parents=True, exist_ok=True)
-    cpu_log = (args.out / "cpu-times.jsonl").resolve()
-    log_start = cpu_log.stat().st_size if cpu_log.is_file() else 0
+    (args.out / "main").mkdir(parents=True, exist_ok=True)
+    cpu_log = (args.out / "main" / "cpu-times.jsonl").resolve()
     chain = chain_until(args.only, cpu_log)
     stages = tuple(s.name for s in chain)
     print(f"chain: {' -> '.join(stages)} on {len(captures)} subject(s)", flush=True)
@@ -294,20 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     run = run_variant(captures, args.out / "main", common, chain, args.workers)
     print(f"ran in {run['wall_s']:.0f} s: {run['counts']} {run['failures']}", flush=True)
     evals = {c.name: evaluate(args.out / "main", run, c.name, args.data / "ground_truth") for c in captures}
-    executed = run["counts"].get("done", 0) == len(stages) * len(captures)
-    # Amortised: the run's wall time over its subjects, as a backfill on these cores sees it.
-    wall_per_subject = run["wall_s"] / len(captures) if executed else None
+    # Per subject: its stages run one after the other in one worker process (the other
+    # worker takes another subject), so its wall time is the sum of its stages' (cached
+    # stages count with the seconds of the run that made them).
     chain_s = {c.name: sum(v.get(c.name, 0.0) for v in run["seconds"].values()) for c in captures}
-    values = headline(evals, wall_per_subject)
+    complete = all(len(run["seconds"].get(st, {})) == len(captures) for st in stages)
+    values = headline(evals, statistics.median(chain_s.values()) if complete else None)
     result: dict[str, Any] = {
         "command": "python -m benchmarks.bench_phone_chain " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "load_avg_start": load0, "load_avg_end": os.getloadavg()},
         "data": str(args.data), "subjects": [c.name for c in captures], "stages": list(stages),
         "workers": args.workers, "overrides": common, "wall_s": run["wall_s"], "counts": run["counts"], "failures": run["failures"],
         "seconds_per_stage": _stage_medians(run["seconds"]), "chain_seconds_per_subject": chain_s,
-        "cpu_seconds_per_stage": _stage_medians(cpu_seconds(cpu_log, log_start)),
+        "cpu_seconds_per_stage": _stage_medians({st: {c.name: v[c.name] for c in captures if c.name in v}
+                                                 for st, v in cpu_seconds(cpu_log).items() if st in stages}),
         "headline": values, "figures": figures_table(values), "per_subject": evals,
     }
+    if args.probe_expressions and "fusion" in stages:
+        result["poisson_probe"] = probe_poisson_depth(args.out / "main", run, captures[0], args.data / "ground_truth",
+                                                      args.probe_expressions)
     if not args.no_ablations:
         n, last = args.ablation_subjects, "fit" if args.only in (None, "fit", "refine", "texture") else args.only
         ab_common = {**common, **_overrides(args.ablation_set)}

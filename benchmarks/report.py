@@ -164,12 +164,28 @@ def phone_chain_section(d: dict) -> list[str]:
                    [[f["figure"], f["target"], shown(f), met[f["met"]]] for f in d["figures"]])]
     if d.get("failures"):
         out += ["Failures: " + "; ".join(d["failures"]), ""]
-    rows = [[st, f"{v['median_s']:.1f}"] + [f"{v['per_subject_s'].get(s, float('nan')):.1f}" for s in d["subjects"]]
-            for st, v in d["seconds_per_stage"].items()]
-    rows.append(["chain", f"{statistics.median(d['chain_seconds_per_subject'].values()):.1f}"]
+    cpu = d.get("cpu_seconds_per_stage", {})
+    rows = []
+    for st, v in d["seconds_per_stage"].items():
+        c = cpu.get(st, {}).get("median_s")
+        rows.append([st, f"{v['median_s']:.1f}", _mm(c, 1)]
+                    + [f"{v['per_subject_s'].get(s, float('nan')):.1f}" for s in d["subjects"]])
+    cpu_chain = [sum(c["per_subject_s"].get(s, 0.0) for c in cpu.values()) for s in d["subjects"]] if cpu else []
+    rows.append(["chain", f"{statistics.median(d['chain_seconds_per_subject'].values()):.1f}",
+                 _mm(statistics.median(cpu_chain), 1) if cpu_chain else "n/a"]
                 + [f"{d['chain_seconds_per_subject'][s]:.1f}" for s in d["subjects"]])
-    out += ["Seconds per stage (stage function + commit, from the run's stage log; median over subjects):", "",
-            *_table(["stage", "median s", *d["subjects"]], rows)]
+    out += ["Seconds per stage: wall (stage function + commit, from the run's stage log) and the worker "
+            "process's CPU seconds in the stage function; medians over subjects, then wall per subject. On a "
+            "machine shared with other jobs the CPU seconds are the steadier figure.", "",
+            *_table(["stage", "median wall s", "median CPU s", *[f"wall s {s}" for s in d["subjects"]]], rows)]
+    probe = d.get("poisson_probe") or []
+    if probe:
+        out += ["Fusion's cost against its Poisson octree depth (`fusion.poisson_depth`, default 9): the first "
+                "expressions of the first subject re-fused in the driver from the run's landmarks and masks, "
+                "scored like the fused-scan row above:", "",
+                *_table(["expression", "depth", "CPU s", "vertices", "median mm", "p90 mm"],
+                        [[r["expression"], r["poisson_depth"], f"{r['cpu_s']:.1f}", f"{r['vertices']:,}",
+                          _mm(r.get("median_mm"), 3), _mm(r.get("p90_mm"), 3)] for r in probe])]
     for name, a in d.get("ablations", {}).items():
         title = {"landmark_init": "Ablation: no landmark initialisation, bursts with large head turns (yaw +-40, pitch +-20 deg)",
                  "l2_flying_pixels": "Ablation: plain L2 distance instead of the robust term, flying pixels present "
