@@ -565,46 +565,6 @@ def fill_gutter(linear: np.ndarray, seen: np.ndarray, texels: int) -> np.ndarray
 # ------------------------------------------------------------------------ the stage
 
 
-@dataclass(frozen=True, eq=False)
-class RefinedMeshes:
-    """The keys of the refine stage's ``RefinedSubject`` artifact this stage reads.
-
-    Attributes:
-        subject_id: the subject.
-        vertices: expression -> (n, 3) refined mesh, head frame, metres (capture order).
-        scan_from_head: expression -> (4, 4) reference-camera-from-head pose.
-        rejected: expression -> why refine left it out.
-    """
-
-    subject_id: str
-    vertices: dict[str, np.ndarray]
-    scan_from_head: dict[str, np.ndarray]
-    rejected: dict[str, str]
-
-    @classmethod
-    def from_output(cls, output: Any) -> RefinedMeshes:
-        """Reads meta ``expressions``/``rejected``/``subject_id`` and arrays
-        ``<expr>.vertices``, ``<expr>.scan_from_head``.
-
-        Raises:
-            StageError: a listed expression lacks an array, or an array has a bad shape.
-        """
-        meta = output.meta
-        if "expressions" not in meta:
-            raise StageError("refine output lacks its expression list")
-        verts, poses = {}, {}
-        for e in meta["expressions"]:
-            v, T = output.arrays.get(f"{e}.vertices"), output.arrays.get(f"{e}.scan_from_head")
-            if v is None or T is None:
-                raise StageError(f"refine output lacks {e}.vertices or {e}.scan_from_head")
-            if np.ndim(v) != 2 or np.shape(v)[1] != 3 or np.shape(T) != (4, 4):
-                raise StageError(f"refine output {e}: vertices must be (n, 3) and scan_from_head (4, 4), "
-                                 f"got {np.shape(v)} and {np.shape(T)}")
-            verts[str(e)], poses[str(e)] = np.asarray(v), np.asarray(T, np.float64)
-        return cls(str(meta.get("subject_id", "")), verts, poses,
-                   {str(k): str(r) for k, r in dict(meta.get("rejected", {})).items()})
-
-
 def select_views(capture: Any, expression: str, fused: Any, scan_from_head: np.ndarray,
                  cfg: TextureConfig) -> tuple[list[View], list[dict[str, Any]]]:
     """The frames of one expression to bake (registered by fusion, the most frontal first,
@@ -643,14 +603,15 @@ def make_texture(subject_id: str, model: Any, raster: UvRaster, colour: np.ndarr
                      raster.scatter(np.ones(len(raster.texel), bool), False), rows, skipped)
 
 
-def texture_subject(capture: Any, fused: Any, refined: RefinedMeshes, cfg: TextureConfig,
+def texture_subject(capture: Any, fused: Any, refined: Any, cfg: TextureConfig,
                     model: Any = None) -> UvTexture:
     """Bakes the UV texture of one subject from its refined meshes and phone frames.
 
     Args:
         capture: an opened :class:`storage.capture.Capture`.
         fused: the fusion stage's :class:`stages.fusion.FusedScans`.
-        refined: the refined meshes and poses.
+        refined: the refine stage's :class:`stages.refine.RefinedSubject` (``refined[e].vertices``
+            head frame, ``refined[e].scan_from_head``, ``rejected``).
         cfg: the texture section.
         model: the face model whose topology the meshes have; the embedded ICT model by default.
 
@@ -665,21 +626,21 @@ def texture_subject(capture: Any, fused: Any, refined: RefinedMeshes, cfg: Textu
     rows: list[dict[str, Any]] = []
     work = []
     for e in capture.phone_expressions:
-        f = fused.expressions.get(e)
-        if e not in refined.vertices or f is None or not f.ok:
-            if e in refined.vertices:
+        f, r = fused.expressions.get(e), refined.refined.get(e)
+        if r is None or f is None or not f.ok:
+            if r is not None:
                 skipped[e] = "fusion: " + (f.reason if f is not None else "no fused scan")
             skipped.setdefault(e, "no refined mesh")
             rows += [{"expression": e, "frame_index": i, "status": "skipped", "reason": f"expression skipped: {skipped[e]}",
                       "texels": 0, "mean_cos": float("nan"), "gain": float("nan")}
                      for i in range(capture.phone_frame_count(e))]
             continue
-        if refined.vertices[e].shape != (model.n_vertices, 3):
-            raise StageError(f"refined mesh of {e!r} has {refined.vertices[e].shape[0]} vertices; "
-                             f"the face model {model.name} has {model.n_vertices}")
-        views, left_out = select_views(capture, e, f, refined.scan_from_head[e], cfg)
+        if np.shape(r.vertices) != (model.n_vertices, 3):
+            raise StageError(f"refined mesh of {e!r} has shape {np.shape(r.vertices)}; "
+                             f"the face model {model.name} has {model.n_vertices} vertices")
+        views, left_out = select_views(capture, e, f, r.scan_from_head, cfg)
         rows += left_out
-        work.append((e, refined.vertices[e], views))
+        work.append((e, r.vertices, views))
     colour, weight, count, baked = bake(raster, np.asarray(model.triangles), work, cfg)
     if not (weight > 0).any():
         raise StageError(f"no phone frame of subject {capture.subject_id!r} saw any texel "
@@ -705,9 +666,10 @@ def texture_capture(capture: Any, fusion: Any, refine: Any, config: Any = None) 
         ``UvTexture.to_output()``.
     """
     from stages.fusion import FusedScans
+    from stages.refine import RefinedSubject
     from storage.capture import Capture
 
     cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
     cfg = config_section(config, "texture", TextureConfig)
-    return texture_subject(cap, FusedScans.from_output(fusion), RefinedMeshes.from_output(refine), cfg).to_output()
+    return texture_subject(cap, FusedScans.from_output(fusion), RefinedSubject.from_output(refine), cfg).to_output()
 

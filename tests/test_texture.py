@@ -15,7 +15,6 @@ from rigs.camera import Camera
 from rigs.uv_raster import model_uv_raster, rasterize_uv, uv_to_texel
 from stages.texture import (
     ATLAS_PARTS,
-    RefinedMeshes,
     TextureConfig,
     UvTexture,
     View,
@@ -224,34 +223,34 @@ def test_sample_texture_ignores_unseen_texels() -> None:
 
 
 def truth_inputs(capture_dir, truth_dir, *, drop_expression: str, unregistered: tuple[str, int]):
-    """Fusion and refine artifacts built from the truth: meshes = the true expression meshes,
-    scan_from_head = the true reference camera, poses = the true relative poses; one
-    expression rejected by refine, one frame not registered by fusion."""
-    from stages.fusion import FusedExpression, FusedScans
+    """Fusion and refine artifacts built from the truth (``tests/phone_standins.py``'s fused
+    stand-in: true relative poses, frame 0 the reference): refined meshes = the true
+    expression meshes with scan_from_head = the true reference camera; one expression
+    rejected by refine, one frame not registered by fusion."""
+    from dataclasses import replace
+
+    from stages.refine import RefinedExpression, RefinedSubject
     from stages.synthesis.truth import SubjectTruth
     from storage.capture import Capture
+    from tests.phone_standins import fused_standin
 
     cap, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
+    scans = fused_standin(truth)
+    e, frame = unregistered
+    if e:
+        f = scans.expressions[e]
+        scans.expressions[e] = replace(f, frames_used=f.frames_used[f.frames_used != frame])
     ex = truth.expressions()
-    prompts = list(ex["prompts"])
-    arrays, fused, kept = {}, {}, []
-    for e in cap.phone_expressions:
-        hic = truth.phone(e)["head_in_camera"]
-        n = len(hic)
-        T = np.tile(np.eye(4), (n, 1, 1))
-        T[:, :3, :] = hic
-        poses = np.stack([T[0] @ np.linalg.inv(T[i]) for i in range(n)])
-        used = np.array([i for i in range(n) if (e, i) != unregistered], np.int64)
-        z = np.zeros(n)
-        fused[e] = FusedExpression(e, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32), np.arange(n),
-                                   poses, z, z, z.astype(int), z.astype(int), 0, used, ())
+    refined = {}
+    for e, verts in zip([str(p) for p in ex["prompts"]], ex["vertices"], strict=True):
         if e != drop_expression:
-            kept.append(e)
-            arrays[f"{e}.vertices"] = ex["vertices"][prompts.index(e)].astype(np.float32)
-            arrays[f"{e}.scan_from_head"] = T[0]
-    refine = StageOutput(arrays=arrays, meta={"subject_id": cap.subject_id, "expressions": kept,
-                                              "rejected": {drop_expression: "test: left out"}})
-    return cap, truth, FusedScans(cap.subject_id, fused).to_output(), refine
+            n = len(verts)
+            ref_from_head = np.r_[truth.phone(e)["head_in_camera"][0], [[0, 0, 0, 1.0]]]
+            refined[e] = RefinedExpression(verts.astype(np.float32), ref_from_head, np.zeros(n, np.float32), 0.0, 0.0, 1.0)
+    neutral = cap.phone_expressions[0]
+    subject = RefinedSubject(cap.subject_id, neutral, ex["vertices"][0].astype(np.float32), "refined", refined,
+                             {drop_expression: "test: left out"} if drop_expression else {}, cap.phone_expressions)
+    return cap, truth, scans.to_output(), subject.to_output()
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +385,7 @@ def test_bad_refine_input_is_a_stage_error(tiny_subject) -> None:
     cap, _, fusion, refine = truth_inputs(capture_dir, truth_dir, drop_expression="", unregistered=("", -1))
     e = cap.phone_expressions[0]
     with pytest.raises(StageError, match="lacks"):
-        RefinedMeshes.from_output(StageOutput(arrays={}, meta={"expressions": [e]}))
+        texture_capture(cap, fusion, StageOutput(arrays={}, meta=refine.meta), TextureConfig(resolution=64))
     arrays = dict(refine.arrays)
     arrays[f"{e}.vertices"] = arrays[f"{e}.vertices"][:100]
     with pytest.raises(StageError, match="vertices"):
