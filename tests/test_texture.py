@@ -13,18 +13,14 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.serialize import StageOutput, decode, encode
 from rigs.camera import Camera
 from rigs.uv_raster import model_uv_raster, rasterize_uv, uv_to_texel
-from stages.texture import (
-    ATLAS_PARTS,
-    TextureConfig,
-    UvTexture,
+from stages.texture import ATLAS_PARTS, TextureConfig, UvTexture, sample_vertices, texture_capture
+from stages.texture_bake import (
     View,
     bake,
     camera_from_pose,
     linear_to_srgb,
     sample_texture,
-    sample_vertices,
     srgb_to_linear,
-    texture_capture,
 )
 
 # ------------------------------------------------------------------- the UV rasteriser
