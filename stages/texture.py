@@ -65,6 +65,11 @@ class TextureConfig:
     """A texel is visible when the mesh depth at the 4 pixels around its projection is its
     own depth within this tolerance plus the depth change of its tilted surface over 1.5
     pixels (so silhouettes and occluders are kept out of the bilinear sample), mm. > 0."""
+    silhouette_margin_px: int = 1
+    """Observations whose bilinear pixels lie within this many pixels of a silhouette of the
+    rendered mesh (a miss, or a depth jump of > 1 cm: the head's outline, the nose over the
+    cheek) are dropped: there a mesh 1-2 mm off the true head samples background or the
+    occluder. 0 = only the depth test. >= 0."""
     max_frames_per_expression: int = 2
     """Use at most this many registered frames of each expression, the most frontal first
     (0 = all). Each frame costs ~60 ms of one core at 480 x 640 and 512 texels per tile;
@@ -83,6 +88,7 @@ class TextureConfig:
             ("angle_power", self.angle_power >= 0, ">= 0"),
             ("min_cos", 0 < self.min_cos < 1, "in (0, 1)"),
             ("depth_tolerance_mm", self.depth_tolerance_mm > 0, "> 0"),
+            ("silhouette_margin_px", self.silhouette_margin_px >= 0, ">= 0"),
             ("max_frames_per_expression", self.max_frames_per_expression >= 0, ">= 0"),
             ("gutter_texels", self.gutter_texels >= 0, ">= 0"),
         )

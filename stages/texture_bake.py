@@ -163,6 +163,35 @@ def mesh_depth(scene: Scene, camera: Camera, x0: int, y0: int, x1: int, y1: int)
     return scene.cast(np.broadcast_to(camera.t_world_from_camera.astype(np.float32), d.shape), d)["t"]
 
 
+#: Adjacent pixels whose mesh depths differ by more than this are on either side of a
+#: silhouette (the steepest skin the view-angle limit lets through changes by < 3 mm
+#: per pixel at 0.4 m), metres.
+DEPTH_EDGE_M = 0.01
+
+
+def near_silhouette(depth: np.ndarray, margin_px: int) -> np.ndarray:
+    """Pixels within ``margin_px`` (Chebyshev) of a silhouette of the rendered mesh.
+
+    A pixel is on a silhouette when its ray misses the mesh or its 3 x 3 neighbourhood
+    spans more than :data:`DEPTH_EDGE_M` of depth (both sides of an occluding edge).
+
+    Args:
+        depth: (h, w) float32 depth, inf where the mesh is missed.
+        margin_px: the margin, pixels, >= 0.
+
+    Returns:
+        (h, w) bool.
+    """
+    import cv2
+
+    finite = np.isfinite(depth)
+    box = np.ones((3, 3), np.uint8)
+    hi = cv2.dilate(np.where(finite, depth, 0).astype(np.float32), box, borderType=cv2.BORDER_REPLICATE)
+    lo = cv2.erode(np.where(finite, depth, np.float32(1e6)).astype(np.float32), box, borderType=cv2.BORDER_REPLICATE)
+    edge = (~finite | (hi - lo > DEPTH_EDGE_M)).astype(np.uint8)
+    return cv2.dilate(edge, np.ones((2 * margin_px + 1,) * 2, np.uint8)) > 0
+
+
 def observe(points: np.ndarray, normals: np.ndarray, scene: Scene, camera: Camera,
             rgb_linear: np.ndarray, cfg: TextureConfig) -> Observations:
     """What one frame sees of a set of surface points (texels) and their colours there.
@@ -170,7 +199,9 @@ def observe(points: np.ndarray, normals: np.ndarray, scene: Scene, camera: Camer
     A point is observed when it faces the camera (cos >= ``cfg.min_cos``), projects
     inside the image with its 4 bilinear neighbours, and the mesh depth rendered at those
     4 pixels is its own depth within ``depth_tolerance_mm`` plus its surface's depth
-    change over 1.5 pixels (nothing in front, no silhouette inside the sample).
+    change over 1.5 pixels (nothing in front, no silhouette inside the sample), and none
+    of them lies within ``silhouette_margin_px`` of a silhouette of the mesh (where a mesh
+    a little off the true head would sample the background or the occluder).
 
     Args:
         points: (p, 3) points on the mesh, head frame, metres.
@@ -198,8 +229,9 @@ def observe(points: np.ndarray, normals: np.ndarray, scene: Scene, camera: Camer
     if not len(idx):
         return Observations(np.zeros(0, np.int64), np.zeros((0, 3), np.float32), np.zeros(0, np.float32))
     x0, y0 = np.floor(pix[:, 0]).astype(np.int64), np.floor(pix[:, 1]).astype(np.int64)
-    bx0, by0 = int(x0.min()), int(y0.min())
-    depth = mesh_depth(scene, camera, bx0, by0, int(x0.max()) + 1, int(y0.max()) + 1)
+    m = cfg.silhouette_margin_px
+    bx0, by0 = max(int(x0.min()) - m, 0), max(int(y0.min()) - m, 0)
+    depth = mesh_depth(scene, camera, bx0, by0, min(int(x0.max()) + 1 + m, w - 1), min(int(y0.max()) + 1 + m, h - 1))
     c = cos[idx]
     slope = np.sqrt(np.maximum(1 - c**2, 0)) / c  # tan(view angle)
     tol = cfg.depth_tolerance_mm * 1e-3 + 1.5 * z / (0.5 * (camera.fx + camera.fy)) * slope
@@ -208,6 +240,8 @@ def observe(points: np.ndarray, normals: np.ndarray, scene: Scene, camera: Camer
     win = (y0 - by0)[:, None] + dy
     win = win * depth.shape[1] + (x0 - bx0)[:, None] + dx
     ok = (np.abs(depth.ravel()[win] - z[:, None]) <= tol[:, None]).all(1)
+    if m > 0:
+        ok &= ~near_silhouette(depth, m).ravel()[win].any(1)
     img = (y0[ok, None] + dy) * w + x0[ok, None] + dx  # (q, 4)
     fx, fy = (pix[ok, 0] - x0[ok]).astype(np.float32), (pix[ok, 1] - y0[ok]).astype(np.float32)
     bw = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)

@@ -126,31 +126,63 @@ def quad_camera(yaw_deg: float) -> Camera:
     return Camera.look_at(pos, np.zeros(3), np.array([0, 1.0, 0]), width=200, height=200, focal=400)
 
 
-def away_from_edges(r, squares: int = 4, margin_texels: float = 1.5) -> np.ndarray:
-    """(k,) bool texels farther than ``margin_texels`` from a checker edge (or the border)."""
+def away_from_edges(r, squares: int = 4, margin_texels: float = 1.5, border: bool = True) -> np.ndarray:
+    """(k,) bool texels farther than ``margin_texels`` from a checker edge (and from the
+    quad's border when ``border``)."""
     uv = np.stack([(r.cols + 0.5) / r.resolution, 1 - (r.rows + 0.5) / r.resolution], 1) * squares
-    return (np.abs(uv - np.round(uv)).min(1) * r.resolution / squares > margin_texels)
+    lines = np.round(uv)
+    if not border:
+        lines = np.clip(lines, 1, squares - 1)
+    return np.abs(uv - lines).min(1) * r.resolution / squares > margin_texels
+
+
+def texel_uv(r) -> np.ndarray:
+    return np.stack([(r.cols + 0.5) / r.resolution, 1 - (r.rows + 0.5) / r.resolution], 1)
 
 
 def test_checker_quad_bakes_back_to_the_checker() -> None:
     """A 4 x 4 checker quad seen frontally and at 35 degrees (200 x 200 px, 0.25 m, f = 400 px:
     the quad spans 160 px, the 64-texel map is undersampled 2.5x) bakes back to the checker.
-    Measured: every texel seen by both views; away from the checker edges (1.5 texels) the
-    largest error is 0.0037 (linear; 8-bit quantisation level); at the edges the images'
-    anti-aliasing and the bilinear look-up give up to 0.054. Summed weight 1.44-1.79
-    (median 1.65)."""
+    Measured: every texel more than 2 texels inside the border is seen by both views (the
+    silhouette margin drops the outermost ones); away from the checker edges (1.5 texels) the
+    largest error is 0.0037 (linear; 8-bit quantisation level), over all seen texels 0.016
+    (checker edges: the images' anti-aliasing and the bilinear look-up). Summed weight
+    median 1.65."""
     r = rasterize_uv(QUAD_UV, QUAD_TRIS, 64, tiles=1)
     views = [View(i, cam, photograph(cam, QUAD, QUAD_TRIS)) for i, cam in enumerate((quad_camera(0), quad_camera(35)))]
     colour, weight, count, rows = bake(r, QUAD_TRIS, [("quad", QUAD, views)], TextureConfig(exposure_compensation=False))
     assert [row["status"] for row in rows] == ["used", "used"]
-    assert (count == 2).all() and (weight > 0).all()
-    truth = checker(np.stack([(r.cols + 0.5) / 64, 1 - (r.rows + 0.5) / 64], 1))
+    uv = texel_uv(r)
+    inner = (np.minimum(uv, 1 - uv).min(1) * 64) > 2
+    assert (count[inner] == 2).all() and (weight[inner] > 0).all()
+    truth = checker(uv)
     far = away_from_edges(r)
     assert far.mean() > 0.5  # 12 of every 16 texels per axis
     assert np.abs(colour[far] - truth[far]).max() < 0.01
-    assert np.abs(colour - truth).max() < 0.15
+    seen = weight > 0
+    assert np.abs(colour[seen] - truth[seen]).max() < 0.05
     # the weight is cos^2 summed: 1 for the frontal view plus cos(35 deg)^2 ~ 0.67, give or take perspective
     assert 1.5 < np.median(weight) < 1.8
+
+
+def test_silhouette_margin_keeps_a_slightly_too_large_mesh_off_the_background() -> None:
+    """The mesh is 2 % larger than the photographed quad (its border 1 mm = 1.6 px outside
+    the true one, as a fit 1 mm off would be), on a dark background. Measured: with the
+    default 1-pixel silhouette margin (and with 2) every seen texel away from the interior
+    checker edges is within 0.0037 of the checker; with no margin the border texels sample
+    the background: error 0.80."""
+    r = rasterize_uv(QUAD_UV, QUAD_TRIS, 64, tiles=1)
+    cam = quad_camera(0)
+    views = [View(0, cam, photograph(cam, QUAD * 0.98, QUAD_TRIS))]
+    truth = checker(texel_uv(r) * 0.98 + 0.01)  # the photographed quad's UV at each texel
+    far = away_from_edges(r, border=False)
+    errors = {}
+    for margin in (1, 0):
+        colour, weight, _, _ = bake(r, QUAD_TRIS, [("quad", QUAD, views)],
+                                    TextureConfig(exposure_compensation=False, silhouette_margin_px=margin))
+        sel = far & (weight > 0)
+        errors[margin] = np.abs(colour[sel] - truth[sel]).max()
+    assert errors[1] < 0.02 and errors[0] > 0.2, errors
 
 
 def test_occluded_and_grazing_texels_are_not_observed() -> None:
@@ -172,7 +204,8 @@ def test_occluded_and_grazing_texels_are_not_observed() -> None:
     # (25 cm) reaches to 25/22 * 0 = 0 and starts at -5.7 cm: UV [0, 0.5]^2 is hidden
     hidden = (uv < 0.5 - 0.03).all(1)
     assert (weight[hidden] == 0).all()
-    visible = (uv > 0.5 + 0.03).any(1)
+    inner = (np.minimum(uv, 1 - uv).min(1) * 64) > 2  # the silhouette margin drops the border
+    visible = (uv > 0.5 + 0.03).any(1) & inner
     assert (weight[visible] > 0).all()
     far = away_from_edges(r) & visible
     truth = checker(uv)
@@ -277,12 +310,12 @@ def true_albedo_at_texels(truth, raster, model) -> np.ndarray:
 
 def test_baked_texture_matches_the_true_albedo(baked) -> None:
     """Baked with the true meshes and poses (4 expressions: 3 x 2 frames + 1 frame) at 256
-    texels per tile. Measured on the seen texels of the face part (seed 11, 42 851 texels):
-    per-channel correlation with the true albedo R 0.903, G 0.951, B 0.965 (the frames'
+    texels per tile. Measured on the seen texels of the face part (seed 11, 34 933 texels):
+    per-channel correlation with the true albedo R 0.917, G 0.957, B 0.969 (the frames'
     shading, 0.35 + 0.75 Lambert, varies over the face and is baked in); median
-    baked / albedo 0.84-0.90 (shading and exposure). The albedo flipped upside down in UV
-    correlates 0.17-0.23 (mirrored left-right still 0.62-0.83: the face is symmetric).
-    Bounds: R 0.85, G 0.9, B 0.9; ratio in [0.6, 1.2]; flipped G < 0.4."""
+    baked / albedo 0.87-0.93 (shading and exposure). The albedo flipped upside down in UV
+    correlates 0.13-0.21 (mirrored left-right still 0.62-0.84: the face is symmetric).
+    Bounds: R 0.87, G 0.92, B 0.92; ratio in [0.6, 1.2]; flipped G < 0.4."""
     from rigs.face_model import load_ict_face_model
 
     _, truth, cfg, _, tex = baked
@@ -293,10 +326,10 @@ def test_baked_texture_matches_the_true_albedo(baked) -> None:
     seen = weight.ravel()[r.texel] > 0
     face = model.vertex_part[model.triangles[r.triangle, 0]] == model.part_names.index("face")
     sel = seen & face
-    assert sel.sum() > 30000
+    assert sel.sum() > 25000
     albedo = true_albedo_at_texels(truth, r, model)
     corr = [np.corrcoef(flat[sel, c], albedo[sel, c])[0, 1] for c in range(3)]
-    assert corr[0] > 0.85 and corr[1] > 0.9 and corr[2] > 0.9, corr
+    assert corr[0] > 0.87 and corr[1] > 0.92 and corr[2] > 0.92, corr
     ratio = np.median(flat[sel] / np.maximum(albedo[sel], 1e-4), 0)
     assert ((ratio > 0.6) & (ratio < 1.2)).all(), ratio
     # negative control: the same albedo flipped upside down in UV no longer matches
@@ -310,8 +343,8 @@ def test_baked_texture_matches_the_true_albedo(baked) -> None:
 
 def test_unseen_texels_are_marked(baked) -> None:
     """Texels that face backward (the back of the head) and those inside the mouth are not
-    seen: alpha 0 and confidence 0. Measured: mouth socket 0.1 % seen, teeth 1 %, back of
-    head (neutral normal z < -0.5) 0 %; face part 66 % (ears, under the chin unseen)."""
+    seen: alpha 0 and confidence 0. Measured: mouth socket 0 % seen, teeth 0.05 %, back of
+    head (neutral normal z < -0.5) 0 %; face part 54 % (ears, under the chin unseen)."""
     from rigs.face_model import load_ict_face_model
     from rigs.raycast import vertex_normals
 
@@ -324,7 +357,7 @@ def test_unseen_texels_are_marked(baked) -> None:
     assert not (tex.seen & ~tex.covered).any()
     part = model.vertex_part[model.triangles[r.triangle, 0]]
     frac = {p: seen[part == model.part_names.index(p)].mean() for p in ("face", "mouth_socket", "teeth")}
-    assert frac["mouth_socket"] < 0.02 and frac["teeth"] < 0.05 and frac["face"] > 0.5, frac
+    assert frac["mouth_socket"] < 0.02 and frac["teeth"] < 0.05 and frac["face"] > 0.45, frac
     normals = r.interpolate(model.triangles, vertex_normals(model.neutral, model.triangles))
     back = normals[:, 2] < -0.5 * np.linalg.norm(normals, axis=1)
     assert back.sum() > 1000 and not seen[back].any()
@@ -358,7 +391,7 @@ def test_artifact_round_trip_and_png_bytes_are_reproducible(baked) -> None:
 
 def test_vertex_colours_follow_the_true_albedo(baked) -> None:
     """Per-vertex samples of the texture (seam vertices averaged): measured correlation of
-    the true per-vertex albedo R 0.905, G 0.914, B 0.935 on 6 341 seen face vertices;
+    the true per-vertex albedo R 0.915, G 0.917, B 0.936 on 5 412 seen face vertices;
     eyeball vertices (outside the atlas) have confidence 0."""
     from rigs.face_model import load_ict_face_model
     from stages.synthesis.texture import load_default_texture
@@ -373,7 +406,7 @@ def test_vertex_colours_follow_the_true_albedo(baked) -> None:
     albedo = pt.vertex_weight[:, None] * photo + (1 - pt.vertex_weight[:, None]) * pt.vertex_albedo
     sel = (conf > 0) & (model.vertex_part == model.part_names.index("face"))
     assert sel.sum() > 3000
-    assert np.corrcoef(rgb[sel, 1], albedo[sel, 1])[0, 1] > 0.85
+    assert np.corrcoef(rgb[sel, 1], albedo[sel, 1])[0, 1] > 0.87
 
 
 def test_bad_refine_input_is_a_stage_error(tiny_subject) -> None:
