@@ -5,9 +5,9 @@ texels of the atlas (:mod:`rigs.uv_raster`) are placed on the mesh, projected in
 frame, tested for visibility against the mesh's own depth rendered from that camera, and
 bilinearly sample the frame's RGB in linear light. Each observation is weighted by
 ``cos(view angle) ** angle_power``; the texture is the weighted mean over all frames of all
-expressions (UVs correspond across expressions), optionally after a per-frame exposure
-gain is solved from the face's vertices. Texels that no frame sees have confidence 0 and
-alpha 0 in the RGBA PNG. The method, config and measured accuracy are in docs/texture.md.
+expressions (UVs correspond across expressions), each frame divided by its exposure gain
+against what was baked before it. Texels that no frame sees have confidence 0 and alpha
+0 in the RGBA PNG. The per-frame work is in :mod:`stages.texture_bake`. The method, config and measured accuracy are in docs/texture.md.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class TextureConfig:
     (0 = all). Each frame costs ~60 ms of one core at 480 x 640 and 512 texels per tile;
     2 of the standard subject's 4 keep the stage near 15 s. >= 0."""
     exposure_compensation: bool = True
-    """Solve one gain per frame (phone auto-exposure) from the face vertices the frames
-    share, and divide it out before averaging."""
+    """Estimate one gain per frame (phone auto-exposure): the median luminance ratio over
+    the texels it shares with what was baked before it; divide it out before averaging."""
     gutter_texels: int = 4
     """The PNG's colour is grown this many texels into the unseen texels around seen ones
     (alpha stays 0 there), so that filtered look-ups at island borders do not fetch black. >= 0."""
@@ -258,9 +258,9 @@ def select_views(capture: Any, expression: str, fused: Any, scan_from_head: np.n
     at most ``max_frames_per_expression``), and a row for each frame left out."""
     intr = capture.phone_intrinsics(expression)
     views, rows = [], []
-    ids = fused.frame_ids.tolist()
+    ids, used = fused.frame_ids.tolist(), set(fused.frames_used.tolist())
     for f in ids:
-        if f not in set(fused.frames_used.tolist()):
+        if f not in used:
             rows.append({"expression": expression, "frame_index": int(f), "status": "skipped",
                          "reason": "not registered by fusion", "texels": 0, "mean_cos": float("nan"),
                          "gain": float("nan")})
