@@ -70,7 +70,7 @@ class FitConfig:
     embedding). > 0."""
     landmark_weight: float = 0.1
     """Weight of the landmark term relative to the scan term (a guide, not the main term). >= 0."""
-    identity_prior: float = 1e-3
+    identity_prior: float = 1e-4
     """lambda of |identity|^2 (coefficients ~ N(0, 1)). >= 0."""
     expression_prior: float = 1e-3
     """lambda of |weights - art prior|^2 per scan. >= 0."""
@@ -96,8 +96,8 @@ class FitConfig:
     lbfgs_memory: int = 20
     """Correction pairs L-BFGS-B keeps (its Hessian approximation's rank). >= 1."""
     scan_vertices: int = 3000
-    """The scan term inside the optimisation uses this fixed random sample of the fitting
-    vertices (0 = all); correspondences and residuals always use all of them. >= 0."""
+    """The scan term uses this fixed random sample of the fitting vertices (0 = all); the
+    model normals use all of them, the reported residuals all scan points. >= 0."""
     max_scan_median_mm: float = 3.0
     """A fitted expression whose median scan-to-model distance exceeds this is rejected, mm. > 0."""
 
