@@ -357,3 +357,80 @@ def test_registration_without_landmarks_starts_from_the_centroids(ict, flame):
     assert np.linalg.norm(res.flame_from_rig[0, :3, 3] - [0.1, 0.0, 0.5]) < 5e-4
     assert np.rad2deg(Rotation.from_matrix(res.flame_from_rig[0, :3, :3]).magnitude()) < 0.2
 
+
+
+# ------------------------------------------------------------- through the product's fit
+
+
+def _scan_observations(flame: FlameModel, vertices: np.ndarray, seed: int) -> tuple[list, np.ndarray]:
+    """One ray-cast depth scan per posed FLAME mesh (face region, exact normals, reference
+    camera frame) with a second camera 7 deg away; landmarks = FLAME's embedded points
+    projected (NaN where the embedding has none). Returns (observations, (S, 4, 4) true
+    scan_from_head)."""
+    from stages.fit_solve import ScanObservation
+
+    from rigs.camera import Camera
+    from rigs.raycast import Scene, vertex_normals
+
+    rng = np.random.default_rng(seed)
+    centre = np.array([0.0, 0.01, 0.06])
+    face = np.zeros(flame.n_vertices, bool)
+    face[flame.fitting_vertices] = True
+    face_tri = face[flame.triangles].any(1)
+    obs, poses = [], []
+    for s, verts in enumerate(vertices):
+        yaw, pitch = rng.uniform(-0.3, 0.3), rng.uniform(-0.15, 0.15)
+        cams = []
+        for dy, dp in ((0.0, 0.0), (0.12, -0.05)):
+            y, p = yaw + dy, pitch + dp
+            eye = centre + 0.32 * np.array([np.cos(p) * np.sin(y), np.sin(p), np.cos(p) * np.cos(y)])
+            cams.append(Camera.look_at(eye, centre, np.array([0.0, 1.0, 0.0]), width=200, height=266,
+                                       focal=100 / np.tan(np.deg2rad(30))))
+        cam_from_head = []
+        for cam in cams:
+            t = np.eye(4)
+            t[:3, :3], t[:3, 3] = cam.R_world_from_camera.T, -cam.R_world_from_camera.T @ cam.t_world_from_camera
+            cam_from_head.append(t)
+        g = Scene(verts, flame.triangles).render(cams[0])
+        keep = g.hit & face_tri[np.where(g.hit, g.triangle, 0)]
+        normals = g.interpolate(flame.triangles, vertex_normals(verts, flame.triangles))[keep].astype(np.float64)
+        ref = cam_from_head[0]
+        lm = flame.landmarks.points(verts, flame.triangles)
+        uv = np.stack([cam.project(np.nan_to_num(lm))[0] for cam in cams])
+        uv[:, ~np.isfinite(lm).all(1)] = np.nan
+        obs.append(ScanObservation(
+            f"scan{s}", g.points[keep].astype(np.float64) @ ref[:3, :3].T + ref[:3, 3], normals @ ref[:3, :3].T,
+            None, cams[0].K, uv, np.stack([ref @ np.linalg.inv(t) for t in cam_from_head]), 0,
+            np.zeros(flame.n_expression)))
+        poses.append(ref)
+    return obs, np.stack(poses)
+
+
+def test_the_product_fit_recovers_a_flame_instance(flame):
+    """``stages.fit_solve.fit_scans`` (the fit branch) on the factory FLAME model: 3 scans,
+    10 of 20 identity modes, psi ~ N(0, 0.5), one scan with the jaw open 11 deg, one with
+    jaw + sideways jaw; FLAME's partial landmark embedding (105 of 478). Measured with the
+    fit branch at 9f418d5 plus the NaN-landmark filter (one line in ``_Problem``: keep
+    only landmark ids with finite barycentrics): identity within 0.075, psi within 0.066,
+    articulation within 0.009 rad (0.52 deg), vertex error in the scan frame mean
+    0.12-0.17 mm, p99 0.46-0.75 mm; 4.5 s. Without the filter the missing landmarks make
+    the energy NaN and the fit ends a mean 5.8-25 mm off. Skipped until stages/fit_solve.py
+    is merged."""
+    fit_solve = pytest.importorskip("stages.fit_solve", reason="the fit branch is not merged yet")
+    rng = np.random.default_rng(0)
+    beta = np.zeros(20)
+    beta[rng.choice(20, 10, replace=False)] = rng.normal(size=10)
+    psi = rng.normal(size=(3, 12)) * 0.5
+    art = np.zeros((3, 12))
+    art[1, 3], art[2, 3:6] = 0.2, [0.1, 0.05, 0.0]
+    vertices = flame.vertices_np(beta, psi, art)
+    obs, truth = _scan_observations(flame, vertices, seed=0)
+    cfg = fit_solve.FitConfig(scan_vertices=1500, identity_prior=1e-5, expression_prior=1e-5)
+    res = fit_solve.fit_scans(flame, obs, cfg)
+    posed = np.einsum("sij,svj->svi", res.scan_from_head[:, :3, :3], res.vertices) + res.scan_from_head[:, None, :3, 3]
+    true = np.einsum("sij,svj->svi", truth[:, :3, :3], vertices) + truth[:, None, :3, 3]
+    err = np.linalg.norm(posed - true, axis=2)[:, flame.fitting_vertices] * 1e3
+    assert err.mean() < 0.3 and np.percentile(err, 99) < 1.2, (err.mean(1), np.percentile(err, 99, 1))
+    np.testing.assert_allclose(res.identity, beta, atol=0.15)
+    np.testing.assert_allclose(res.weights, psi, atol=0.13)
+    np.testing.assert_allclose(res.articulation, art, atol=0.02)
