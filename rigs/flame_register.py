@@ -243,17 +243,33 @@ def rig_meshes_from_flame(
     flame_triangles = np.asarray(flame_triangles, np.int64)
     _check_inputs(flame_vertices, flame_triangles)
     rig = _LinearRig(face_model, flame_landmarks, cfg.max_vertices)
-    n_scans, k, e = len(flame_vertices), len(rig.b_id), len(rig.b_ex)
+    n_scans = len(flame_vertices)
     trees = [ClosestPoints(v, flame_triangles) for v in flame_vertices]
     tri_normals = [_face_normals(v, flame_triangles) for v in flame_vertices]
     targets = [None] * n_scans
     if rig.landmark_ids is not None:
         targets = list(flame_landmarks.points(flame_vertices, flame_triangles)[:, rig.landmark_ids])
+    reasons = [""] * n_scans
+    fit = _fit(rig, flame_vertices, trees, tri_normals, targets, reasons, cfg)
+    _residual_rejections(rig, fit, trees, reasons, cfg)
+    if any(reasons) and not all(reasons):
+        # a surface the rig cannot reach has pulled the shared identity: fit the rest again
+        fit = _fit(rig, flame_vertices, trees, tri_normals, targets, reasons, cfg)
+        _residual_rejections(rig, fit, trees, reasons, cfg)
+    return _finish(rig, flame_vertices, flame_triangles, trees, *fit, reasons, deform)
+
+
+def _fit(
+    rig: _LinearRig, flame_vertices: np.ndarray, trees: list[ClosestPoints], tri_normals: list[np.ndarray],
+    targets: list[np.ndarray | None], reasons: list[str], cfg: FlameRegistrationConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gauss-Newton fit of the surfaces whose ``reasons`` are empty (a surface that loses
+    its pairs gets a reason here). Returns identity (k,), weights (S, e), R (S, 3, 3), t (S, 3)."""
+    n_scans, k, e = len(flame_vertices), len(rig.b_id), len(rig.b_ex)
     poses = [_initial_pose(rig, flame_vertices[s], targets[s]) for s in range(n_scans)]
     rot, trans = np.stack([p[0] for p in poses]), np.stack([p[1] for p in poses])
     ident, weights = np.zeros(k), np.zeros((n_scans, e))
     at_bound = np.zeros((n_scans, e), bool)
-    reasons = [""] * n_scans
     dists = np.geomspace(cfg.max_distance_mm, cfg.min_distance_mm, cfg.iterations) * 1e-3
     cos_max = np.cos(np.deg2rad(cfg.max_normal_angle_deg))
     lmk_w = np.sqrt(cfg.landmark_weight)
@@ -294,24 +310,34 @@ def rig_meshes_from_flame(
             at_bound[s] = ((weights[s] <= 0) | (weights[s] >= 1)) & ~release
             step = Rotation.from_rotvec(d_s[e: e + 3]).as_matrix()
             rot[s], trans[s] = step @ rot[s], step @ trans[s] + d_s[e + 3:]
-    return _finish(rig, flame_vertices, flame_triangles, trees, ident, weights, rot, trans, reasons, deform, cfg)
+    return ident, weights, rot, trans
+
+
+def _residual_rejections(
+    rig: _LinearRig, fit: tuple[np.ndarray, ...], trees: list[ClosestPoints], reasons: list[str],
+    cfg: FlameRegistrationConfig,
+) -> None:
+    """Rejects (in ``reasons``) surfaces the fit lies too far from."""
+    ident, weights, rot, trans = fit
+    face = rig.model.fitting_vertices
+    for s in (s for s in range(len(trees)) if not reasons[s]):
+        mesh = rig.mesh(ident, weights[s])[face] @ rot[s].T + trans[s]
+        median = float(np.median(trees[s].query(mesh)[1])) * 1e3
+        if median > cfg.max_fit_median_mm:
+            reasons[s] = f"the rig's fit lies a median {median:.2f} mm from the FLAME surface (> {cfg.max_fit_median_mm} mm)"
 
 
 def _finish(
     rig: _LinearRig, flame_vertices: np.ndarray, flame_triangles: np.ndarray, trees: list[ClosestPoints],
     ident: np.ndarray, weights: np.ndarray, rot: np.ndarray, trans: np.ndarray, reasons: list[str],
-    deform: Deformer | None, cfg: FlameRegistrationConfig,
+    deform: Deformer | None,
 ) -> RigRegistration:
-    """Full meshes, residuals and residual rejections, then the deformation of the rest."""
+    """Full meshes and residuals; the deformation of the surfaces not rejected."""
     face = rig.model.fitting_vertices
     n_scans = len(flame_vertices)
     fitted = rig.mesh(ident, weights)  # (S, n, 3), rig frame
     in_flame = np.einsum("sij,snj->sni", rot, fitted) + trans[:, None]
     fit_d = np.stack([trees[s].query(in_flame[s][face])[1] for s in range(n_scans)]) * 1e3
-    for s in range(n_scans):
-        if not reasons[s] and np.median(fit_d[s]) > cfg.max_fit_median_mm:
-            reasons[s] = (f"the rig's fit lies a median {np.median(fit_d[s]):.2f} mm from the FLAME "
-                          f"surface (> {cfg.max_fit_median_mm} mm)")
     final = np.full_like(in_flame, np.nan)
     for s in (s for s in range(n_scans) if not reasons[s]):
         final[s] = in_flame[s] if deform is None else np.asarray(
@@ -322,7 +348,7 @@ def _finish(
     for s in (s for s in range(n_scans) if not reasons[s]):
         fin_d[s] = trees[s].query(final[s][face])[1] * 1e3
     rejected = np.array([bool(r) for r in reasons])
-    fitted[rejected] = np.nan
+    fitted[rejected], fit_d[rejected] = np.nan, np.nan
     flame_from_rig = np.tile(np.eye(4), (n_scans, 1, 1))
     flame_from_rig[:, :3, :3], flame_from_rig[:, :3, 3] = rot, trans
     flame_from_rig[rejected] = np.nan
