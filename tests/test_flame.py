@@ -79,6 +79,16 @@ def test_factory_file_converts_through_the_restricted_unpickler(made, flame):
     assert np.linalg.norm(pts[LANDMARK_IDS] - ict_pts[LANDMARK_IDS], axis=1).max() < 1e-3
 
 
+def test_command_line_conversion(made, tmp_path, capsys):
+    from rigs.flame import main
+
+    dst = tmp_path / "cli.npz"
+    assert main([str(made.pickle_path), str(dst), "--n-shape", "20", "--masks", str(made.masks_path)]) == 0
+    assert "2323 vertices, 4480 triangles, 20 identity + 12 expression columns, 5 joints, 2075 fitting vertices" in capsys.readouterr().out
+    assert main([str(made.landmarks_path), str(tmp_path / "x.npz")]) == 1
+    assert "mediapipe_landmark_embedding.npz: cannot read FLAME model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("weights", lambda a: a["weights"][:, :4], r"weights must be \(2323, 5\)"),
     ("weights", lambda a: a["weights"] * 2, "sum to 1"),
