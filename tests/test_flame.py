@@ -166,7 +166,13 @@ def test_eyes_rotate_rigidly_about_their_joints_and_follow_the_neck(made, flame)
 
 
 def test_subset_evaluates_the_same_vertices(flame):
-    """``subset`` (the fit's optional speed-up) gives the full model's rows (to round-off)."""
+    """``subset`` (the fit's optional speed-up) gives the full model's rows (to round-off),
+    and the model has every member of the fit's ``DeformableModel`` protocol."""
+    from rigs.deformable import DeformableModel, Subsettable
+
+    assert isinstance(flame, Subsettable)
+    members = [m for m in DeformableModel.__annotations__] + ["vertices"]
+    assert all(hasattr(flame, m) for m in members), [m for m in members if not hasattr(flame, m)]
     rng = np.random.default_rng(9)
     beta, psi, art = rng.normal(size=20), rng.normal(size=(2, 12)), rng.normal(size=(2, 12)) * 0.2
     ids = np.array([5, 1700, 2200, 17])
