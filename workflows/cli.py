@@ -95,8 +95,9 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import status
 
-    report = status(args.out, storage_options=storage_options.from_args(args))
-    print(report.to_text())
+    report = status(args.out, storage_options=storage_options.from_args(args),
+                    rejections=args.rejections != "none")
+    print(report.to_text(args.rejections))
     return 0
 
 
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="done, failed and pending work of an output root")
     p.add_argument("out", help="output root of label/backfill")
+    p.add_argument("--rejections", choices=("summary", "all", "none"), default="summary",
+                   help="records that done stages left out (frames without a face, expressions "
+                        "not fused...): counts per stage and reason (summary), every record (all), "
+                        "or skip reading them (none: one small read less per done unit)")
     storage_options.add_storage_option_argument(p)
     p.set_defaults(func=_cmd_status)
 

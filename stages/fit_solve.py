@@ -1,0 +1,627 @@
+"""The joint morphable-model fit of a subject's scans (issue 7 step 3): config and solver.
+
+Unknowns: one identity (k) shared by all scans; per scan S expression weights (e, within
+the model's bounds), articulation (j) and a rigid pose ``scan_from_head`` (axis-angle +
+translation, ``x_scan = R x_head + t``, metres; scale is never free). Energy::
+
+    E = sum_s [ mean_i rho_scan(n_i . (x_i - p_i) / sigma_s)
+              + w_lm mean_{f,l} rho_lm(|u_fl - pi(K T_f x_l)| z_fl / (f sigma_lm)) ]
+        + l_id |c|^2 + l_expr sum_s |w_s - prior_s|^2 + l_art sum_s |a_s|^2
+
+- scan term: each model fitting vertex x_i to its closest fused-scan point p_i (cKDTree),
+  point-to-plane along the scan normal n_i; pairs farther than a distance that shrinks over
+  the outer iterations, pairs whose normals disagree and pairs landing on the scan's
+  boundary are dropped; the kernel scale ``sigma_s`` shrinks with that distance down to
+  ``scan_sigma_mm`` (graduated non-convexity);
+- landmark term: the MediaPipe embedding's points (irises and the face oval left out)
+  reprojected into every used frame of the burst, the pixel error converted to metres at
+  the point's depth so that its scale does not depend on the image resolution;
+- priors: identity ~ N(0, I), expression toward the prompt's art prior, articulation to 0.
+
+Each outer iteration re-finds the correspondences and runs a few L-BFGS-B steps (exact box
+bounds on the weights) on torch gradients, all scans in one batch. A rigid stage (poses
+only) comes first. Tensors are float64 (:data:`rigs.deformable.DTYPE`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from pipeline.config import check_fields
+from pipeline.errors import ConfigError, StageError
+from rigs.deformable import DTYPE, DeformableModel, Subsettable, landmark_points, project, so3_exp
+from rigs.face_model import LandmarkEmbedding
+
+#: Robust kernels of the scan and landmark terms.
+DistanceLoss = Literal["geman_mcclure", "huber", "l2"]
+#: MediaPipe landmarks 468-477 are the irises (they move with gaze, not with the surface).
+N_SURFACE_LANDMARKS = 468
+#: Scan points sampled per scan for the reported scan-to-model distances.
+RESIDUAL_POINTS = 5000
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Joint morphable-model fit of all expressions of a subject (issue 7 step 3)."""
+
+    neutral_expression: str = "neutral"
+    """The prompt fitted as the subject's neutral; missing or rejected is fatal."""
+    min_expressions: int = 1
+    """Fewer usable (fused) expressions than this is fatal, with the missing prompts named. >= 1."""
+    landmark_init: bool = True
+    """Initialise each scan's head pose by PnP of the mean model's landmarks in the reference
+    frame; False (ablation) starts from the template centred on the scan, facing the camera."""
+    distance_loss: DistanceLoss = "geman_mcclure"
+    """Robust kernel of the scan term (and of the landmark term); "l2" is the ablation."""
+    scan_sigma_mm: float = 1.0
+    """Final scale of the scan kernel, mm (Geman-McClure: residuals well above it stop pulling). > 0."""
+    landmark_sigma_mm: float = 4.0
+    """Scale of the landmark kernel, mm at the landmark's depth (MediaPipe sits ~3-4 mm off the
+    embedding). > 0."""
+    landmark_weight: float = 0.1
+    """Weight of the landmark term relative to the scan term (a guide, not the main term). >= 0."""
+    identity_prior: float = 1e-3
+    """lambda of |identity|^2 (coefficients ~ N(0, 1)). >= 0."""
+    expression_prior: float = 1e-3
+    """lambda of |weights - art prior|^2 per scan. >= 0."""
+    articulation_prior: float = 1e-2
+    """lambda of |articulation|^2 per scan. >= 0."""
+    max_distance_mm: float = 20.0
+    """Correspondence distance of the first outer iteration, mm. > 0."""
+    min_distance_mm: float = 3.0
+    """Correspondence distance of the last outer iteration, mm. in (0, max_distance_mm]."""
+    max_normal_angle_deg: float = 60.0
+    """Pairs whose model and scan normals differ by more than this are dropped, degrees. in (0, 180]."""
+    rigid_iterations: int = 2
+    """Outer iterations of the rigid stage (poses only). >= 0."""
+    outer_iterations: int = 5
+    """Outer iterations of the joint stage (correspondences re-found each time). >= 1."""
+    lbfgs_steps: int = 40
+    """L-BFGS-B iterations per outer iteration. >= 1."""
+    lbfgs_memory: int = 20
+    """Correction pairs L-BFGS-B keeps (its Hessian approximation's rank). >= 1."""
+    scan_vertices: int = 3000
+    """The scan term inside the optimisation uses this fixed random sample of the fitting
+    vertices (0 = all); correspondences and residuals always use all of them. >= 0."""
+    max_scan_median_mm: float = 3.0
+    """A fitted expression whose median scan-to-model distance exceeds this is rejected, mm. > 0."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        rules = (
+            ("neutral_expression", bool(self.neutral_expression), "a prompt name"),
+            ("min_expressions", self.min_expressions >= 1, ">= 1"),
+            ("scan_sigma_mm", self.scan_sigma_mm > 0, "> 0"),
+            ("landmark_sigma_mm", self.landmark_sigma_mm > 0, "> 0"),
+            ("landmark_weight", self.landmark_weight >= 0, ">= 0"),
+            ("identity_prior", self.identity_prior >= 0, ">= 0"),
+            ("expression_prior", self.expression_prior >= 0, ">= 0"),
+            ("articulation_prior", self.articulation_prior >= 0, ">= 0"),
+            ("max_distance_mm", self.max_distance_mm > 0, "> 0"),
+            ("min_distance_mm", 0 < self.min_distance_mm <= self.max_distance_mm, "in (0, max_distance_mm]"),
+            ("max_normal_angle_deg", 0 < self.max_normal_angle_deg <= 180, "in (0, 180]"),
+            ("rigid_iterations", self.rigid_iterations >= 0, ">= 0"),
+            ("outer_iterations", self.outer_iterations >= 1, ">= 1"),
+            ("lbfgs_steps", self.lbfgs_steps >= 1, ">= 1"),
+            ("lbfgs_memory", self.lbfgs_memory >= 1, ">= 1"),
+            ("scan_vertices", self.scan_vertices >= 0, ">= 0"),
+            ("max_scan_median_mm", self.max_scan_median_mm > 0, "> 0"),
+        )
+        for name, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"fit.{name} must be {rule}, got {getattr(self, name)!r}")
+
+    def distances_m(self, n: int) -> np.ndarray:
+        """(n,) correspondence distances of n outer iterations, metres, decreasing."""
+        return np.geomspace(self.max_distance_mm, self.min_distance_mm, n) * 1e-3
+
+
+@dataclass(frozen=True, eq=False)
+class ScanObservation:
+    """One expression's data for the fit, in its fusion reference camera's frame.
+
+    Attributes:
+        expression: the prompt's name.
+        points: (V, 3) scan points (fused mesh vertices), metres.
+        normals: (V, 3) unit scan normals (any consistent orientation; flipped toward the
+            camera when most face away).
+        boundary: (V,) bool, points on the scan's border (pairs landing there are dropped);
+            None = no border known.
+        K: (3, 3) intrinsics of the burst.
+        landmarks_2d: (F, 478, 2) landmark pixels of the used frames, NaN = missing.
+        ref_from_frame: (F, 4, 4) reference-from-frame poses of those frames.
+        reference: index (into F) of the reference frame (its pose is the identity).
+        prior: (e,) expression prior (the prompt's art prior in rig order, 0 elsewhere).
+    """
+
+    expression: str
+    points: np.ndarray
+    normals: np.ndarray
+    boundary: np.ndarray | None
+    K: np.ndarray
+    landmarks_2d: np.ndarray
+    ref_from_frame: np.ndarray
+    reference: int
+    prior: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class FitResult:
+    """The fit of S scans (same order as the observations).
+
+    Attributes:
+        identity: (k,) float64.
+        weights: (S, e) float64 expression coefficients.
+        articulation: (S, j) float64.
+        scan_from_head: (S, 4, 4) float64, ``x_scan = R x_head + t``.
+        vertices: (S, n, 3) float32 fitted meshes, head frame.
+        neutral: (n, 3) float32 identity-only mesh (zero expression and articulation).
+        scan_median_mm, scan_p90_mm: (S,) scan-to-model distance of each scan's points, mm.
+        landmark_px: (S,) RMS landmark reprojection error over used frames, pixels.
+        seconds: wall time of the fit.
+    """
+
+    identity: np.ndarray
+    weights: np.ndarray
+    articulation: np.ndarray
+    scan_from_head: np.ndarray
+    vertices: np.ndarray
+    neutral: np.ndarray
+    scan_median_mm: np.ndarray
+    scan_p90_mm: np.ndarray
+    landmark_px: np.ndarray
+    seconds: float
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def robust(x2: torch.Tensor, kind: str) -> torch.Tensor:
+    """Robust cost of squared normalised residuals ``x2 = (r / sigma)^2``; all ~x2 near 0.
+
+    geman_mcclure: x2 / (1 + x2); huber: x2 inside |x| <= 1, 2|x| - 1 outside; l2: x2.
+    """
+    if kind == "geman_mcclure":
+        return x2 / (1.0 + x2)
+    if kind == "huber":
+        x = torch.sqrt(x2 + 1e-30)
+        return torch.where(x2 <= 1.0, x2, 2.0 * x - 1.0)
+    return x2
+
+
+# ------------------------------------------------------------------------- the problem
+
+
+class _Problem:
+    """Constant arrays of a fit: the model subset, scan trees, landmark observations."""
+
+    def __init__(self, model: DeformableModel, obs: Sequence[ScanObservation], cfg: FitConfig) -> None:
+        from scipy.spatial import cKDTree
+
+        from stages.face_mask import inner_landmarks
+
+        self.model, self.cfg, self.S = model, cfg, len(obs)
+        fit_ids = np.asarray(model.fitting_vertices, np.int64)
+        emb = model.landmarks
+        lm_ids = np.intersect1d(inner_landmarks(478), np.arange(N_SURFACE_LANDMARKS))
+        corners = np.zeros((0, 3), np.int64)
+        if emb is not None and cfg.landmark_weight > 0:
+            lm_ids = lm_ids[lm_ids < len(emb.triangle)]
+            corners = np.asarray(model.triangles, np.int64)[np.asarray(emb.triangle)[lm_ids]]
+        else:
+            lm_ids = np.zeros(0, np.int64)
+        self.lm_ids = lm_ids
+        # Only the vertices the terms read are evaluated: all fitting vertices (and the
+        # landmark corners) when re-finding correspondences, a fixed sample of them inside
+        # the optimisation (the model has ~150 degrees of freedom, not thousands).
+        n_opt = len(fit_ids) if cfg.scan_vertices == 0 else min(cfg.scan_vertices, len(fit_ids))
+        self.sample = np.sort(np.random.default_rng(0).choice(len(fit_ids), n_opt, replace=False))
+        self.sets = {}
+        for which, fit_part in (("all", fit_ids), ("opt", fit_ids[self.sample])):
+            ids = np.unique(np.concatenate([fit_part, corners.ravel()]))
+            sub = model.subset(ids) if isinstance(model, Subsettable) else None
+            self.sets[which] = (ids, sub, np.searchsorted(ids, fit_part))
+        self.fit_local = self.sets["opt"][2]
+        self.lm_emb = LandmarkEmbedding(
+            "local", np.arange(len(lm_ids)),
+            np.asarray(emb.barycentric)[lm_ids] if len(lm_ids) else np.zeros((0, 3)))
+        self.lm_tris = np.searchsorted(self.sets["opt"][0], corners)
+        # model normals at the fitting vertices, from the triangles inside the fitting set
+        tris = np.asarray(model.triangles, np.int64)
+        local = np.full(int(tris.max()) + 1, -1)
+        local[fit_ids[fit_ids <= tris.max()]] = np.flatnonzero(fit_ids <= tris.max())
+        inside = (local[tris] >= 0).all(1)
+        self.fit_tris = local[tris[inside]]
+        # (f, t) sparse sum of each vertex's triangle normals (area-weighted vertex normals)
+        t = len(self.fit_tris)
+        self.normal_sum = sp.csr_matrix((np.ones(3 * t), (self.fit_tris.T.ravel(), np.tile(np.arange(t), 3))),
+                                        shape=(len(fit_ids), t))
+        self.trees = [cKDTree(o.points) for o in obs]
+        self.points = [np.asarray(o.points, np.float64) for o in obs]
+        self.normals = [_oriented(o.points, o.normals) for o in obs]
+        self.boundary = [np.zeros(len(o.points), bool) if o.boundary is None else np.asarray(o.boundary, bool) for o in obs]
+        # landmark observations padded over frames: (S, F, L, 2), mask (S, F, L)
+        F = max(len(o.landmarks_2d) for o in obs)
+        L = len(lm_ids)
+        uv = np.zeros((self.S, F, L, 2))
+        mask = np.zeros((self.S, F, L), bool)
+        cam_from_ref = np.tile(np.eye(4), (self.S, F, 1, 1))
+        for s, o in enumerate(obs):
+            pts = np.asarray(o.landmarks_2d, np.float64)[:, lm_ids]
+            ok = np.isfinite(pts).all(-1)
+            uv[s, : len(pts)] = np.where(ok[..., None], pts, 0.0)
+            mask[s, : len(pts)] = ok
+            cam_from_ref[s, : len(pts)] = np.linalg.inv(o.ref_from_frame)
+        self.uv = torch.as_tensor(uv, dtype=DTYPE)
+        self.lm_mask = torch.as_tensor(mask, dtype=DTYPE)
+        self.cam_from_ref = torch.as_tensor(cam_from_ref, dtype=DTYPE)
+        self.K = torch.as_tensor(np.stack([o.K for o in obs]), dtype=DTYPE)
+        self.focal = torch.as_tensor(np.stack([np.sqrt(o.K[0, 0] * o.K[1, 1]) for o in obs]), dtype=DTYPE)
+        self.prior = torch.as_tensor(np.stack([o.prior for o in obs]), dtype=DTYPE)
+
+    def local_vertices(self, c: torch.Tensor, w: torch.Tensor, a: torch.Tensor, which: str = "opt") -> torch.Tensor:
+        """(S, p, 3) head-frame vertices of the vertex set ``which`` ("opt" or "all")."""
+        ids, sub, _ = self.sets[which]
+        if sub is not None:
+            return sub.vertices(c, w, a)
+        return self.model.vertices(c, w, a)[:, torch.as_tensor(ids)]
+
+    def fitting_vertices(self, c: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """(S, f, 3) head-frame positions of all fitting vertices."""
+        return self.local_vertices(c, w, a, "all")[:, self.sets["all"][2]]
+
+    def correspondences(self, x_fit: np.ndarray, max_distance: float) -> tuple[np.ndarray, ...]:
+        """Closest scan points of posed fitting vertices (S, f, 3), scan frame.
+
+        Returns:
+            targets (S, f, 3), normals (S, f, 3), valid (S, f) bool.
+        """
+        S, f = x_fit.shape[:2]
+        targets, normals, valid = np.zeros((S, f, 3)), np.zeros((S, f, 3)), np.zeros((S, f), bool)
+        cos_max = np.cos(np.deg2rad(self.cfg.max_normal_angle_deg))
+        for s in range(S):  # one KD-tree query per scan, vectorised over vertices
+            dist, idx = self.trees[s].query(x_fit[s], distance_upper_bound=max_distance)
+            hit = np.isfinite(dist)
+            idx = np.where(hit, idx, 0)
+            mn = self.normal_sum @ _face_normals(x_fit[s], self.fit_tris)
+            mn /= np.maximum(np.linalg.norm(mn, axis=1, keepdims=True), 1e-20)
+            agree = ((mn * self.normals[s][idx]).sum(1) >= cos_max) | (np.abs(mn).sum(1) == 0)
+            valid[s] = hit & agree & ~self.boundary[s][idx]
+            targets[s], normals[s] = self.points[s][idx], self.normals[s][idx]
+        return targets, normals, valid
+
+
+def _face_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(t, 3) area-weighted (unnormalised) triangle normals."""
+    v = vertices[triangles]
+    return np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+
+
+def _oriented(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Normals flipped, as a whole, to face the camera at the origin if most face away."""
+    n = np.asarray(normals, np.float64)
+    n = n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    return -n if np.mean(np.einsum("ij,ij->i", n, -np.asarray(points))) < 0 else n
+
+
+# ----------------------------------------------------------------------- initialisation
+
+
+def initial_poses(model: DeformableModel, obs: Sequence[ScanObservation], landmark_init: bool,
+                  lm_ids: np.ndarray) -> np.ndarray:
+    """(S, 4, 4) starting scan_from_head of each scan.
+
+    With ``landmark_init``: ``cv2.solvePnP`` of the mean model's embedded landmarks (metric)
+    against the reference frame's 2D landmarks; a scan with fewer than 6 landmarks there
+    falls back to the centroid start. Otherwise the mean face's fitting region is centred
+    on the scan's centroid, facing the camera (head +z toward -z of the camera).
+    """
+    import cv2
+
+    zeros = torch.zeros
+    mean = model.vertices(zeros(model.n_identity, dtype=DTYPE), zeros(1, model.n_expression, dtype=DTYPE),
+                          zeros(1, model.n_articulation, dtype=DTYPE))[0].numpy()
+    facing = np.diag([1.0, -1.0, -1.0])  # head (+x left, +y up, +z face) seen by a camera it faces
+    centre = mean[np.asarray(model.fitting_vertices)].mean(0)
+    lm3d = None
+    if landmark_init and model.landmarks is not None and len(lm_ids):
+        lm3d = model.landmarks.points(mean, np.asarray(model.triangles))[lm_ids]
+    out = np.tile(np.eye(4), (len(obs), 1, 1))
+    for s, o in enumerate(obs):
+        out[s, :3, :3], out[s, :3, 3] = facing, np.mean(o.points, 0) - facing @ centre
+        if lm3d is None:
+            continue
+        uv = np.asarray(o.landmarks_2d[o.reference], np.float64)[lm_ids]
+        ok = np.isfinite(uv).all(1)
+        if ok.sum() < 6:
+            continue
+        found, rvec, tvec = cv2.solvePnP(lm3d[ok], uv[ok], np.asarray(o.K, np.float64), None,
+                                         flags=cv2.SOLVEPNP_EPNP)
+        if found:
+            found, rvec, tvec = cv2.solvePnP(lm3d[ok], uv[ok], np.asarray(o.K, np.float64), None,
+                                             rvec, tvec, True, cv2.SOLVEPNP_ITERATIVE)
+        if found and tvec[2, 0] > 0:
+            out[s, :3, :3], out[s, :3, 3] = cv2.Rodrigues(rvec)[0], tvec[:, 0]
+    return out
+
+
+# ------------------------------------------------------------------------------ solve
+
+
+def _check(model: DeformableModel, obs: Sequence[ScanObservation]) -> None:
+    if not obs:
+        raise StageError("the fit needs at least one scan")
+    for o in obs:
+        v = len(o.points)
+        F = len(o.landmarks_2d)
+        problems = [
+            (np.shape(o.points) == (v, 3) and v >= 3, f"points must be (V>=3, 3), got {np.shape(o.points)}"),
+            (np.shape(o.normals) == (v, 3), f"normals must be ({v}, 3), got {np.shape(o.normals)}"),
+            (o.boundary is None or np.shape(o.boundary) == (v,), f"boundary must be ({v},)"),
+            (np.shape(o.K) == (3, 3), f"K must be (3, 3), got {np.shape(o.K)}"),
+            (F >= 1 and np.shape(o.landmarks_2d)[1:] == (478, 2), f"landmarks_2d must be (F>=1, 478, 2), got {np.shape(o.landmarks_2d)}"),
+            (np.shape(o.ref_from_frame) == (F, 4, 4) and np.isfinite(o.ref_from_frame).all(),
+             f"ref_from_frame must be finite ({F}, 4, 4)"),
+            (0 <= o.reference < F, f"reference {o.reference} outside [0, {F})"),
+            (np.shape(o.prior) == (model.n_expression,), f"prior must be ({model.n_expression},)"),
+        ]
+        for ok, problem in problems:
+            if not ok:
+                raise StageError(f"fit input {o.expression!r}: {problem}")
+
+
+class _Packing:
+    """Flat float64 parameter vector <-> named tensors, diagonally preconditioned.
+
+    Parameter ``i`` is stored divided by ``scale[i]``, chosen so that a unit step of any
+    parameter moves the fitting vertices by about :data:`STEP_M` (RMS): L-BFGS then sees
+    a problem whose curvatures differ by the modes' correlations only, not by their sizes.
+    """
+
+    STEP_M = 0.01
+
+    def __init__(self, k: int, S: int, e: int, j: int) -> None:
+        self.sizes = {"c": k, "w": S * e, "a": S * j, "r": S * 3, "t": S * 3}
+        self.shapes = {"c": (k,), "w": (S, e), "a": (S, j), "r": (S, 3), "t": (S, 3)}
+        self.offsets = dict(zip(self.sizes, np.cumsum([0, *self.sizes.values()])[:-1].tolist(), strict=True))
+        self.n = sum(self.sizes.values())
+        self.scale = np.ones(self.n)
+        self.scale[self.slice("r")] = 0.1  # 0.1 rad moves face points ~1 cm
+        self.scale[self.slice("t")] = self.STEP_M
+        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
+
+    def slice(self, name: str) -> slice:
+        return slice(self.offsets[name], self.offsets[name] + self.sizes[name])
+
+    def set_scale(self, name: str, per_unit_rms: np.ndarray) -> None:
+        """Scales group ``name`` so a unit step moves vertices STEP_M; ``per_unit_rms`` is
+        the RMS vertex motion (metres) of a unit change of each of its parameters (tiled
+        over scans for per-scan groups)."""
+        rms = np.resize(np.asarray(per_unit_rms, np.float64), self.sizes[name])
+        self.scale[self.slice(name)] = self.STEP_M / np.maximum(rms, 1e-6)
+        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
+
+    def whiten_identity(self, fields: np.ndarray) -> None:
+        """Makes the identity parameters orthonormal on the fitting vertices.
+
+        ``c = P z`` with ``P = U diag(STEP_M / sqrt(lambda))`` from the eigen-decomposition
+        of the modes' Gram matrix ``G = U diag(lambda) U^T`` (mean over vertices): a unit
+        step of any z moves the vertices by STEP_M RMS, and different z move them
+        orthogonally, so the identity block of the data Hessian is ~ the identity matrix.
+
+        Args:
+            fields: (k, f, 3) vertex motion per unit of each identity coefficient, metres.
+        """
+        flat = fields.reshape(len(fields), -1)
+        gram = flat @ flat.T / fields.shape[1]
+        lam, u = np.linalg.eigh(gram)
+        lam = np.maximum(lam, 1e-12)  # modes moving the fitting vertices < 1 um per unit
+        self._whiten = u * (self.STEP_M / np.sqrt(lam))
+        self._whiten_t = torch.as_tensor(self._whiten, dtype=DTYPE)
+        self.scale[self.slice("c")] = 1.0
+        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
+
+    _whiten: np.ndarray | None = None
+
+    def unpack(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x * self._scale_t
+        p = {k: x[self.slice(k)].reshape(self.shapes[k]) for k in self.sizes}
+        if self._whiten is not None:
+            p["c"] = self._whiten_t @ p["c"]
+        return p
+
+    def pack(self, c, w, a, r, t) -> np.ndarray:
+        if self._whiten is not None:
+            c = np.linalg.solve(self._whiten, np.ravel(c))
+        return np.concatenate([np.ravel(v) for v in (c, w, a, r, t)]) / self.scale
+
+
+def _sensitivity(prob: _Problem, w0: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Motion of the fitting vertices per unit of each parameter, by finite differences at
+    the start (one scan's prior): the identity's (k, f, 3) fields, and the RMS per unit of
+    each expression and articulation parameter."""
+    k, e, j = prob.model.n_identity, prob.model.n_expression, prob.model.n_articulation
+    h = 1e-3
+    with torch.no_grad():
+        c0 = torch.zeros(k, dtype=DTYPE)
+        w = torch.as_tensor(w0[:1], dtype=DTYPE)
+        a0 = torch.zeros(1, j, dtype=DTYPE)
+        base = prob.local_vertices(c0, w, a0)[:, prob.fit_local]
+
+        def rms(v: torch.Tensor) -> np.ndarray:
+            return ((v - base) ** 2).sum(-1).mean(-1).sqrt().numpy() / h
+
+        eye = torch.eye(k, dtype=DTYPE)
+        ident = np.stack([(prob.local_vertices(c0 + h * eye[i], w, a0)[0, prob.fit_local] - base[0]).numpy() / h
+                          for i in range(k)])
+        expr = rms(prob.local_vertices(c0, w + h * torch.eye(e, dtype=DTYPE), a0.expand(e, j))[:, prob.fit_local])
+        art = (rms(prob.local_vertices(c0, w.expand(j, e), h * torch.eye(j, dtype=DTYPE))[:, prob.fit_local])
+               if j else np.zeros(0))
+    return ident, {"w": expr, "a": art}
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Runs torch on one intra-op thread inside the block (restored after).
+
+    The fit's tensors are small: extra threads only add synchronisation, and on a busy
+    2-core machine torch's default 2 threads made a 3-scan fit 7x slower (62 s vs 8.6 s).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig = FitConfig()) -> FitResult:
+    """Fits one identity and per-scan expression, articulation and pose to S scans.
+
+    Args:
+        model: the deformable model (e.g. :class:`rigs.deformable.LinearFaceModel`).
+        observations: the S scans with their landmarks, frames and priors.
+        cfg: the fit config.
+
+    Returns:
+        The :class:`FitResult`.
+
+    Raises:
+        StageError: malformed observations.
+    """
+    with single_thread():
+        return _fit_scans(model, observations, cfg)
+
+
+def _fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig) -> FitResult:
+    from scipy.optimize import minimize
+    from scipy.spatial.transform import Rotation
+
+    start = time.perf_counter()
+    _check(model, observations)
+    prob = _Problem(model, observations, cfg)
+    S, k, e, j = prob.S, model.n_identity, model.n_expression, model.n_articulation
+    pk = _Packing(k, S, e, j)
+    T0 = initial_poses(model, observations, cfg.landmark_init, prob.lm_ids)
+    w0 = prob.prior.numpy().copy()
+    if model.expression_bounds is not None:
+        w0 = np.clip(w0, *model.expression_bounds)
+    fields, rms = _sensitivity(prob, w0)
+    for name, value in rms.items():
+        pk.set_scale(name, value)
+    pk.whiten_identity(fields)
+    x = pk.pack(np.zeros(k), w0, np.zeros((S, j)), Rotation.from_matrix(T0[:, :3, :3]).as_rotvec(), T0[:, :3, 3])
+    bounds = [(None, None)] * pk.n
+    if model.expression_bounds is not None:
+        lo, hi = model.expression_bounds
+        for i in range(pk.slice("w").start, pk.slice("w").stop):
+            bounds[i] = (lo / pk.scale[i], hi / pk.scale[i])
+
+    def posed(p: dict[str, torch.Tensor], v: torch.Tensor | None = None) -> torch.Tensor:
+        v = prob.local_vertices(p["c"], p["w"], p["a"]) if v is None else v
+        return v @ so3_exp(p["r"]).transpose(-1, -2) + p["t"][:, None, :]
+
+    def energy(xt: torch.Tensor, corr, sigma: float, shape: torch.Tensor | None) -> torch.Tensor:
+        p = pk.unpack(xt)
+        X = posed(p, shape)  # (S, p, 3) scan frame
+        tgt, nrm, valid = corr
+        r = ((X[:, prob.fit_local] - tgt) * nrm).sum(-1) / sigma
+        scan = (robust(r * r, cfg.distance_loss) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+        total = scan.sum()
+        if len(prob.lm_ids) and cfg.landmark_weight > 0:
+            L = landmark_points(X, prob.lm_emb, prob.lm_tris)  # (S, L, 3) reference camera
+            Lc = L[:, None] @ prob.cam_from_ref[..., :3, :3].transpose(-1, -2) + prob.cam_from_ref[..., None, :3, 3]
+            uv = project(Lc, prob.K[:, None, None])  # (S, F, L, 2)
+            scale = Lc[..., 2].detach() / (prob.focal[:, None, None] * cfg.landmark_sigma_mm * 1e-3)
+            x2 = ((uv - prob.uv) ** 2).sum(-1) * scale**2
+            lm = (robust(x2, cfg.distance_loss) * prob.lm_mask).sum((1, 2)) / prob.lm_mask.sum((1, 2)).clamp(min=1.0)
+            total = total + cfg.landmark_weight * lm.sum()
+        total = total + cfg.identity_prior * (p["c"] ** 2).sum()
+        total = total + cfg.expression_prior * ((p["w"] - prob.prior) ** 2).sum()
+        return total + cfg.articulation_prior * (p["a"] ** 2).sum()
+
+    def correspondences(x_np: np.ndarray, distance: float):
+        with torch.no_grad():
+            p = pk.unpack(torch.as_tensor(x_np, dtype=DTYPE))
+            X = posed(p, prob.fitting_vertices(p["c"], p["w"], p["a"])).numpy()
+        tgt, nrm, valid = (a[:, prob.sample] for a in prob.correspondences(X, distance))
+        return (torch.as_tensor(tgt, dtype=DTYPE), torch.as_tensor(nrm, dtype=DTYPE),
+                torch.as_tensor(valid, dtype=DTYPE))
+
+    def run(x_np: np.ndarray, distance: float, free: np.ndarray, rigid_only: bool) -> np.ndarray:
+        corr = correspondences(x_np, distance)
+        sigma = max(cfg.scan_sigma_mm * 1e-3, distance / 4.0)
+        fixed = torch.as_tensor(x_np, dtype=DTYPE)
+        free_t = torch.as_tensor(free)
+        shape = None
+        if rigid_only:  # the head-frame vertices do not change: evaluate them once
+            with torch.no_grad():
+                p0 = pk.unpack(fixed)
+                shape = prob.local_vertices(p0["c"], p0["w"], p0["a"])
+
+        def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
+            xt = fixed.clone()
+            zt = torch.as_tensor(z, dtype=DTYPE).requires_grad_(True)
+            xt[free_t] = zt
+            value = energy(xt, corr, sigma, shape)
+            (grad,) = torch.autograd.grad(value, zt)
+            return float(value.detach()), grad.numpy().astype(np.float64)
+
+        res = minimize(fun, x_np[free], jac=True, method="L-BFGS-B",
+                       bounds=[bounds[i] for i in free], options={"maxiter": cfg.lbfgs_steps, "maxcor": cfg.lbfgs_memory})
+        out = x_np.copy()
+        out[free] = res.x
+        return out
+
+    rigid = np.r_[pk.slice("r"), pk.slice("t")]
+    for d in cfg.distances_m(cfg.rigid_iterations + 1)[:cfg.rigid_iterations] if cfg.rigid_iterations else []:
+        x = run(x, float(d), np.arange(pk.n)[rigid], True)
+    for d in cfg.distances_m(cfg.outer_iterations):
+        x = run(x, float(d), np.arange(pk.n), False)
+    return _result(model, prob, pk, x, observations, start)
+
+
+def _result(model: DeformableModel, prob: _Problem, pk: _Packing, x: np.ndarray,
+            obs: Sequence[ScanObservation], start: float) -> FitResult:
+    from rigs.geometry import ClosestPoints
+
+    with torch.no_grad():
+        p = pk.unpack(torch.as_tensor(x, dtype=DTYPE))
+        verts = model.vertices(p["c"], p["w"], p["a"])
+        neutral = model.vertices(p["c"], torch.zeros(1, model.n_expression, dtype=DTYPE),
+                                 torch.zeros(1, model.n_articulation, dtype=DTYPE))[0]
+        R = so3_exp(p["r"])
+    S = prob.S
+    T = np.tile(np.eye(4), (S, 1, 1))
+    T[:, :3, :3], T[:, :3, 3] = R.numpy(), p["t"].numpy()
+    med, p90, lm_px = np.full(S, np.nan), np.full(S, np.nan), np.full(S, np.nan)
+    tris = np.asarray(model.triangles)
+    for s in range(S):
+        posed = verts[s].numpy() @ T[s, :3, :3].T + T[s, :3, 3]
+        pts = prob.points[s]
+        if len(pts) > RESIDUAL_POINTS:  # a fixed sample: the median and p90 do not need all
+            pts = pts[np.random.default_rng(s).choice(len(pts), RESIDUAL_POINTS, replace=False)]
+        _, dist, _, _ = ClosestPoints(posed, tris).query(pts)
+        med[s], p90[s] = np.median(dist) * 1e3, np.percentile(dist, 90) * 1e3
+        if len(prob.lm_ids) and model.landmarks is not None:
+            lm = model.landmarks.points(posed, tris)[prob.lm_ids]  # (L, 3) reference camera
+            o = obs[s]
+            cams = np.linalg.inv(o.ref_from_frame)  # (F, 4, 4)
+            pc = np.einsum("fij,lj->fli", cams[:, :3, :3], lm) + cams[:, None, :3, 3]
+            uv = pc @ o.K.T
+            uv = uv[..., :2] / uv[..., 2:]
+            err = np.linalg.norm(uv - np.asarray(o.landmarks_2d)[:, prob.lm_ids], axis=-1)
+            if np.isfinite(err).any():
+                lm_px[s] = float(np.sqrt(np.nanmean(err**2)))
+    return FitResult(
+        identity=p["c"].numpy().copy(), weights=p["w"].numpy().copy(), articulation=p["a"].numpy().copy(),
+        scan_from_head=T, vertices=verts.numpy().astype(np.float32), neutral=neutral.numpy().astype(np.float32),
+        scan_median_mm=med, scan_p90_mm=p90, landmark_px=lm_px, seconds=time.perf_counter() - start)
