@@ -7,6 +7,7 @@ that a benchmark command wrote; the page says which command.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -134,6 +135,80 @@ def label_table_section(d: dict) -> list[str]:
     return out
 
 
+def _mm(v: object, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def phone_chain_section(d: dict) -> list[str]:
+    """The issue-7 table, seconds per stage and the ablations (benchmarks/bench_phone_chain.py)."""
+
+    def shown(f: dict) -> str:
+        v = f["measured"]
+        if v is None:
+            return "not measured"
+        return f"{100 * v:.0f} %" if f["key"] == "refinement_gain" else f"{v:.2f}" if "mm" in f["key"] else f"{v:.0f}"
+
+    met = {True: "yes", False: "**no**", None: "n/a"}
+    h = d["headline"]
+    out = ["## Phone-scan geometry chain (issue 7)", "",
+           f"`{d['command']}`: the chain {' -> '.join(d['stages'])} through the engine "
+           f"({d['workers']} worker processes, {d['machine']['cpus']} CPUs, load average "
+           f"{d['machine']['load_avg_start'][0]:.1f} at the start, shared with other jobs) on "
+           f"{len(d['subjects'])} phone-only `standard` subjects ({', '.join(d['subjects'])}), scored against the "
+           "truth on the face region (the face model's 7,801 `fitting_vertices`; `stages/geometry_eval.py`). "
+           f"{h['expressions_fused']} expressions fused, {h['expressions_refined']} refined. Fused scan: median over "
+           "the expressions of each one's median scan-to-true-surface distance. Neutral: median over subjects. "
+           "Per-vertex errors after a rigid (Kabsch, no scale) alignment over the face region. Floor: the error "
+           "left by the best fit inside the face model's identity and expression spaces (least squares, weights in "
+           "[0, 1]; `geometry_eval.linear_space_floor`), which only the refinement can go below. Wall per subject: "
+           "the sum of its stages' wall seconds (they run one after the other in one worker; the other worker "
+           "takes another subject).", "",
+           *_table(["figure", "target", "measured", "met?", "floor"],
+                   [[f["figure"], f["target"], shown(f), met[f["met"]], _mm(f.get("floor"))] for f in d["figures"]])]
+    if d.get("failures"):
+        out += ["Failures: " + "; ".join(d["failures"]), ""]
+    cpu = d.get("cpu_seconds_per_stage", {})
+    rows = []
+    for st, v in d["seconds_per_stage"].items():
+        c = cpu.get(st, {}).get("median_s")
+        rows.append([st, f"{v['median_s']:.1f}", _mm(c, 1)]
+                    + [f"{v['per_subject_s'].get(s, float('nan')):.1f}" for s in d["subjects"]])
+    cpu_chain = [sum(c["per_subject_s"].get(s, 0.0) for c in cpu.values()) for s in d["subjects"]] if cpu else []
+    rows.append(["chain", f"{statistics.median(d['chain_seconds_per_subject'].values()):.1f}",
+                 _mm(statistics.median(cpu_chain), 1) if cpu_chain else "n/a"]
+                + [f"{d['chain_seconds_per_subject'][s]:.1f}" for s in d["subjects"]])
+    out += ["Seconds per stage: wall (stage function + commit, from the run's stage log) and the worker "
+            "process's CPU seconds in the stage function; medians over subjects, then wall per subject. On a "
+            "machine shared with other jobs the CPU seconds are the steadier figure.", "",
+            *_table(["stage", "median wall s", "median CPU s", *[f"wall s {s}" for s in d["subjects"]]], rows)]
+    probe = d.get("poisson_probe") or []
+    if probe:
+        out += ["Fusion's cost against its Poisson octree depth (`fusion.poisson_depth`, default 9): the first "
+                "expressions of the first subject re-fused in the driver from the run's landmarks and masks, "
+                "scored like the fused-scan row above:", "",
+                *_table(["expression", "depth", "CPU s", "vertices", "median mm", "p90 mm"],
+                        [[r["expression"], r["poisson_depth"], f"{r['cpu_s']:.1f}", f"{r['vertices']:,}",
+                          _mm(r.get("median_mm"), 3), _mm(r.get("p90_mm"), 3)] for r in probe])]
+    for name, a in d.get("ablations", {}).items():
+        title = {"landmark_init": "Ablation: no landmark initialisation, bursts with large head turns (yaw +-40, pitch +-20 deg)",
+                 "l2_flying_pixels": "Ablation: plain L2 distance instead of the robust term, flying pixels present "
+                                     "(face mask depth-edge test off)"}.get(name, name)
+        out += [f"{title}: {len(a['subjects'])} subjects of `{a['data']}`, chain up to `fit`.", ""]
+        if a.get("skipped"):
+            out += [f"Not run: {a['skipped']}", ""]
+            continue
+        vrows = []
+        for label, v in a["variants"].items():
+            if v.get("skipped"):
+                vrows.append([label, f"not run: {v['skipped']}", "", "", "", "", ""])
+                continue
+            vrows.append([label, v["expressions_fitted"], v["rejected"], _mm(v["rigid_mean_mm"]), _mm(v["estimated_mean_mm"]),
+                          _mm(v["worst_expression_rigid_mean_mm"]), v["expressions_over_3mm"]])
+        out += _table(["variant", "expressions fitted", "rejected", "per-vertex mean mm (rigid)",
+                       "per-vertex mean mm (as estimated)", "worst expression mm", "expressions > 3 mm"], vrows)
+    return out
+
+
 def main() -> None:
     lines = ["# Benchmarks", "",
              "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`; each section "
@@ -141,7 +216,7 @@ def main() -> None:
              "development VM, no GPU.", ""]
     for name, section in (("synth", synth_section), ("landmarks", landmarks_section), ("face_model", face_model_section),
                           ("orchestration", orchestration_section), ("scaling", scaling_section),
-                          ("label_table", label_table_section)):
+                          ("label_table", label_table_section), ("phone_chain", phone_chain_section)):
         data = _load(name)
         lines += section(data) if data else [f"## {name}", "", "not measured yet", ""]
     PAGE.write_text("\n".join(lines).rstrip() + "\n")

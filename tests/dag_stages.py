@@ -97,11 +97,21 @@ def stage_c(b: dict[str, StageOutput]) -> dict:
     return {"subjects": sorted(b), "total": float(sum(o.meta["sum"] for o in b.values()))}
 
 
-def stage_d(b: StageOutput, c: dict) -> dict[str, np.ndarray]:
-    """Per subject again, after the barrier: share of the total."""
+def stage_d(b: StageOutput, c: dict) -> StageOutput:
+    """Per subject again, after the barrier: share of the total, and per-value records
+    in which odd values are rejected (the ``rows`` convention ``pgt status`` reads)."""
     _nap()
     total = c["total"] or 1.0
-    return {"share": np.array([b.meta["sum"] / total])}
+    values = b.arrays["values"]
+    odd = values % 2 == 1
+    rows = pa.table({
+        "subject_id": pa.array([b.meta["subject_id"]] * len(values), pa.string()),
+        "frame_index": pa.array(np.arange(len(values), dtype=np.int32)),
+        "status": pa.array(np.where(odd, "rejected", "ok").tolist(), pa.string()),
+        "reason": pa.array([f"odd value: {v:g} is not even" if o else "" for v, o in zip(values, odd, strict=True)],
+                           pa.string()),
+    })
+    return StageOutput(arrays={"share": np.array([b.meta["sum"] / total])}, tables={"rows": rows})
 
 
 def build_chain(gpu_b: bool = False, b_version: str = "1") -> Chain:

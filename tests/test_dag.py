@@ -237,6 +237,14 @@ def test_run_record_report_and_status(tmp_path: Path, client: Client) -> None:
     rep = status(str(out))
     assert rep.run_id == s.run_id and all(u.state == "done" for u in rep.units)
     assert "| a | 2 | 0 | 0 | 0 |" in rep.to_text()
+    # d's rows: values 0..4 and 10..14, the odd ones rejected: 2 per subject, 10 records
+    rejected = sorted((r.subject, r.record["frame_index"]) for r in rep.rejections)
+    assert rejected == [("subj000", 1), ("subj000", 3), ("subj001", 1), ("subj001", 3)]
+    assert {r.stage for r in rep.rejections} == {"d"} and rep.records == {"d": 10}
+    assert "| d | 10 | 4 | odd value (4) |" in rep.to_text()
+    assert "- d / subj000 / frame_index=3: odd value: 3 is not even" in rep.to_text("all")
+    assert "rejected records" not in rep.to_text("none")
+    assert status(str(out), rejections=False).rejections == ()
 
 
 def test_embedded_process_cluster(tmp_path: Path) -> None:

@@ -15,10 +15,15 @@ from pipeline.errors import PgtError, printable
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from stages.synthesis.generate import generate
     from stages.synthesis.presets import get_preset
 
-    ids = generate(get_preset(args.preset), args.subjects, args.seed, Path(args.out), progress=not args.quiet, workers=args.workers)
+    config = get_preset(args.preset)
+    options = {"phone_only": args.phone_only, "phone_yaw_deg": args.phone_yaw_deg, "phone_pitch_deg": args.phone_pitch_deg}
+    config = replace(config, **{k: v for k, v in options.items() if v is not None and v is not False})
+    ids = generate(config, args.subjects, args.seed, Path(args.out), progress=not args.quiet, workers=args.workers)
     print(f"wrote {len(ids)} subject(s) to {Path(args.out) / 'captures'} (truth in {Path(args.out) / 'ground_truth'})")
     return 0
 
@@ -90,8 +95,9 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import status
 
-    report = status(args.out, storage_options=storage_options.from_args(args))
-    print(report.to_text())
+    report = status(args.out, storage_options=storage_options.from_args(args),
+                    rejections=args.rejections != "none")
+    print(report.to_text(args.rejections))
     return 0
 
 
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (captures/ and ground_truth/ inside)")
     p.add_argument("--workers", type=int, default=1, help="subjects generated in parallel processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--phone-only", action="store_true",
+                   help="the phone part in full, and one minimal 64 x 64 HMC recording instead of the preset's (keeps the capture valid; minutes instead of tens of minutes)")
+    p.add_argument("--phone-yaw-deg", type=float, metavar="DEG",
+                   help="phone burst head turn: camera yaw uniform in +-DEG around the face (default 18)")
+    p.add_argument("--phone-pitch-deg", type=float, metavar="DEG",
+                   help="phone burst head turn: camera pitch uniform in +-DEG (default 10)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("validate", help="check a capture folder; exit status 1 lists the problems")
@@ -160,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="done, failed and pending work of an output root")
     p.add_argument("out", help="output root of label/backfill")
+    p.add_argument("--rejections", choices=("summary", "all", "none"), default="summary",
+                   help="records that done stages left out (frames without a face, expressions "
+                        "not fused...): counts per stage and reason (summary), every record (all), "
+                        "or skip reading them (none: one small read less per done unit)")
     storage_options.add_storage_option_argument(p)
     p.set_defaults(func=_cmd_status)
 

@@ -30,7 +30,7 @@ from rigs.raycast import Scene
 from stages.synthesis.hmc import IrRenderer, default_hmc_rig, rig_cameras
 from stages.synthesis.performance import Timeline, hmc_timeline, perform_prompt
 from stages.synthesis.phone import PhoneShot, phone_camera, render_phone
-from stages.synthesis.presets import SynthConfig
+from stages.synthesis.presets import PHONE_ONLY_HMC, SynthConfig
 from stages.synthesis.subject import SyntheticSubject, make_subject
 from stages.synthesis.texture import load_default_texture
 from storage.capture_files import atomic_write_bytes, encode_npz
@@ -111,6 +111,11 @@ def generate_subject(
     for r in range(config.hmc_recordings):
         picks = [peak_pool[(r * config.hmc_peaks_per_recording + k) % len(peak_pool)] for k in range(config.hmc_peaks_per_recording)]
         timelines.append(hmc_timeline(definition, rng, picks, config.script, fps=config.fps, wink_eye=("left", "right")[r % 2]))
+    hmc_rng = rng
+    if config.phone_only:  # the full timelines above were drawn only to keep the phone part's random stream
+        hmc_rng = np.random.default_rng([seed, index, 1])
+        hmc_rig = default_hmc_rig(PHONE_ONLY_HMC["size"], PHONE_ONLY_HMC["fps"])
+        timelines = [hmc_timeline(definition, hmc_rng, peak_pool[: PHONE_ONLY_HMC["peaks"]], PHONE_ONLY_HMC["script"], fps=PHONE_ONLY_HMC["fps"])]
     total = len(prompts) * config.phone_frames_per_prompt + sum(len(t.b) for t in timelines)
     bar = progress_bar(total, sid, "frame", enabled=progress, leave=False)
 
@@ -128,7 +133,7 @@ def generate_subject(
     for r, timeline in enumerate(timelines):
         name = f"rec{r:03d}"
         recordings.append(name)
-        _write_recording(writer, truth_dir, name, subject, timeline, renderer, rng, bar)
+        _write_recording(writer, truth_dir, name, subject, timeline, renderer, hmc_rng, bar)
     bar.close()
 
     _write_subject_truth(truth_dir, config, seed, index, subject)
@@ -183,7 +188,8 @@ def render_phone_burst(config: SynthConfig, subject: SyntheticSubject, verts: np
     scene = Scene(verts, triangles)  # the head does not move within a burst; the camera does
     frames = []
     for _ in range(config.phone_frames_per_prompt):
-        cam = phone_camera(config.phone_width, config.phone_hfov_deg, rng, config.phone_distance_m)
+        cam = phone_camera(config.phone_width, config.phone_hfov_deg, rng, config.phone_distance_m,
+                           config.phone_yaw_deg, config.phone_pitch_deg)
         shot = render_phone(verts, triangles, cam, texture, subject.tint, rng)
         pix, visible = project_visible(scene, cam, points)
         r_cam_head = cam.R_world_from_camera.T  # x_cam = R x_head + t
@@ -252,9 +258,18 @@ def _write_subject_truth(truth_dir: Path, config: SynthConfig, seed: int, index:
         "rig_name": rig.definition.name, "rig_version": rig.definition.version,
         "tint": [round(float(x), 6) for x in subject.tint],
         "landmarks": "478 MediaPipe (embedding) then 68 Multi-PIE; HMC files keep iris (468-477) and the 68",
+        **_non_default_phone_options(config),
     })
     _write_npz(truth_dir / "identity.npz", identity=subject.identity.astype(np.float32), detail=subject.detail, neutral=rig.neutral, shape_gain=subject.shape_gain.astype(np.float32))
     rig.save(truth_dir / "rig.npz")
+
+
+def _non_default_phone_options(config: SynthConfig) -> dict:
+    """The phone options that differ from their defaults (absent by default: the default
+    subject's truth stays byte-identical)."""
+    default = SynthConfig(name=config.name)
+    names = ("phone_yaw_deg", "phone_pitch_deg", "phone_only")
+    return {n: getattr(config, n) for n in names if getattr(config, n) != getattr(default, n)}
 
 
 def generate(config: SynthConfig, n_subjects: int, seed: int, out: Path, progress: bool = True, workers: int = 1) -> list[str]:

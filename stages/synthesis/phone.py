@@ -48,11 +48,21 @@ class PhoneShot:
     camera: Camera
 
 
-def phone_camera(width: int, hfov_deg: float, rng: np.random.Generator, distance: tuple[float, float]) -> Camera:
-    """A portrait phone camera at a random slight angle around the face."""
+def phone_camera(
+    width: int,
+    hfov_deg: float,
+    rng: np.random.Generator,
+    distance: tuple[float, float],
+    yaw_deg: float = 18.0,
+    pitch_deg: float = 10.0,
+) -> Camera:
+    """A portrait phone camera at a random angle around the face.
+
+    Yaw and pitch are uniform in +-``yaw_deg`` and +-``pitch_deg``; roll in +-4 degrees.
+    """
     height = width * 4 // 3
     focal = (width / 2) / np.tan(np.deg2rad(hfov_deg) / 2)
-    yaw, pitch = np.deg2rad(rng.uniform(-18, 18)), np.deg2rad(rng.uniform(-10, 10))
+    yaw, pitch = np.deg2rad(rng.uniform(-yaw_deg, yaw_deg)), np.deg2rad(rng.uniform(-pitch_deg, pitch_deg))
     d = rng.uniform(*distance)
     direction = np.array([np.cos(pitch) * np.sin(yaw), np.sin(pitch), np.cos(pitch) * np.cos(yaw)])
     roll = np.deg2rad(rng.uniform(-4, 4))

@@ -45,6 +45,12 @@ class SynthConfig:
         identity_std: standard deviation of identity coefficients (1 = the model's prior).
         detail_mm: amplitude of the identity detail outside the shape space, mm.
         rig_variation: amplitude of the per-subject smooth variation of each shape (0.2 = +-20 %).
+        phone_yaw_deg: the phone burst's head turn: each frame's camera yaw around the face
+            is uniform in +-this, degrees (large values make bursts with large head turns).
+        phone_pitch_deg: likewise the camera pitch, uniform in +-this, degrees.
+        phone_only: write the phone part in full but, in place of the HMC recordings, one
+            minimal recording (:data:`PHONE_ONLY_HMC`) that keeps the capture valid. The
+            phone frames and the subject are byte-identical to the full subject's.
     """
 
     name: str
@@ -61,7 +67,27 @@ class SynthConfig:
     identity_std: float = 1.0
     detail_mm: float = 1.5
     rig_variation: float = 0.2
+    phone_yaw_deg: float = 18.0
+    phone_pitch_deg: float = 10.0
+    phone_only: bool = False
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from pipeline.errors import ConfigError
+
+        # Beyond 80 degrees of yaw the camera sees the ear, not the face.
+        if not 0.0 <= self.phone_yaw_deg <= 80.0:
+            raise ConfigError(f"synth.phone_yaw_deg must be in [0, 80] degrees, got {self.phone_yaw_deg}")
+        if not 0.0 <= self.phone_pitch_deg <= 60.0:
+            raise ConfigError(f"synth.phone_pitch_deg must be in [0, 60] degrees, got {self.phone_pitch_deg}")
+
+
+#: The one short recording of a ``phone_only`` subject: 64 x 64 pixels at 10 Hz with the
+#: ``tiny`` script and one peak, 71 frames (the capture contract needs a recording).
+PHONE_ONLY_HMC = {
+    "size": 64, "fps": 10.0, "peaks": 1,
+    "script": ScriptTiming(neutral_s=2.0, peak_s=1.0, eye_event_s=0.5, mouth_closed_s=0.5, speech_s=0.8, rest_s=0.1),
+}
 
 
 PRESETS: dict[str, SynthConfig] = {
