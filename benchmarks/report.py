@@ -158,10 +158,13 @@ def phone_chain_section(d: dict) -> list[str]:
            "truth on the face region (the face model's 7,801 `fitting_vertices`; `stages/geometry_eval.py`). "
            f"{h['expressions_fused']} expressions fused, {h['expressions_refined']} refined. Fused scan: median over "
            "the expressions of each one's median scan-to-true-surface distance. Neutral: median over subjects. "
-           "Per-vertex errors after a rigid (Kabsch, no scale) alignment over the face region. Wall per subject: "
-           "the run's wall time divided by its subjects.", "",
-           *_table(["figure", "target", "measured", "met?"],
-                   [[f["figure"], f["target"], shown(f), met[f["met"]]] for f in d["figures"]])]
+           "Per-vertex errors after a rigid (Kabsch, no scale) alignment over the face region. Floor: the error "
+           "left by the best fit inside the face model's identity and expression spaces (least squares, weights in "
+           "[0, 1]; `geometry_eval.linear_space_floor`), which only the refinement can go below. Wall per subject: "
+           "the sum of its stages' wall seconds (they run one after the other in one worker; the other worker "
+           "takes another subject).", "",
+           *_table(["figure", "target", "measured", "met?", "floor"],
+                   [[f["figure"], f["target"], shown(f), met[f["met"]], _mm(f.get("floor"))] for f in d["figures"]])]
     if d.get("failures"):
         out += ["Failures: " + "; ".join(d["failures"]), ""]
     cpu = d.get("cpu_seconds_per_stage", {})

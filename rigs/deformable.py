@@ -114,6 +114,17 @@ class LinearFaceModel:
         flat = shape[None] + expression.to(DTYPE) @ self._expression  # (S, 3n)
         return flat.reshape(len(expression), -1, 3)
 
+    def jacobian(self, identity: torch.Tensor, expression: torch.Tensor,
+                 articulation: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Vertex derivatives (constant: the model is linear), shared by all scans.
+
+        Returns:
+            (d/d identity (1, n, 3, k), d/d expression (1, n, 3, e), d/d articulation (1, n, 3, 0)).
+        """
+        n = self.n_vertices
+        return (self._identity.T.reshape(1, n, 3, -1), self._expression.T.reshape(1, n, 3, -1),
+                torch.zeros(1, n, 3, 0, dtype=DTYPE))
+
     def subset(self, vertex_ids: np.ndarray) -> LinearFaceModel:
         """The model over ``vertex_ids`` only (see :class:`Subsettable`)."""
         ids = np.asarray(vertex_ids, np.int64)
@@ -127,6 +138,45 @@ class LinearFaceModel:
         sub._identity = self._identity[:, cols].contiguous()
         sub._expression = self._expression[:, cols].contiguous()
         return sub
+
+
+def vertex_jacobian(model: DeformableModel, identity: torch.Tensor, expression: torch.Tensor,
+                    articulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Derivatives of S scans' vertices with respect to the model's parameters.
+
+    Uses the model's own ``jacobian`` when it has one (a linear model's is its bases),
+    else forward-mode autodiff: one JVP per identity parameter and one per per-scan
+    parameter (the scans are independent, so one tangent serves all of them).
+
+    Args:
+        identity: (k,); expression: (S, e); articulation: (S, j).
+
+    Returns:
+        (d/d identity (S', n, 3, k), d/d expression (S', n, 3, e), d/d articulation
+        (S', n, 3, j)) with S' = S, or 1 when the same for every scan (broadcastable).
+    """
+    own = getattr(model, "jacobian", None)
+    if own is not None:
+        return own(identity, expression, articulation)
+    from torch.func import jvp
+
+    def f(c: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return model.vertices(c, w, a)
+
+    primals = (identity, expression, articulation)
+    out = []
+    for which, size in ((0, identity.shape[0]), (1, expression.shape[1]), (2, articulation.shape[1])):
+        cols = []
+        for i in range(size):
+            tangents = [torch.zeros_like(p) for p in primals]
+            if which == 0:
+                tangents[0][i] = 1.0
+            else:
+                tangents[which][:, i] = 1.0
+            cols.append(jvp(f, primals, tuple(tangents))[1])
+        shape = (*model.vertices(*primals).shape, 0) if not cols else None
+        out.append(torch.stack(cols, -1) if cols else torch.zeros(shape, dtype=DTYPE))
+    return out[0], out[1], out[2]
 
 
 # ------------------------------------------------------------------- torch geometry

@@ -305,3 +305,35 @@ def load_flame_npz(path: str | Path, n_shape: int | None = None, landmarks: str 
     if landmarks is not None:
         model = model.with_embedding(load_flame_landmarks(landmarks, f))
     return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rigs.flame SRC.pkl DST.npz [--n-shape K] [--masks FLAME_masks.pkl]``.
+
+    Converts once and prints what the file holds; exit 1 (with the message) on a bad file.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m rigs.flame", description="Convert a FLAME .pkl to a safe .npz.")
+    parser.add_argument("src", help="FLAME pickle, e.g. generic_model.pkl or flame2023.pkl")
+    parser.add_argument("dst", help="the .npz to write")
+    parser.add_argument("--n-shape", type=int, default=None, help=f"identity columns of shapedirs (default {FLAME_N_SHAPE})")
+    parser.add_argument("--masks", default=None, help="FLAME_masks.pkl: its face region becomes the fitting vertices")
+    parser.add_argument("--face-region", default="face", help="the masks' region to fit (default: face)")
+    args = parser.parse_args(argv)
+    try:
+        dst = convert_flame_pickle(args.src, args.dst, n_shape=args.n_shape, masks=args.masks, face_region=args.face_region)
+        a = load_flame_arrays(dst)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    j = 0 if a.parents is None else len(a.parents)
+    print(f"{dst}: {len(a.v_template)} vertices, {len(a.triangles)} triangles, {a.n_shape} identity + "
+          f"{a.shapedirs.shape[2] - a.n_shape} expression columns, {j} joints, "
+          f"{len(a.fitting_vertices)} fitting vertices")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,9 +29,6 @@ from pipeline.errors import ModelError
 from rigs.face_model import LandmarkEmbedding
 from rigs.flame import FlameArrays, load_flame_arrays, load_flame_landmarks
 
-#: FLAME's joints in kintree order.
-FLAME_JOINTS = ("global", "neck", "jaw", "eye_left", "eye_right")
-
 
 def axis_angle_to_matrix(axis_angle: torch.Tensor) -> torch.Tensor:
     """Rodrigues' formula, exact and differentiable at zero (series below 1e-6 rad).

@@ -30,13 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.spatial.transform import Rotation
 
 from pipeline.config import check_fields
 from pipeline.errors import ConfigError, ModelError
 from rigs.face_model import FaceModel, LandmarkEmbedding
 from rigs.geometry import ClosestPoints, similarity_fit
-from rigs.raycast import vertex_normals
 
 #: deform(mesh (n, 3), target vertices (p, 3), target triangles (q, 3)) -> (n, 3): moves a
 #: rig-topology mesh onto a target surface (all in the same frame, metres).
@@ -136,7 +136,12 @@ def _check_inputs(flame_vertices: np.ndarray, flame_triangles: np.ndarray) -> No
 
 
 class _LinearRig:
-    """The rig's linear model (neutral + identity + expression), with its landmarks."""
+    """The rig's linear model (neutral + identity + expression), with its landmarks.
+
+    Inside the fit only a local set of vertices is evaluated: the (strided) fitting
+    vertices, the corners of the triangles around them (for their normals) and the
+    landmark triangles' corners.
+    """
 
     def __init__(self, face_model: FaceModel, flame_landmarks: LandmarkEmbedding | None, max_vertices: int) -> None:
         self.model = face_model
@@ -145,32 +150,57 @@ class _LinearRig:
         self.neutral = face_model.neutral.astype(np.float64)
         self.b_id = face_model.identity_basis.astype(np.float64)  # (k, n, 3)
         self.b_ex = face_model.expression_basis.astype(np.float64)  # (e, n, 3)
-        self.sub_id, self.sub_ex = self.b_id[:, self.fit_ids], self.b_ex[:, self.fit_ids]
+        tris = np.asarray(face_model.triangles, np.int64)
+        around = tris[np.isin(tris, self.fit_ids).any(1)]
         rig = face_model.embeddings.get("mediapipe478")
-        self.landmark_ids = None
+        self.landmark_ids, corners = None, np.zeros((0, 3), np.int64)
         if rig is not None and flame_landmarks is not None:
             both = np.isfinite(flame_landmarks.barycentric).all(1) & np.isfinite(rig.barycentric).all(1)
             both[_IRIS] = False  # FLAME turns its eyeballs by joints, the rig by blendshapes
             if both.sum() >= 3:
                 self.landmark_ids = np.flatnonzero(both)
-                self.corners = face_model.triangles[rig.triangle[self.landmark_ids]]  # (L, 3)
+                corners = tris[rig.triangle[self.landmark_ids]]  # (L, 3)
                 self.bary = rig.barycentric[self.landmark_ids]
-                self.lmk_id = np.einsum("klqc,lq->klc", self.b_id[:, self.corners], self.bary)  # (k, L, 3)
-                self.lmk_ex = np.einsum("elqc,lq->elc", self.b_ex[:, self.corners], self.bary)
+                self.lmk_id = np.einsum("klqc,lq->klc", self.b_id[:, corners], self.bary)  # (k, L, 3)
+                self.lmk_ex = np.einsum("elqc,lq->elc", self.b_ex[:, corners], self.bary)
+        self.local = np.unique(np.concatenate([self.fit_ids, around.ravel(), corners.ravel()]))
+        self.fit_local = np.searchsorted(self.local, self.fit_ids)
+        self.corners_local = np.searchsorted(self.local, corners)
+        self.tris_local = np.searchsorted(self.local, around)
+        t = len(around)  # vertex-triangle incidence: vertex normals as one sparse product
+        self.incidence = sp.csr_matrix((np.ones(3 * t), (self.tris_local.T.ravel(), np.tile(np.arange(t), 3))),
+                                       shape=(len(self.local), t))[self.fit_local]
+        self.loc_neutral = self.neutral[self.local]
+        # contiguous copies: a fancy-indexed middle axis is strided, and tensordot would copy it each call
+        self.loc_id = np.ascontiguousarray(self.b_id[:, self.local])
+        self.loc_ex = np.ascontiguousarray(self.b_ex[:, self.local])
+        # (f, 3, k + e): the basis at the fitting vertices, vertex-major for row selection
+        self.fit_basis = np.ascontiguousarray(np.concatenate(
+            [self.loc_id[:, self.fit_local], self.loc_ex[:, self.fit_local]]).transpose(1, 2, 0))
 
     def mesh(self, identity: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """(..., n, 3) meshes of identity (k,) and weights (..., e)."""
+        """(..., n, 3) whole meshes of identity (k,) and weights (..., e)."""
         return self.neutral + np.tensordot(identity, self.b_id, 1) + np.tensordot(weights, self.b_ex, 1)
 
-    def landmarks(self, mesh: np.ndarray) -> np.ndarray:
-        """(L, 3) landmark points of a mesh (n, 3)."""
-        return np.einsum("lkc,lk->lc", mesh[self.corners], self.bary)
+    def local_mesh(self, identity: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """(v, 3) the local vertices of one mesh."""
+        return self.loc_neutral + np.tensordot(identity, self.loc_id, 1) + np.tensordot(weights, self.loc_ex, 1)
+
+    def fit_normals(self, local: np.ndarray) -> np.ndarray:
+        """(f, 3) unit area-weighted normals at the fitting vertices of a local mesh."""
+        v = local[self.tris_local]
+        n = self.incidence @ np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+        return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-20)
+
+    def landmarks(self, local: np.ndarray) -> np.ndarray:
+        """(L, 3) landmark points of a local mesh."""
+        return np.einsum("lkc,lk->lc", local[self.corners_local], self.bary)
 
 
 def _initial_pose(rig: _LinearRig, surface: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """(R, t) rig -> FLAME: Kabsch on the landmarks, else the face regions' centroids."""
     if targets is not None:
-        _, rot, trans = similarity_fit(rig.landmarks(rig.neutral), targets, with_scale=False)
+        _, rot, trans = similarity_fit(rig.landmarks(rig.loc_neutral), targets, with_scale=False)
         return rot, trans
     return np.eye(3), surface.mean(0) - rig.neutral[rig.fit_ids].mean(0)
 
@@ -181,16 +211,17 @@ def _surface_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Linearised point-to-plane rows (p, k + e + 6) and residuals (p,), mm, of one surface.
 
-    Columns: identity, expression, rotation (small angle, FLAME frame), translation.
+    ``mesh`` is the local mesh (:meth:`_LinearRig.local_mesh`). Columns: identity,
+    expression, rotation (small angle, FLAME frame), translation.
     """
-    normals = vertex_normals(mesh, rig.model.triangles).astype(np.float64)[rig.fit_ids] @ rot.T
-    y = mesh[rig.fit_ids] @ rot.T + trans
+    normals = rig.fit_normals(mesh) @ rot.T
+    y = mesh[rig.fit_local] @ rot.T + trans
     near, dist, tri, _ = tree.query(y)
     nrm = tri_normals[tri]
     keep = (dist < max_dist) & (np.einsum("ij,ij->i", nrm, normals) > cos_max)
     n_rig = nrm[keep] @ rot  # the normals in the rig frame, for the basis columns
     rows = np.concatenate([
-        np.einsum("kfc,fc->fk", rig.sub_id[:, keep], n_rig), np.einsum("efc,fc->fe", rig.sub_ex[:, keep], n_rig),
+        np.einsum("fck,fc->fk", rig.fit_basis[keep], n_rig),
         np.cross(y[keep], nrm[keep]), nrm[keep],  # d(n . (w x y)) / dw = y x n
     ], 1)
     return rows * 1e3, np.einsum("ij,ij->i", y[keep] - near[keep], nrm[keep]) * 1e3
@@ -243,17 +274,33 @@ def rig_meshes_from_flame(
     flame_triangles = np.asarray(flame_triangles, np.int64)
     _check_inputs(flame_vertices, flame_triangles)
     rig = _LinearRig(face_model, flame_landmarks, cfg.max_vertices)
-    n_scans, k, e = len(flame_vertices), len(rig.b_id), len(rig.b_ex)
+    n_scans = len(flame_vertices)
     trees = [ClosestPoints(v, flame_triangles) for v in flame_vertices]
     tri_normals = [_face_normals(v, flame_triangles) for v in flame_vertices]
     targets = [None] * n_scans
     if rig.landmark_ids is not None:
         targets = list(flame_landmarks.points(flame_vertices, flame_triangles)[:, rig.landmark_ids])
+    reasons = [""] * n_scans
+    fit = _fit(rig, flame_vertices, trees, tri_normals, targets, reasons, cfg)
+    _residual_rejections(rig, fit, trees, reasons, cfg)
+    if any(reasons) and not all(reasons):
+        # a surface the rig cannot reach has pulled the shared identity: fit the rest again
+        fit = _fit(rig, flame_vertices, trees, tri_normals, targets, reasons, cfg)
+        _residual_rejections(rig, fit, trees, reasons, cfg)
+    return _finish(rig, flame_vertices, flame_triangles, trees, *fit, reasons, deform)
+
+
+def _fit(
+    rig: _LinearRig, flame_vertices: np.ndarray, trees: list[ClosestPoints], tri_normals: list[np.ndarray],
+    targets: list[np.ndarray | None], reasons: list[str], cfg: FlameRegistrationConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gauss-Newton fit of the surfaces whose ``reasons`` are empty (a surface that loses
+    its pairs gets a reason here). Returns identity (k,), weights (S, e), R (S, 3, 3), t (S, 3)."""
+    n_scans, k, e = len(flame_vertices), len(rig.b_id), len(rig.b_ex)
     poses = [_initial_pose(rig, flame_vertices[s], targets[s]) for s in range(n_scans)]
     rot, trans = np.stack([p[0] for p in poses]), np.stack([p[1] for p in poses])
     ident, weights = np.zeros(k), np.zeros((n_scans, e))
     at_bound = np.zeros((n_scans, e), bool)
-    reasons = [""] * n_scans
     dists = np.geomspace(cfg.max_distance_mm, cfg.min_distance_mm, cfg.iterations) * 1e-3
     cos_max = np.cos(np.deg2rad(cfg.max_normal_angle_deg))
     lmk_w = np.sqrt(cfg.landmark_weight)
@@ -262,7 +309,7 @@ def rig_meshes_from_flame(
         h_cc, g_c = cfg.identity_prior * np.eye(k), -cfg.identity_prior * ident
         blocks = {}
         for s in (s for s in range(n_scans) if not reasons[s]):
-            mesh = rig.mesh(ident, weights[s])
+            mesh = rig.local_mesh(ident, weights[s])
             jac, r = _surface_rows(rig, mesh, rot[s], trans[s], trees[s], tri_normals[s], dists[it], cos_max)
             if len(r) < cfg.min_pairs:
                 reasons[s] = (f"only {len(r)} rig vertices found the FLAME surface within "
@@ -294,24 +341,34 @@ def rig_meshes_from_flame(
             at_bound[s] = ((weights[s] <= 0) | (weights[s] >= 1)) & ~release
             step = Rotation.from_rotvec(d_s[e: e + 3]).as_matrix()
             rot[s], trans[s] = step @ rot[s], step @ trans[s] + d_s[e + 3:]
-    return _finish(rig, flame_vertices, flame_triangles, trees, ident, weights, rot, trans, reasons, deform, cfg)
+    return ident, weights, rot, trans
+
+
+def _residual_rejections(
+    rig: _LinearRig, fit: tuple[np.ndarray, ...], trees: list[ClosestPoints], reasons: list[str],
+    cfg: FlameRegistrationConfig,
+) -> None:
+    """Rejects (in ``reasons``) surfaces the fit lies too far from."""
+    ident, weights, rot, trans = fit
+    face = rig.model.fitting_vertices
+    for s in (s for s in range(len(trees)) if not reasons[s]):
+        mesh = rig.mesh(ident, weights[s])[face] @ rot[s].T + trans[s]
+        median = float(np.median(trees[s].query(mesh)[1])) * 1e3
+        if median > cfg.max_fit_median_mm:
+            reasons[s] = f"the rig's fit lies a median {median:.2f} mm from the FLAME surface (> {cfg.max_fit_median_mm} mm)"
 
 
 def _finish(
     rig: _LinearRig, flame_vertices: np.ndarray, flame_triangles: np.ndarray, trees: list[ClosestPoints],
     ident: np.ndarray, weights: np.ndarray, rot: np.ndarray, trans: np.ndarray, reasons: list[str],
-    deform: Deformer | None, cfg: FlameRegistrationConfig,
+    deform: Deformer | None,
 ) -> RigRegistration:
-    """Full meshes, residuals and residual rejections, then the deformation of the rest."""
+    """Full meshes and residuals; the deformation of the surfaces not rejected."""
     face = rig.model.fitting_vertices
     n_scans = len(flame_vertices)
     fitted = rig.mesh(ident, weights)  # (S, n, 3), rig frame
     in_flame = np.einsum("sij,snj->sni", rot, fitted) + trans[:, None]
     fit_d = np.stack([trees[s].query(in_flame[s][face])[1] for s in range(n_scans)]) * 1e3
-    for s in range(n_scans):
-        if not reasons[s] and np.median(fit_d[s]) > cfg.max_fit_median_mm:
-            reasons[s] = (f"the rig's fit lies a median {np.median(fit_d[s]):.2f} mm from the FLAME "
-                          f"surface (> {cfg.max_fit_median_mm} mm)")
     final = np.full_like(in_flame, np.nan)
     for s in (s for s in range(n_scans) if not reasons[s]):
         final[s] = in_flame[s] if deform is None else np.asarray(
@@ -322,7 +379,7 @@ def _finish(
     for s in (s for s in range(n_scans) if not reasons[s]):
         fin_d[s] = trees[s].query(final[s][face])[1] * 1e3
     rejected = np.array([bool(r) for r in reasons])
-    fitted[rejected] = np.nan
+    fitted[rejected], fit_d[rejected] = np.nan, np.nan
     flame_from_rig = np.tile(np.eye(4), (n_scans, 1, 1))
     flame_from_rig[:, :3, :3], flame_from_rig[:, :3, 3] = rot, trans
     flame_from_rig[rejected] = np.nan

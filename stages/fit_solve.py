@@ -42,10 +42,12 @@ from rigs.face_model import LandmarkEmbedding
 
 #: Robust kernels of the scan and landmark terms.
 DistanceLoss = Literal["geman_mcclure", "huber", "l2"]
+#: Inner solvers.
+Solver = Literal["gauss_newton", "lbfgs"]
 #: MediaPipe landmarks 468-477 are the irises (they move with gaze, not with the surface).
 N_SURFACE_LANDMARKS = 468
 #: Scan points sampled per scan for the reported scan-to-model distances.
-RESIDUAL_POINTS = 5000
+RESIDUAL_POINTS = 3000
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class FitConfig:
     embedding). > 0."""
     landmark_weight: float = 0.1
     """Weight of the landmark term relative to the scan term (a guide, not the main term). >= 0."""
-    identity_prior: float = 1e-3
+    identity_prior: float = 1e-4
     """lambda of |identity|^2 (coefficients ~ N(0, 1)). >= 0."""
     expression_prior: float = 1e-3
     """lambda of |weights - art prior|^2 per scan. >= 0."""
@@ -84,13 +86,18 @@ class FitConfig:
     """Outer iterations of the rigid stage (poses only). >= 0."""
     outer_iterations: int = 5
     """Outer iterations of the joint stage (correspondences re-found each time). >= 1."""
+    solver: Solver = "gauss_newton"
+    """Inner solver of each outer iteration: Levenberg-Marquardt Gauss-Newton (IRLS for the
+    kernel, Schur complement on the shared identity) or L-BFGS-B on autograd gradients."""
+    gn_steps: int = 2
+    """Gauss-Newton steps per outer iteration. >= 1."""
     lbfgs_steps: int = 40
     """L-BFGS-B iterations per outer iteration. >= 1."""
     lbfgs_memory: int = 20
     """Correction pairs L-BFGS-B keeps (its Hessian approximation's rank). >= 1."""
     scan_vertices: int = 3000
-    """The scan term inside the optimisation uses this fixed random sample of the fitting
-    vertices (0 = all); correspondences and residuals always use all of them. >= 0."""
+    """The scan term uses this fixed random sample of the fitting vertices (0 = all); the
+    model normals use all of them, the reported residuals all scan points. >= 0."""
     max_scan_median_mm: float = 3.0
     """A fitted expression whose median scan-to-model distance exceeds this is rejected, mm. > 0."""
 
@@ -110,6 +117,7 @@ class FitConfig:
             ("max_normal_angle_deg", 0 < self.max_normal_angle_deg <= 180, "in (0, 180]"),
             ("rigid_iterations", self.rigid_iterations >= 0, ">= 0"),
             ("outer_iterations", self.outer_iterations >= 1, ">= 1"),
+            ("gn_steps", self.gn_steps >= 1, ">= 1"),
             ("lbfgs_steps", self.lbfgs_steps >= 1, ">= 1"),
             ("lbfgs_memory", self.lbfgs_memory >= 1, ">= 1"),
             ("scan_vertices", self.scan_vertices >= 0, ">= 0"),
@@ -266,6 +274,7 @@ class _Problem:
         self.K = torch.as_tensor(np.stack([o.K for o in obs]), dtype=DTYPE)
         self.focal = torch.as_tensor(np.stack([np.sqrt(o.K[0, 0] * o.K[1, 1]) for o in obs]), dtype=DTYPE)
         self.prior = torch.as_tensor(np.stack([o.prior for o in obs]), dtype=DTYPE)
+        self.whitening: tuple | None = None  # the L-BFGS preconditioner, made once
 
     def local_vertices(self, c: torch.Tensor, w: torch.Tensor, a: torch.Tensor, which: str = "opt") -> torch.Tensor:
         """(S, p, 3) head-frame vertices of the vertex set ``which`` ("opt" or "all")."""
@@ -279,30 +288,33 @@ class _Problem:
         return self.local_vertices(c, w, a, "all")[:, self.sets["all"][2]]
 
     def correspondences(self, x_fit: np.ndarray, max_distance: float) -> tuple[np.ndarray, ...]:
-        """Closest scan points of posed fitting vertices (S, f, 3), scan frame.
+        """Closest scan points of the sampled fitting vertices.
+
+        Args:
+            x_fit: (S, f, 3) all posed fitting vertices, scan frame (all of them give the
+                model's normals).
+            max_distance: pairs farther apart are dropped, metres.
 
         Returns:
-            targets (S, f, 3), normals (S, f, 3), valid (S, f) bool.
+            targets (S, f_opt, 3), normals (S, f_opt, 3), valid (S, f_opt) bool.
         """
-        S, f = x_fit.shape[:2]
+        S = len(x_fit)
+        v = x_fit[:, self.fit_tris]  # (S, t, 3, 3)
+        face = np.cross(v[:, :, 1] - v[:, :, 0], v[:, :, 2] - v[:, :, 0])  # (S, t, 3) area-weighted
+        mn = np.stack([self.normal_sum @ face[s] for s in range(S)])[:, self.sample]
+        mn /= np.maximum(np.linalg.norm(mn, axis=2, keepdims=True), 1e-20)
+        x = x_fit[:, self.sample]
+        f = x.shape[1]
         targets, normals, valid = np.zeros((S, f, 3)), np.zeros((S, f, 3)), np.zeros((S, f), bool)
         cos_max = np.cos(np.deg2rad(self.cfg.max_normal_angle_deg))
         for s in range(S):  # one KD-tree query per scan, vectorised over vertices
-            dist, idx = self.trees[s].query(x_fit[s], distance_upper_bound=max_distance)
+            dist, idx = self.trees[s].query(x[s], distance_upper_bound=max_distance)
             hit = np.isfinite(dist)
             idx = np.where(hit, idx, 0)
-            mn = self.normal_sum @ _face_normals(x_fit[s], self.fit_tris)
-            mn /= np.maximum(np.linalg.norm(mn, axis=1, keepdims=True), 1e-20)
-            agree = ((mn * self.normals[s][idx]).sum(1) >= cos_max) | (np.abs(mn).sum(1) == 0)
+            agree = ((mn[s] * self.normals[s][idx]).sum(1) >= cos_max) | (np.abs(mn[s]).sum(1) == 0)
             valid[s] = hit & agree & ~self.boundary[s][idx]
             targets[s], normals[s] = self.points[s][idx], self.normals[s][idx]
         return targets, normals, valid
-
-
-def _face_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """(t, 3) area-weighted (unnormalised) triangle normals."""
-    v = vertices[triangles]
-    return np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
 
 
 def _oriented(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
@@ -349,8 +361,32 @@ def initial_poses(model: DeformableModel, obs: Sequence[ScanObservation], landma
             found, rvec, tvec = cv2.solvePnP(lm3d[ok], uv[ok], np.asarray(o.K, np.float64), None,
                                              rvec, tvec, True, cv2.SOLVEPNP_ITERATIVE)
         if found and tvec[2, 0] > 0:
-            out[s, :3, :3], out[s, :3, 3] = cv2.Rodrigues(rvec)[0], tvec[:, 0]
+            R = cv2.Rodrigues(rvec)[0]
+            out[s, :3, :3], out[s, :3, 3] = R, tvec[:, 0] * _depth_correction(
+                o, uv[ok], lm3d[ok] @ R.T + tvec[:, 0], float(tvec[2, 0]))
     return out
+
+
+def _depth_correction(o: ScanObservation, uv: np.ndarray, posed: np.ndarray, origin_z: float) -> float:
+    """Factor on a PnP translation that puts the landmarks at the scan's depth.
+
+    PnP of the mean face is metric only as far as the subject's face has the mean size
+    (centimetres off in depth for a large or small face). Each landmark takes the depth of
+    the scan point projecting nearest to it (within 3 px); the median depth offset moves
+    the head along the ray through its origin, which keeps its projection. 1.0 when fewer
+    than 6 landmarks find a scan point.
+    """
+    from scipy.spatial import cKDTree
+
+    pts = np.asarray(o.points, np.float64)
+    front = pts[:, 2] > 1e-6
+    proj = pts[front] @ np.asarray(o.K, np.float64).T
+    dist, idx = cKDTree(proj[:, :2] / proj[:, 2:]).query(uv, distance_upper_bound=3.0)
+    hit = np.isfinite(dist)
+    if hit.sum() < 6:
+        return 1.0
+    offset = float(np.median(pts[front][idx[hit], 2] - posed[hit, 2]))
+    return 1.0 + offset / origin_z
 
 
 # ------------------------------------------------------------------------------ solve
@@ -502,106 +538,123 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
 
 
 def _fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig) -> FitResult:
-    from scipy.optimize import minimize
-    from scipy.spatial.transform import Rotation
-
     start = time.perf_counter()
     _check(model, observations)
     prob = _Problem(model, observations, cfg)
+    S, k, j = prob.S, model.n_identity, model.n_articulation
+    T0 = initial_poses(model, observations, cfg.landmark_init, prob.lm_ids)
+    w0 = prob.prior.clone()
+    if model.expression_bounds is not None:
+        w0 = w0.clamp(*model.expression_bounds)
+    P = {"c": torch.zeros(k, dtype=DTYPE), "w": w0, "a": torch.zeros(S, j, dtype=DTYPE),
+         "R": torch.as_tensor(T0[:, :3, :3], dtype=DTYPE), "t": torch.as_tensor(T0[:, :3, 3], dtype=DTYPE)}
+    if cfg.solver == "gauss_newton":
+        from stages.fit_gn import gauss_newton as step
+    else:
+        step = lbfgs
+    schedule = [(float(d), True) for d in cfg.distances_m(cfg.rigid_iterations + 1)[:cfg.rigid_iterations]]
+    schedule += [(float(d), False) for d in cfg.distances_m(cfg.outer_iterations)]
+    for distance, rigid_only in schedule:
+        corr = correspondences(prob, P, distance)
+        P = step(prob, cfg, P, corr, max(cfg.scan_sigma_mm * 1e-3, distance / 4.0), rigid_only)
+    return _result(model, prob, P, observations, start)
+
+
+def posed(prob: _Problem, P: dict[str, torch.Tensor], shape: torch.Tensor | None = None) -> torch.Tensor:
+    """(S, p, 3) the optimisation's vertex set in each scan's frame (``shape``: head-frame
+    vertices when already evaluated)."""
+    v = prob.local_vertices(P["c"], P["w"], P["a"]) if shape is None else shape
+    return v @ P["R"].transpose(-1, -2) + P["t"][:, None, :]
+
+
+def correspondences(prob: _Problem, P: dict[str, torch.Tensor], distance: float) -> tuple[torch.Tensor, ...]:
+    """Scan targets, normals and validity (S, f_opt, ...) of the sampled fitting vertices."""
+    with torch.no_grad():
+        v = prob.fitting_vertices(P["c"], P["w"], P["a"])
+        X = (v @ P["R"].transpose(-1, -2) + P["t"][:, None, :]).numpy()
+    tgt, nrm, valid = prob.correspondences(X, distance)
+    return (torch.as_tensor(tgt, dtype=DTYPE), torch.as_tensor(nrm, dtype=DTYPE), torch.as_tensor(valid, dtype=DTYPE))
+
+
+def energy(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+           sigma: float, shape: torch.Tensor | None = None) -> torch.Tensor:
+    """The fit's energy (module docstring) for fixed correspondences; a 0-d tensor."""
+    X = posed(prob, P, shape)  # (S, p, 3) scan frame
+    tgt, nrm, valid = corr
+    r = ((X[:, prob.fit_local] - tgt) * nrm).sum(-1) / sigma
+    total = ((robust(r * r, cfg.distance_loss) * valid).sum(1) / valid.sum(1).clamp(min=1.0)).sum()
+    if len(prob.lm_ids) and cfg.landmark_weight > 0:
+        L = landmark_points(X, prob.lm_emb, prob.lm_tris)  # (S, L, 3) reference camera
+        Lc = L[:, None] @ prob.cam_from_ref[..., :3, :3].transpose(-1, -2) + prob.cam_from_ref[..., None, :3, 3]
+        uv = project(Lc, prob.K[:, None, None])  # (S, F, L, 2)
+        scale = Lc[..., 2].detach() / (prob.focal[:, None, None] * cfg.landmark_sigma_mm * 1e-3)
+        x2 = ((uv - prob.uv) ** 2).sum(-1) * scale**2
+        lm = (robust(x2, cfg.distance_loss) * prob.lm_mask).sum((1, 2)) / prob.lm_mask.sum((1, 2)).clamp(min=1.0)
+        total = total + cfg.landmark_weight * lm.sum()
+    total = total + cfg.identity_prior * (P["c"] ** 2).sum()
+    total = total + cfg.expression_prior * ((P["w"] - prob.prior) ** 2).sum()
+    return total + cfg.articulation_prior * (P["a"] ** 2).sum()
+
+
+def lbfgs(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+          sigma: float, rigid_only: bool) -> dict[str, torch.Tensor]:
+    """``cfg.lbfgs_steps`` of scipy's L-BFGS-B on torch gradients (exact box bounds on the
+    weights), preconditioned by :class:`_Packing`; poses as axis-angle."""
+    from scipy.optimize import minimize
+    from scipy.spatial.transform import Rotation
+
+    model = prob.model
     S, k, e, j = prob.S, model.n_identity, model.n_expression, model.n_articulation
     pk = _Packing(k, S, e, j)
-    T0 = initial_poses(model, observations, cfg.landmark_init, prob.lm_ids)
-    w0 = prob.prior.numpy().copy()
-    if model.expression_bounds is not None:
-        w0 = np.clip(w0, *model.expression_bounds)
-    fields, rms = _sensitivity(prob, w0)
+    if prob.whitening is None:
+        prob.whitening = _sensitivity(prob, P["w"].numpy())
+    fields, rms = prob.whitening
     for name, value in rms.items():
         pk.set_scale(name, value)
     pk.whiten_identity(fields)
-    x = pk.pack(np.zeros(k), w0, np.zeros((S, j)), Rotation.from_matrix(T0[:, :3, :3]).as_rotvec(), T0[:, :3, 3])
+    x0 = pk.pack(P["c"].numpy(), P["w"].numpy(), P["a"].numpy(), Rotation.from_matrix(P["R"].numpy()).as_rotvec(),
+                 P["t"].numpy())
     bounds = [(None, None)] * pk.n
     if model.expression_bounds is not None:
         lo, hi = model.expression_bounds
         for i in range(pk.slice("w").start, pk.slice("w").stop):
             bounds[i] = (lo / pk.scale[i], hi / pk.scale[i])
-
-    def posed(p: dict[str, torch.Tensor], v: torch.Tensor | None = None) -> torch.Tensor:
-        v = prob.local_vertices(p["c"], p["w"], p["a"]) if v is None else v
-        return v @ so3_exp(p["r"]).transpose(-1, -2) + p["t"][:, None, :]
-
-    def energy(xt: torch.Tensor, corr, sigma: float, shape: torch.Tensor | None) -> torch.Tensor:
-        p = pk.unpack(xt)
-        X = posed(p, shape)  # (S, p, 3) scan frame
-        tgt, nrm, valid = corr
-        r = ((X[:, prob.fit_local] - tgt) * nrm).sum(-1) / sigma
-        scan = (robust(r * r, cfg.distance_loss) * valid).sum(1) / valid.sum(1).clamp(min=1.0)
-        total = scan.sum()
-        if len(prob.lm_ids) and cfg.landmark_weight > 0:
-            L = landmark_points(X, prob.lm_emb, prob.lm_tris)  # (S, L, 3) reference camera
-            Lc = L[:, None] @ prob.cam_from_ref[..., :3, :3].transpose(-1, -2) + prob.cam_from_ref[..., None, :3, 3]
-            uv = project(Lc, prob.K[:, None, None])  # (S, F, L, 2)
-            scale = Lc[..., 2].detach() / (prob.focal[:, None, None] * cfg.landmark_sigma_mm * 1e-3)
-            x2 = ((uv - prob.uv) ** 2).sum(-1) * scale**2
-            lm = (robust(x2, cfg.distance_loss) * prob.lm_mask).sum((1, 2)) / prob.lm_mask.sum((1, 2)).clamp(min=1.0)
-            total = total + cfg.landmark_weight * lm.sum()
-        total = total + cfg.identity_prior * (p["c"] ** 2).sum()
-        total = total + cfg.expression_prior * ((p["w"] - prob.prior) ** 2).sum()
-        return total + cfg.articulation_prior * (p["a"] ** 2).sum()
-
-    def correspondences(x_np: np.ndarray, distance: float):
+    free = np.r_[pk.slice("r"), pk.slice("t")] if rigid_only else np.arange(pk.n)
+    shape = None
+    if rigid_only:  # the head-frame vertices do not change: evaluate them once
         with torch.no_grad():
-            p = pk.unpack(torch.as_tensor(x_np, dtype=DTYPE))
-            X = posed(p, prob.fitting_vertices(p["c"], p["w"], p["a"])).numpy()
-        tgt, nrm, valid = (a[:, prob.sample] for a in prob.correspondences(X, distance))
-        return (torch.as_tensor(tgt, dtype=DTYPE), torch.as_tensor(nrm, dtype=DTYPE),
-                torch.as_tensor(valid, dtype=DTYPE))
+            shape = prob.local_vertices(P["c"], P["w"], P["a"])
+    fixed, free_t = torch.as_tensor(x0, dtype=DTYPE), torch.as_tensor(free)
 
-    def run(x_np: np.ndarray, distance: float, free: np.ndarray, rigid_only: bool) -> np.ndarray:
-        corr = correspondences(x_np, distance)
-        sigma = max(cfg.scan_sigma_mm * 1e-3, distance / 4.0)
-        fixed = torch.as_tensor(x_np, dtype=DTYPE)
-        free_t = torch.as_tensor(free)
-        shape = None
-        if rigid_only:  # the head-frame vertices do not change: evaluate them once
-            with torch.no_grad():
-                p0 = pk.unpack(fixed)
-                shape = prob.local_vertices(p0["c"], p0["w"], p0["a"])
+    def physical(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        xt = fixed.clone()
+        xt[free_t] = z
+        q = pk.unpack(xt)
+        return {"c": q["c"], "w": q["w"], "a": q["a"], "R": so3_exp(q["r"]), "t": q["t"]}
 
-        def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
-            xt = fixed.clone()
-            zt = torch.as_tensor(z, dtype=DTYPE).requires_grad_(True)
-            xt[free_t] = zt
-            value = energy(xt, corr, sigma, shape)
-            (grad,) = torch.autograd.grad(value, zt)
-            return float(value.detach()), grad.numpy().astype(np.float64)
+    def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
+        zt = torch.as_tensor(z, dtype=DTYPE).requires_grad_(True)
+        value = energy(prob, cfg, physical(zt), corr, sigma, shape)
+        (grad,) = torch.autograd.grad(value, zt)
+        return float(value.detach()), grad.numpy().astype(np.float64)
 
-        res = minimize(fun, x_np[free], jac=True, method="L-BFGS-B",
-                       bounds=[bounds[i] for i in free], options={"maxiter": cfg.lbfgs_steps, "maxcor": cfg.lbfgs_memory})
-        out = x_np.copy()
-        out[free] = res.x
-        return out
-
-    rigid = np.r_[pk.slice("r"), pk.slice("t")]
-    for d in cfg.distances_m(cfg.rigid_iterations + 1)[:cfg.rigid_iterations] if cfg.rigid_iterations else []:
-        x = run(x, float(d), np.arange(pk.n)[rigid], True)
-    for d in cfg.distances_m(cfg.outer_iterations):
-        x = run(x, float(d), np.arange(pk.n), False)
-    return _result(model, prob, pk, x, observations, start)
+    res = minimize(fun, x0[free], jac=True, method="L-BFGS-B", bounds=[bounds[i] for i in free],
+                   options={"maxiter": cfg.lbfgs_steps, "maxcor": cfg.lbfgs_memory})
+    with torch.no_grad():
+        return {name: value.detach() for name, value in physical(torch.as_tensor(res.x, dtype=DTYPE)).items()}
 
 
-def _result(model: DeformableModel, prob: _Problem, pk: _Packing, x: np.ndarray,
+def _result(model: DeformableModel, prob: _Problem, p: dict[str, torch.Tensor],
             obs: Sequence[ScanObservation], start: float) -> FitResult:
     from rigs.geometry import ClosestPoints
 
     with torch.no_grad():
-        p = pk.unpack(torch.as_tensor(x, dtype=DTYPE))
         verts = model.vertices(p["c"], p["w"], p["a"])
         neutral = model.vertices(p["c"], torch.zeros(1, model.n_expression, dtype=DTYPE),
                                  torch.zeros(1, model.n_articulation, dtype=DTYPE))[0]
-        R = so3_exp(p["r"])
     S = prob.S
     T = np.tile(np.eye(4), (S, 1, 1))
-    T[:, :3, :3], T[:, :3, 3] = R.numpy(), p["t"].numpy()
+    T[:, :3, :3], T[:, :3, 3] = p["R"].numpy(), p["t"].numpy()
     med, p90, lm_px = np.full(S, np.nan), np.full(S, np.nan), np.full(S, np.nan)
     tris = np.asarray(model.triangles)
     for s in range(S):

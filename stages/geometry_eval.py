@@ -21,6 +21,8 @@ Measures (lengths in metres in, millimetres out):
   estimate by its ``scan_from_head``, the truth by its true ``head_in_camera`` (shape and
   head pose together).
 - :func:`refinement_gain`: ``1 - err(refined) / err(fit)``.
+- :func:`linear_space_floor`: the per-vertex error left by the best fit inside the
+  model's identity and expression spaces: what a fit cannot recover, by construction.
 
 :func:`evaluate_subject` applies them to a subject's fusion / fit / refine artifacts (by
 the artifact contract's keys, so this module needs no stage module) and returns records
@@ -41,7 +43,7 @@ from stages.metrics_gt import per_vertex_error
 
 __all__ = [
     "DistanceSummary", "VertexErrorSummary", "evaluate_subject", "face_region",
-    "face_region_triangles", "fused_scan_error", "now_error", "place", "refinement_gain",
+    "face_region_triangles", "fused_scan_error", "linear_space_floor", "now_error", "place", "refinement_gain",
     "vertex_error_as_estimated", "vertex_error_rigid",
 ]
 
@@ -209,6 +211,47 @@ def refinement_gain(err_refined: float, err_fit: float) -> float:
     return 1.0 - float(err_refined) / float(err_fit)
 
 
+def linear_space_floor(model: Any, true_neutral: np.ndarray, true_expressions: np.ndarray,
+                       region: np.ndarray) -> dict[str, Any]:
+    """The best a fit inside the model's linear spaces can do on the face region.
+
+    Identity: least squares of the true neutral on the identity basis (all modes, no prior,
+    head frame, no alignment). Expressions: with that identity, bounded least squares
+    (weights in [0, 1]) of each true expression mesh on the expression basis. What is
+    left is outside the spaces (the subject's detail, its personal rig's deviation from the
+    generic shapes): a fit cannot go below it; only the refinement can.
+
+    Args:
+        model: the face model (``neutral``, ``identity_basis``, ``expression_basis``).
+        true_neutral: (n, 3) the true neutral, head frame, metres.
+        true_expressions: (P, n, 3) true expression meshes, head frame.
+        region: face-region vertex ids.
+
+    Returns:
+        ``{"neutral": VertexErrorSummary, "expressions": [VertexErrorSummary per mesh]}``.
+    """
+    from scipy.optimize import lsq_linear
+
+    region = np.asarray(region)
+    base = np.asarray(model.neutral, np.float64)[region]
+    a_id = np.asarray(model.identity_basis, np.float64)[:, region].reshape(len(model.identity_basis), -1).T
+    a_ex = np.asarray(model.expression_basis, np.float64)[:, region].reshape(len(model.expression_basis), -1).T
+    y = (np.asarray(true_neutral, np.float64)[region] - base).ravel()
+    x = np.linalg.lstsq(a_id, y, rcond=None)[0]
+    ident = base + (a_id @ x).reshape(-1, 3)
+
+    def residual(fitted: np.ndarray, true: np.ndarray) -> VertexErrorSummary:
+        return VertexErrorSummary.of(np.linalg.norm(fitted - true, axis=1) * 1000.0)
+
+    out: dict[str, Any] = {"neutral": residual(ident, np.asarray(true_neutral, np.float64)[region]), "expressions": []}
+    # ||A w - y|| = ||R w - Q^T y|| + const with A = QR: the bounded solves run on 53 x 53.
+    q, r = np.linalg.qr(a_ex)
+    for true in np.asarray(true_expressions, np.float64):
+        w = lsq_linear(r, q.T @ (true[region] - ident).ravel(), bounds=(0.0, 1.0)).x
+        out["expressions"].append(residual(ident + (a_ex @ w).reshape(-1, 3), true[region]))
+    return out
+
+
 # --------------------------------------------------------------------- one subject
 
 
@@ -247,8 +290,9 @@ def evaluate_subject(truth: Any, fusion: Any, fit: Any = None, refine: Any = Non
         refine: the refine stage's output (``RefinedSubject.to_output()``) or None.
 
     Returns:
-        ``{"fusion": [per expression], "fit": [...], "refine": [...], "neutral": {...}}``;
-        per-expression records hold ``expression`` and the measures' scalars (mm).
+        ``{"fusion": [per expression], "fit": [...], "refine": [...], "neutral": {...},
+        "floor": {...}}``; per-expression records hold ``expression`` and the measures'
+        scalars (mm); ``floor`` is :func:`linear_space_floor` (no artifact needed).
     """
     model = truth.rig.model
     region = face_region(model)
@@ -256,6 +300,9 @@ def evaluate_subject(truth: Any, fusion: Any, fit: Any = None, refine: Any = Non
     ex = truth.expressions()
     prompts, true_vertices = [str(p) for p in ex["prompts"]], ex["vertices"]
     out: dict[str, Any] = {"fusion": [], "fit": [], "refine": [], "neutral": {}}
+    floor = linear_space_floor(model, truth.rig.neutral, true_vertices, region)
+    out["floor"] = {"neutral": _scalars(floor["neutral"]),
+                    "expressions": [{"expression": e, **_scalars(f)} for e, f in zip(prompts, floor["expressions"], strict=True)]}
     for e, f in fusion.expressions.items():
         if not f.ok or e not in prompts:
             continue

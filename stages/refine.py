@@ -413,9 +413,9 @@ def refine_subject(fit: FitInput, fused: Any, cfg: RefineConfig, model: FaceMode
         elif scan is None or not scan.ok:
             rejected[e] = f"no fused scan: {scan.reason if scan is not None else 'absent from the fusion'}"
         else:
-            r, e_out = _refine_one(fit.vertices[e], scan, fit.scan_from_head[e], model, cfg)
+            r, why = _refine_one(fit.vertices[e], scan, fit.scan_from_head[e], model, cfg)
             if r is None:
-                rejected[e] = e_out
+                rejected[e] = why
             else:
                 refined[e] = r
     ne = fit.neutral_expression

@@ -79,6 +79,16 @@ def test_factory_file_converts_through_the_restricted_unpickler(made, flame):
     assert np.linalg.norm(pts[LANDMARK_IDS] - ict_pts[LANDMARK_IDS], axis=1).max() < 1e-3
 
 
+def test_command_line_conversion(made, tmp_path, capsys):
+    from rigs.flame import main
+
+    dst = tmp_path / "cli.npz"
+    assert main([str(made.pickle_path), str(dst), "--n-shape", "20", "--masks", str(made.masks_path)]) == 0
+    assert "2323 vertices, 4480 triangles, 20 identity + 12 expression columns, 5 joints, 2075 fitting vertices" in capsys.readouterr().out
+    assert main([str(made.landmarks_path), str(tmp_path / "x.npz")]) == 1
+    assert "mediapipe_landmark_embedding.npz: cannot read FLAME model" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("weights", lambda a: a["weights"][:, :4], r"weights must be \(2323, 5\)"),
     ("weights", lambda a: a["weights"] * 2, "sum to 1"),
@@ -156,7 +166,13 @@ def test_eyes_rotate_rigidly_about_their_joints_and_follow_the_neck(made, flame)
 
 
 def test_subset_evaluates_the_same_vertices(flame):
-    """``subset`` (the fit's optional speed-up) gives the full model's rows (to round-off)."""
+    """``subset`` (the fit's optional speed-up) gives the full model's rows (to round-off),
+    and the model has every member of the fit's ``DeformableModel`` protocol."""
+    from rigs.deformable import DeformableModel, Subsettable
+
+    assert isinstance(flame, Subsettable)
+    members = [m for m in DeformableModel.__annotations__] + ["vertices"]
+    assert all(hasattr(flame, m) for m in members), [m for m in members if not hasattr(flame, m)]
     rng = np.random.default_rng(9)
     beta, psi, art = rng.normal(size=20), rng.normal(size=(2, 12)), rng.normal(size=(2, 12)) * 0.2
     ids = np.array([5, 1700, 2200, 17])
@@ -279,18 +295,39 @@ def test_rig_from_a_flame_model_on_ict_s_own_surface_gives_back_the_ict_meshes(i
     np.testing.assert_allclose(res.flame_from_rig, np.tile(np.eye(4), (3, 1, 1)), atol=1e-6)
 
 
-def test_rig_from_the_decimated_flame_model_and_the_deformation_seam(made, flame, ict):
+def refinement_deformer(face_model, crop_mm: float = 10.0):
+    """The refinement's Laplacian solver (``stages.refine.refine_expression``) as a
+    :data:`rigs.flame_register.Deformer`: the FLAME surface, cropped to the triangles
+    within ``crop_mm`` of the rig's face region (a whole head has no majority of normals
+    facing a viewpoint), is the "scan" of a virtual camera 0.5 m in front of the face."""
+    from scipy.spatial import cKDTree
+
+    from stages.refine import RefineConfig, refine_expression
+
+    def deform(mesh: np.ndarray, flame_vertices: np.ndarray, flame_triangles: np.ndarray) -> np.ndarray:
+        centres = flame_vertices[flame_triangles].mean(1)
+        near = cKDTree(mesh[face_model.fitting_vertices]).query(centres)[0] < crop_mm * 1e-3
+        view = np.eye(4)
+        view[2, 3] = -0.5  # camera = head frame moved 0.5 m along +z (in front of the face)
+        result, _ = refine_expression(mesh, flame_vertices + view[:3, 3], flame_triangles[near], view,
+                                      face_model, RefineConfig())
+        return result.vertices
+
+    return deform
+
+
+def test_rig_from_the_decimated_flame_model_deformed_by_the_refinement(made, flame, ict):
     """The 2,323-vertex factory model (its surface a decimation of ICT's: the true ICT mesh
     lies a median 0.11-0.12 mm, p90 0.28-0.32 mm from it), neutral and an expression,
     and a third scan with the jaw opened 11 deg by LBS (not in ICT's span: ICT opens it
     with a blendshape). Measured, fit only: per-vertex error against ICT on the first two
     scans median 0.47/0.47 mm, p90 0.78/0.77 mm (without the jaw scan, which pulls the
     shared identity: 0.31-0.35 / 0.51-0.54 mm); the jaw scan's fit lies a median 0.22 mm
-    (p90 1.0 mm) from its surface, jawOpen weight 0.52. With a deformer (here: each
-    face vertex to its closest FLAME point) the output lies on the FLAME surface once
-    mapped by flame_from_rig, so the frames around ``deform`` are right."""
-    from rigs.geometry import ClosestPoints
-
+    (p90 1.0 mm) from its surface, jawOpen weight 0.52. Deformed by the refinement's
+    Laplacian solver: distance to the FLAME surfaces median 0.13/0.13/0.22 ->
+    0.11/0.12/0.16 mm, p90 0.38/0.39/1.01 -> 0.29/0.31/0.67 mm; per-vertex error of the
+    first two 0.47 -> 0.41/0.42 mm median. The deformer gets the fit in the FLAME frame,
+    and its output comes back through flame_from_rig exactly."""
     rng = np.random.default_rng(7)
     beta, psi = rng.normal(size=20), rng.uniform(0, 0.8, size=(3, 12))
     psi[0] = 0
@@ -299,25 +336,24 @@ def test_rig_from_the_decimated_flame_model_and_the_deformation_seam(made, flame
     truth, _ = _ict_truth(ict, made, beta, psi)
     surfaces = flame.vertices_np(beta, psi, art)
     face = ict.fitting_vertices
-    calls = []
+    solver, calls = refinement_deformer(ict), []
 
-    def project(mesh, target_vertices, target_triangles):
-        calls.append(mesh)
-        out = mesh.copy()
-        out[face] = ClosestPoints(target_vertices, target_triangles).query(mesh[face])[0]
-        return out
+    def deform(mesh, target_vertices, target_triangles):
+        calls.append((mesh, solver(mesh, target_vertices, target_triangles)))
+        return calls[-1][1]
 
-    res = rig_meshes_from_flame(surfaces, flame.triangles, ict, flame_landmarks=flame.landmarks, deform=project)
-    err = np.linalg.norm(res.fitted - truth, axis=2)[:2, face] * 1e3
-    assert np.median(err, 1).max() < 0.6 and np.percentile(err, 90, 1).max() < 1.0, (np.median(err, 1), np.percentile(err, 90, 1))
+    res = rig_meshes_from_flame(surfaces, flame.triangles, ict, flame_landmarks=flame.landmarks, deform=deform)
+    fit_err = np.linalg.norm(res.fitted - truth, axis=2)[:2, face] * 1e3
+    assert np.median(fit_err, 1).max() < 0.6 and np.percentile(fit_err, 90, 1).max() < 1.0, fit_err
     assert res.fit_median_mm[2] < 0.35 and res.weights[2, ict.expression_names.index("jawOpen")] > 0.3
     assert len(calls) == 3
-    for s in range(3):  # deformer input = the fit in the FLAME frame; output mapped back
+    for s in range(3):  # deformer input = the fit in the FLAME frame; its output mapped back
         rot, t = res.flame_from_rig[s, :3, :3], res.flame_from_rig[s, :3, 3]
-        np.testing.assert_allclose(calls[s], res.fitted[s] @ rot.T + t, atol=1e-6)
-        on_flame = res.vertices[s].astype(np.float64) @ rot.T + t
-        assert ClosestPoints(surfaces[s], flame.triangles).query(on_flame[face])[1].max() < 1e-6
-    assert res.median_mm.max() < 1e-3 < res.fit_median_mm.min()
+        np.testing.assert_allclose(calls[s][0], res.fitted[s] @ rot.T + t, atol=1e-6)
+        np.testing.assert_allclose(res.vertices[s] @ rot.T + t, calls[s][1], atol=1e-6)
+    assert (res.median_mm < res.fit_median_mm - 0.01).all() and (res.p90_mm < res.fit_p90_mm - 0.05).all()
+    err = np.linalg.norm(res.vertices - truth, axis=2)[:2, face] * 1e3
+    assert (np.median(err, 1) < np.median(fit_err, 1) - 0.03).all(), (np.median(err, 1), np.median(fit_err, 1))
 
 
 def test_registration_refuses_bad_inputs_and_config(ict, flame):
@@ -348,6 +384,27 @@ def test_a_surface_the_rig_cannot_reach_is_a_rejection_not_a_mesh(ict, flame):
     assert re.fullmatch(r"only \d+ rig vertices found the FLAME surface within 10.0 mm .*\(iteration 0\)", res.reasons[0])
 
 
+#: Test speed: 1,000 rig vertices, 8 iterations (defaults 3,000 and 12).
+FAST = FlameRegistrationConfig(max_vertices=1000, iterations=8)
+
+
+def test_a_rejected_surface_does_not_bend_the_others(ict, flame):
+    """Two good surfaces and one 30 % too large (metric scale is not free). Measured (FAST):
+    the large one ends a median 4.82 mm away after the first pass and is rejected; the
+    good ones, pulled to 0.29/0.31 mm by it, are fitted again without it and come out
+    exactly as when fitted alone (0.081/0.083 mm from their surfaces)."""
+    rng = np.random.default_rng(11)
+    beta, psi = rng.normal(size=20), rng.uniform(0, 0.6, size=(3, 12))
+    surfaces = flame.vertices_np(beta, psi)
+    surfaces[1] *= 1.3
+    mixed = rig_meshes_from_flame(surfaces, flame.triangles, ict, flame_landmarks=flame.landmarks, config=FAST)
+    alone = rig_meshes_from_flame(surfaces[[0, 2]], flame.triangles, ict, flame_landmarks=flame.landmarks, config=FAST)
+    assert mixed.ok.tolist() == [True, False, True] and mixed.reasons[1].startswith("the rig's fit lies a median")
+    assert np.isnan(mixed.fit_median_mm[1]) and np.isnan(mixed.vertices[1]).all()
+    np.testing.assert_allclose(mixed.vertices[[0, 2]], alone.vertices, atol=1e-9)
+    np.testing.assert_allclose(mixed.identity, alone.identity, atol=1e-6)
+
+
 def test_registration_without_landmarks_starts_from_the_centroids(ict, flame):
     """No landmark embedding: the mean FLAME surface moved 50 cm away is still found from
     the centroid start. Measured: translation off by 0.27 mm, rotation by 0.10 deg (with
@@ -357,3 +414,82 @@ def test_registration_without_landmarks_starts_from_the_centroids(ict, flame):
     assert np.linalg.norm(res.flame_from_rig[0, :3, 3] - [0.1, 0.0, 0.5]) < 5e-4
     assert np.rad2deg(Rotation.from_matrix(res.flame_from_rig[0, :3, :3]).magnitude()) < 0.2
 
+
+
+# ------------------------------------------------------------- through the product's fit
+
+
+def _scan_observations(flame: FlameModel, vertices: np.ndarray, seed: int) -> tuple[list, np.ndarray]:
+    """One ray-cast depth scan per posed FLAME mesh (face region, exact normals, reference
+    camera frame) with a second camera 7 deg away; landmarks = FLAME's embedded points
+    projected (NaN where the embedding has none). Returns (observations, (S, 4, 4) true
+    scan_from_head)."""
+    from rigs.camera import Camera
+    from rigs.raycast import Scene, vertex_normals
+    from stages.fit_solve import ScanObservation
+
+    rng = np.random.default_rng(seed)
+    centre = np.array([0.0, 0.01, 0.06])
+    face = np.zeros(flame.n_vertices, bool)
+    face[flame.fitting_vertices] = True
+    face_tri = face[flame.triangles].any(1)
+    obs, poses = [], []
+    for s, verts in enumerate(vertices):
+        yaw, pitch = rng.uniform(-0.3, 0.3), rng.uniform(-0.15, 0.15)
+        cams = []
+        for dy, dp in ((0.0, 0.0), (0.12, -0.05)):
+            y, p = yaw + dy, pitch + dp
+            eye = centre + 0.32 * np.array([np.cos(p) * np.sin(y), np.sin(p), np.cos(p) * np.cos(y)])
+            cams.append(Camera.look_at(eye, centre, np.array([0.0, 1.0, 0.0]), width=200, height=266,
+                                       focal=100 / np.tan(np.deg2rad(30))))
+        cam_from_head = []
+        for cam in cams:
+            t = np.eye(4)
+            t[:3, :3], t[:3, 3] = cam.R_world_from_camera.T, -cam.R_world_from_camera.T @ cam.t_world_from_camera
+            cam_from_head.append(t)
+        g = Scene(verts, flame.triangles).render(cams[0])
+        keep = g.hit & face_tri[np.where(g.hit, g.triangle, 0)]
+        normals = g.interpolate(flame.triangles, vertex_normals(verts, flame.triangles))[keep].astype(np.float64)
+        ref = cam_from_head[0]
+        lm = flame.landmarks.points(verts, flame.triangles)
+        uv = np.stack([cam.project(np.nan_to_num(lm))[0] for cam in cams])
+        uv[:, ~np.isfinite(lm).all(1)] = np.nan
+        obs.append(ScanObservation(
+            f"scan{s}", g.points[keep].astype(np.float64) @ ref[:3, :3].T + ref[:3, 3], normals @ ref[:3, :3].T,
+            None, cams[0].K, uv, np.stack([ref @ np.linalg.inv(t) for t in cam_from_head]), 0,
+            np.zeros(flame.n_expression)))
+        poses.append(ref)
+    return obs, np.stack(poses)
+
+
+@pytest.mark.xfail(strict=True, reason="stages/fit_solve.py does not yet drop landmarks the model's embedding "
+                   "lacks (NaN barycentrics): one line in _Problem.__init__, see docs/flame.md")
+def test_the_product_fit_recovers_a_flame_instance(flame):
+    """``stages.fit_solve.fit_scans`` (the fit branch) on the factory FLAME model: 3 scans,
+    10 of 20 identity modes, psi ~ N(0, 0.5), one scan with the jaw open 11 deg, one with
+    jaw + sideways jaw; FLAME's partial landmark embedding (105 of 478). Measured with the
+    fit branch at 9f418d5 plus the NaN-landmark filter (one line in ``_Problem``: keep
+    only landmark ids with finite barycentrics): identity within 0.075, psi within 0.066,
+    articulation within 0.009 rad (0.52 deg), vertex error in the scan frame mean
+    0.12-0.17 mm, p99 0.46-0.75 mm; 4.5 s. Without the filter the missing landmarks make
+    the energy NaN and the fit ends a mean 5.8-25 mm off: strict xfail until the filter is
+    in (then this passes and the marker must go)."""
+    from stages import fit_solve
+
+    rng = np.random.default_rng(0)
+    beta = np.zeros(20)
+    beta[rng.choice(20, 10, replace=False)] = rng.normal(size=10)
+    psi = rng.normal(size=(3, 12)) * 0.5
+    art = np.zeros((3, 12))
+    art[1, 3], art[2, 3:6] = 0.2, [0.1, 0.05, 0.0]
+    vertices = flame.vertices_np(beta, psi, art)
+    obs, truth = _scan_observations(flame, vertices, seed=0)
+    cfg = fit_solve.FitConfig(scan_vertices=1500, identity_prior=1e-5, expression_prior=1e-5)
+    res = fit_solve.fit_scans(flame, obs, cfg)
+    posed = np.einsum("sij,svj->svi", res.scan_from_head[:, :3, :3], res.vertices) + res.scan_from_head[:, None, :3, 3]
+    true = np.einsum("sij,svj->svi", truth[:, :3, :3], vertices) + truth[:, None, :3, 3]
+    err = np.linalg.norm(posed - true, axis=2)[:, flame.fitting_vertices] * 1e3
+    assert err.mean() < 0.3 and np.percentile(err, 99) < 1.2, (err.mean(1), np.percentile(err, 99, 1))
+    np.testing.assert_allclose(res.identity, beta, atol=0.15)
+    np.testing.assert_allclose(res.weights, psi, atol=0.13)
+    np.testing.assert_allclose(res.articulation, art, atol=0.02)

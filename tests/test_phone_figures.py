@@ -93,3 +93,32 @@ def test_fit_error_colours_match_known_errors(subject) -> None:
     assert np.abs(colour_at(tip) - error_colours(np.array([2.0]))[0] * 255).max() < 20
     cheek = rest[np.argmin(np.linalg.norm(verts[rest] - (verts[tip] + [0.045, 0.0, -0.03]), axis=1))]
     assert np.abs(colour_at(cheek) - error_colours(np.array([0.0]))[0] * 255).max() < 12
+
+
+def test_true_albedo_in_uv_and_the_texture_figure(subject) -> None:
+    """Texels of triangles the photo does not reach (weight 0 at every corner) and whose
+    corners share one part colour get exactly that colour, tinted and sRGB-encoded, as the
+    phone renderer draws it; the figure puts baked and true side by side at one scale."""
+    from rigs.uv_raster import rasterize_uv
+    from stages.synthesis.texture import load_default_texture
+    from workflows.phone_figures import texture_figure, true_albedo_uv
+
+    _, truth, _, _ = subject
+    model = truth.rig.model
+    tex = load_default_texture()
+    tri = np.flatnonzero(~model.part_triangle_mask("eyeball_left", "eyeball_right"))
+    raster = rasterize_uv(model.uv, model.triangle_uv, 128, 4, tri)
+    tint = np.asarray(truth.meta["tint"], np.float32)
+    img = true_albedo_uv(raster, model, tint)
+    assert img.shape == (128, 512, 3)
+    corners = model.triangles[raster.triangle]  # (k, 3)
+    flat = (tex.vertex_weight[corners].max(1) == 0) & (np.ptp(tex.vertex_albedo[corners], axis=1).max(1) == 0)
+    assert flat.sum() > 100
+    expected = (np.clip(tex.vertex_albedo[corners[flat, 0]] * tint, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
+    got = img.reshape(-1, 3)[raster.texel[flat]]
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    baked = np.zeros((128, 512, 4), np.uint8)
+    baked[..., :3], baked[:64, ..., 3] = img, 255  # top half "seen"
+    fig = texture_figure(baked, img)
+    assert fig.shape == (128, 1024, 3)
+    assert np.array_equal(fig[80:, 512:], img[80:]) and (fig[80:, :512] == 40).all()

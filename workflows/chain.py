@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from pipeline.stage import Chain, Publish, Stage
 from stages.face_mask import refine_masks_for_capture
+from stages.fit import fit_capture
 from stages.fusion import fuse_capture
 from stages.landmarks import detect_landmarks_for_capture
+from stages.refine import refine_capture
+from stages.texture import texture_capture
 from stages.validation import validate_capture_stage
 
 #: The default chain, in order. Later issues append their stages here.
@@ -38,6 +41,24 @@ STAGES: list[Stage] = [
         config_fields=("fusion",), outputs=("rows",),
         description="landmark-initialised RANSAC + point-to-plane ICP, Poisson mesh per expression",
         library_versions=("open3d",),
+    ),
+    Stage(
+        name="fit", version="1", fn=fit_capture, inputs=("capture", "landmarks", "fusion"),
+        config_fields=("fit",), outputs=("rows",),
+        description="joint morphable-model fit: shared identity, expression and head pose per scan",
+        library_versions=("torch", "scipy", "opencv-contrib-python"),
+    ),
+    Stage(
+        name="refine", version="1", fn=refine_capture, inputs=("capture", "fusion", "fit"),
+        config_fields=("refine",), outputs=("rows",),
+        description="Laplacian non-rigid refinement of each expression toward its scan",
+        library_versions=("scipy",),
+    ),
+    Stage(
+        name="texture", version="1", fn=texture_capture, inputs=("capture", "fusion", "refine"),
+        config_fields=("texture",), outputs=("rows",),
+        description="phone RGB fused into the template's UV atlas, with per-texel confidence",
+        library_versions=("opencv-contrib-python",),
     ),
 ]
 

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 from pipeline import __version__
 from stages.face_mask import FaceMaskConfig
+from stages.fit_solve import FitConfig
 from stages.fusion import FusionConfig
 from stages.landmarks import LandmarksConfig
+from stages.refine import RefineConfig
+from stages.texture import TextureConfig
 from stages.validation import ValidateConfig
 
 
@@ -23,5 +26,8 @@ class RunConfig:
     landmarks: LandmarksConfig = field(default_factory=LandmarksConfig)
     face_mask: FaceMaskConfig = field(default_factory=FaceMaskConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    texture: TextureConfig = field(default_factory=TextureConfig)
     pipeline_version: str = __version__
     """Written into every label row."""

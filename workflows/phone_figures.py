@@ -3,7 +3,8 @@
 For one subject of a run:
 
 - ``phone_mask.png``: the refined face mask on a phone frame | the true face region (the
-  true mesh's ``face`` part ray cast through the true camera), with their IoU;
+  true mesh's face-region triangles, :mod:`stages.geometry_eval`, ray cast through the
+  true camera), with their IoU;
 - ``phone_fused.png``: the fused scan, shaded, from its reference camera | the true mesh
   from the same camera;
 - ``phone_fit_error.png``: the refined (else fitted) mesh coloured by per-vertex error
@@ -125,9 +126,12 @@ def frontal_camera(vertices: np.ndarray, width: int = 480, height: int = 560) ->
 
 
 def true_face_mask(truth_vertices: np.ndarray, model: Any, camera: Camera) -> np.ndarray:
-    """(H, W) bool pixels where the true mesh's ``face`` part is the first surface hit."""
+    """(H, W) bool pixels where the true mesh's face region (the triangles of
+    :func:`stages.geometry_eval.face_region`) is the first surface hit."""
+    from stages.geometry_eval import face_region, face_region_triangles
+
     _, tri = shaded(truth_vertices, model.triangles, camera)
-    face_tri = model.part_triangle_mask("face")
+    face_tri = face_region_triangles(model.triangles, face_region(model))
     return (tri >= 0) & face_tri[np.maximum(tri, 0)]
 
 
