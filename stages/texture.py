@@ -252,6 +252,12 @@ def sample_vertices(texture: UvTexture, model: Any, linear: bool = True) -> tupl
 # ------------------------------------------------------------------------ the stage
 
 
+def skipped_row(expression: str, frame: int, reason: str) -> dict[str, Any]:
+    """The record of a phone frame that did not contribute, with why."""
+    return {"expression": expression, "frame_index": int(frame), "status": "skipped", "reason": reason,
+            "texels": 0, "mean_cos": float("nan"), "gain": float("nan")}
+
+
 def select_views(capture: Any, expression: str, fused: Any, scan_from_head: np.ndarray,
                  cfg: TextureConfig) -> tuple[list[View], list[dict[str, Any]]]:
     """The frames of one expression to bake (registered by fusion, the most frontal first,
@@ -261,19 +267,19 @@ def select_views(capture: Any, expression: str, fused: Any, scan_from_head: np.n
     ids, used = fused.frame_ids.tolist(), set(fused.frames_used.tolist())
     for f in ids:
         if f not in used:
-            rows.append({"expression": expression, "frame_index": int(f), "status": "skipped",
-                         "reason": "not registered by fusion", "texels": 0, "mean_cos": float("nan"),
-                         "gain": float("nan")})
+            rows.append(skipped_row(expression, f, "not registered by fusion"))
             continue
-        pose = fused.poses[ids.index(f)]
-        cam = camera_from_pose(intr, np.linalg.inv(pose) @ scan_from_head)
+        pose = np.linalg.inv(fused.poses[ids.index(f)]) @ scan_from_head
+        if not np.isfinite(pose).all():
+            rows.append(skipped_row(expression, f, "camera pose not finite (fusion pose or scan_from_head)"))
+            continue
+        cam = camera_from_pose(intr, pose)
         views.append(View(int(f), cam, lambda e=expression, i=int(f): capture.read_phone_frame(e, i).rgb))
     views.sort(key=lambda v: (-frontalness(v.camera), v.frame))
     keep = cfg.max_frames_per_expression or len(views)
     for v in views[keep:]:
-        rows.append({"expression": expression, "frame_index": v.frame, "status": "skipped",
-                     "reason": f"not among the {keep} most frontal frames (max_frames_per_expression)",
-                     "texels": 0, "mean_cos": float("nan"), "gain": float("nan")})
+        rows.append(skipped_row(expression, v.frame,
+                                f"not among the {keep} most frontal frames (max_frames_per_expression)"))
     return views[:keep], rows
 
 
@@ -318,9 +324,7 @@ def texture_subject(capture: Any, fused: Any, refined: Any, cfg: TextureConfig,
             if r is not None:
                 skipped[e] = "fusion: " + (f.reason if f is not None else "no fused scan")
             skipped.setdefault(e, "no refined mesh")
-            rows += [{"expression": e, "frame_index": i, "status": "skipped", "reason": f"expression skipped: {skipped[e]}",
-                      "texels": 0, "mean_cos": float("nan"), "gain": float("nan")}
-                     for i in range(capture.phone_frame_count(e))]
+            rows += [skipped_row(e, i, f"expression skipped: {skipped[e]}") for i in range(capture.phone_frame_count(e))]
             continue
         if np.shape(r.vertices) != (model.n_vertices, 3):
             raise StageError(f"refined mesh of {e!r} has shape {np.shape(r.vertices)}; "
@@ -334,7 +338,7 @@ def texture_subject(capture: Any, fused: Any, refined: Any, cfg: TextureConfig,
                          f"(skipped: {skipped or 'none'})")
     for e, _, _views in work:
         if not any(r["expression"] == e and r["status"] == "used" for r in baked):
-            skipped[e] = "no frame saw any texel"
+            skipped[e] = "no frame contributed (see its rows)"
     order = {e: i for i, e in enumerate(capture.phone_expressions)}
     rows = sorted(rows + baked, key=lambda r: (order[r["expression"]], r["frame_index"]))
     return make_texture(capture.subject_id, model, raster, colour, weight, count, rows, skipped, cfg)

@@ -441,3 +441,17 @@ def test_frame_rule_keeps_the_most_frontal_frames_and_bakes_reproducibly(tiny_su
         mine = {r["frame_index"]: r for r in tex.rows if r["expression"] == e}
         assert mine[frontal]["status"] == "used"
         assert mine[1 - frontal]["status"] == "skipped" and "most frontal" in mine[1 - frontal]["reason"]
+
+
+def test_a_frame_without_a_finite_pose_is_a_record(tiny_subject) -> None:
+    capture_dir, truth_dir = tiny_subject
+    cap, _, fusion, refine = truth_inputs(capture_dir, truth_dir, drop_expression="", unregistered=("", -1))
+    e = cap.phone_expressions[1]
+    arrays = dict(refine.arrays)
+    arrays[f"{e}.scan_from_head"] = np.full((4, 4), np.nan)
+    tex = UvTexture.from_output(texture_capture(cap, fusion, StageOutput(arrays=arrays, meta=refine.meta, tables=refine.tables),
+                                                TextureConfig(resolution=64)))
+    mine = [r for r in tex.rows if r["expression"] == e]
+    assert [r["status"] for r in mine] == ["skipped", "skipped"] and "not finite" in mine[0]["reason"]
+    assert tex.skipped == {e: "no frame contributed (see its rows)"}
+    assert sum(r["status"] == "used" for r in tex.rows) == 2 * (len(cap.phone_expressions) - 1)
