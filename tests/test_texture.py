@@ -19,6 +19,8 @@ from stages.texture_bake import (
     bake,
     camera_from_pose,
     linear_to_srgb,
+    mesh_depth,
+    near_silhouette,
     sample_texture,
     srgb_to_linear,
 )
@@ -210,6 +212,28 @@ def test_occluded_and_grazing_texels_are_not_observed() -> None:
     far = away_from_edges(r) & visible
     truth = checker(uv)
     assert np.abs(colour[far] - truth[far]).max() < 0.02
+
+
+def test_mesh_depth_is_camera_z_and_silhouettes_are_found() -> None:
+    """A plane 0.3 m in front of a camera rolled 90 degrees and shifted: the cast depth is
+    camera z (0.3 at every hit pixel, not the ray length), inf off the plane; pixels within
+    the margin of the plane's outline are near a silhouette, the rest are not."""
+    from rigs.raycast import Scene
+
+    cam = Camera.look_at(np.array([0.01, 0.02, 0.3]), np.array([0.01, 0.02, 0.0]), np.array([1.0, 0, 0]),
+                         width=80, height=60, focal=100)
+    plane = np.array([[-0.05, -0.05, 0], [0.05, -0.05, 0], [0.05, 0.05, 0], [-0.05, 0.05, 0]])
+    depth = mesh_depth(Scene(plane, QUAD_TRIS), cam, 0, 0, 79, 59)
+    hit = np.isfinite(depth)
+    assert 0.1 < hit.mean() < 0.9 and np.abs(depth[hit] - 0.3).max() < 1e-6
+    near = near_silhouette(depth, 2)
+    assert near[~hit].all()
+    inner = hit & ~near
+    assert inner.sum() > 0.5 * hit.sum()
+    from scipy.ndimage import binary_erosion
+
+    # exactly the hit pixels more than 2 pixels (Chebyshev) from any pixel that misses
+    assert np.array_equal(inner, binary_erosion(hit, np.ones((5, 5)), border_value=1))
 
 
 def test_exposure_compensation_removes_the_seam_between_frames() -> None:
