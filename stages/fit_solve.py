@@ -223,6 +223,8 @@ class _Problem:
         corners = np.zeros((0, 3), np.int64)
         if emb is not None and cfg.landmark_weight > 0:
             lm_ids = lm_ids[lm_ids < len(emb.triangle)]
+            # a partial embedding (FLAME 2023 places 105 of 478) marks the rest with NaN
+            lm_ids = lm_ids[np.isfinite(np.asarray(emb.barycentric)[lm_ids]).all(1)]
             corners = np.asarray(model.triangles, np.int64)[np.asarray(emb.triangle)[lm_ids]]
         else:
             lm_ids = np.zeros(0, np.int64)

@@ -462,8 +462,6 @@ def _scan_observations(flame: FlameModel, vertices: np.ndarray, seed: int) -> tu
     return obs, np.stack(poses)
 
 
-@pytest.mark.xfail(strict=True, reason="stages/fit_solve.py does not yet drop landmarks the model's embedding "
-                   "lacks (NaN barycentrics): one line in _Problem.__init__, see docs/flame.md")
 def test_the_product_fit_recovers_a_flame_instance(flame):
     """``stages.fit_solve.fit_scans`` (the fit branch) on the factory FLAME model: 3 scans,
     10 of 20 identity modes, psi ~ N(0, 0.5), one scan with the jaw open 11 deg, one with
