@@ -123,6 +123,8 @@ def register_rig(fit_output: Any, fit: Any, face_model: FaceModel, cfg: Any,
     result's ``scan_from_head`` becomes ``scan_from_head_flame @ flame_from_rig`` (the
     fusion reference camera from the RIG head frame). A surface the registration rejects
     becomes a rejected expression whose reason starts with ``"flame registration: "``.
+    When every surface is rejected together (one bad surface among few pulls the shared
+    identity), each is registered alone, so the good ones still go on.
     The identity-only mesh is dropped (FLAME topology; the neutral comes from the
     registered neutral expression).
 
@@ -149,18 +151,28 @@ def register_rig(fit_output: Any, fit: Any, face_model: FaceModel, cfg: Any,
     if not expressions:
         return fit
     surfaces = np.stack([np.asarray(fit.vertices[e], np.float64) for e in expressions])
-    try:
-        reg = rig_meshes_from_flame(surfaces, triangles, face_model, flame_landmarks=landmarks,
-                                    deform=refinement_deformer(face_model, cfg), config=registration)
-    except ModelError as exc:
-        raise StageError(f"refine: the fit's FLAME meshes cannot be registered: {exc}") from exc
+    deform = refinement_deformer(face_model, cfg)
+
+    def register(ids: list[int]) -> Any:
+        try:
+            return rig_meshes_from_flame(surfaces[ids], triangles, face_model, flame_landmarks=landmarks,
+                                         deform=deform, config=registration)
+        except ModelError as exc:
+            raise StageError(f"refine: the fit's FLAME meshes cannot be registered: {exc}") from exc
+
+    reg = register(list(range(len(expressions))))
+    results = [(reg, s) for s in range(len(expressions))]
+    if len(expressions) > 1 and not reg.ok.any():
+        # the identity is shared: one bad surface among few can pull every fit past the
+        # gate, so each surface gets a chance alone before the subject loses them all
+        results = [(register([s]), 0) for s in range(len(expressions))]
     rejected = dict(fit.rejected)
     vertices, poses = {}, {}
-    for s, e in enumerate(expressions):
-        if reg.reasons[s]:
-            rejected[e] = f"flame registration: {reg.reasons[s]}"
+    for e, (r, s) in zip(expressions, results, strict=True):
+        if r.reasons[s]:
+            rejected[e] = f"flame registration: {r.reasons[s]}"
         else:
-            vertices[e] = reg.vertices[s]
-            poses[e] = np.asarray(fit.scan_from_head[e], np.float64) @ reg.flame_from_rig[s]
+            vertices[e] = r.vertices[s]
+            poses[e] = np.asarray(fit.scan_from_head[e], np.float64) @ r.flame_from_rig[s]
     return replace(fit, expressions=tuple(e for e in expressions if e in vertices), rejected=rejected,
                    vertices=vertices, scan_from_head=poses, identity_neutral=None)

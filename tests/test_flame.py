@@ -633,7 +633,11 @@ def test_a_flame_mesh_the_rig_cannot_reach_is_a_rejected_expression(flame_stage_
     free, so no rig mesh matches it): the registration rejects it (measured in the
     registration's own test: ~4.8 mm median) and refits the other two without it; the refine
     stage records it as a rejected expression with the registration's reason and refines
-    the others."""
+    the others. With only the neutral and the bad one, the joint pass rejects both (the
+    bad surface pulls the shared identity past the 1 mm gate; without the fallback the
+    subject failed with "no neutral"); each is then registered alone: the neutral goes on,
+    and the big one, registered on its own (own identity), lands 30 % away from its real
+    scan and the refinement rejects it (0 % of the face region finds the scan)."""
     from pipeline.serialize import StageOutput
     from stages.refine import RefineConfig, RefinedSubject, refine_capture
 
@@ -649,6 +653,14 @@ def test_a_flame_mesh_the_rig_cannot_reach_is_a_rejected_expression(flame_stage_
     assert refined.rejected["big"].startswith("not fitted: flame registration: the rig's fit lies a median")
     rows = {r["expression"]: r["status"] for r in refined.rows().to_pylist()}
     assert rows == {"neutral": "refined", "smile": "refined", "big": "rejected"}
+
+    # two surfaces, one bad: the joint pass rejects both (the bad one pulls the shared
+    # identity), so each is registered alone and the neutral still goes on
+    arrays = dict(flame_fit_output.arrays, **{"smile.vertices": arrays["big.vertices"]})
+    bent = StageOutput(arrays=arrays, meta=flame_fit_output.meta, tables=flame_fit_output.tables)
+    refined = RefinedSubject.from_output(refine_capture(cap, fusion, bent, {"refine": RefineConfig()}))
+    assert refined.expressions == ["neutral"] and list(refined.rejected) == ["smile"]
+    assert refined.rejected["smile"].startswith("too few scan correspondences: 0.0%")
 
 
 def test_a_bad_flame_file_is_a_clear_error_naming_it(tmp_path, flame_stage_inputs):
