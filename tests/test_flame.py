@@ -295,27 +295,6 @@ def test_rig_from_a_flame_model_on_ict_s_own_surface_gives_back_the_ict_meshes(i
     np.testing.assert_allclose(res.flame_from_rig, np.tile(np.eye(4), (3, 1, 1)), atol=1e-6)
 
 
-def refinement_deformer(face_model, crop_mm: float = 10.0):
-    """The refinement's Laplacian solver (``stages.refine.refine_expression``) as a
-    :data:`rigs.flame_register.Deformer`: the FLAME surface, cropped to the triangles
-    within ``crop_mm`` of the rig's face region (a whole head has no majority of normals
-    facing a viewpoint), is the "scan" of a virtual camera 0.5 m in front of the face."""
-    from scipy.spatial import cKDTree
-
-    from stages.refine import RefineConfig, refine_expression
-
-    def deform(mesh: np.ndarray, flame_vertices: np.ndarray, flame_triangles: np.ndarray) -> np.ndarray:
-        centres = flame_vertices[flame_triangles].mean(1)
-        near = cKDTree(mesh[face_model.fitting_vertices]).query(centres)[0] < crop_mm * 1e-3
-        view = np.eye(4)
-        view[2, 3] = -0.5  # camera = head frame moved 0.5 m along +z (in front of the face)
-        result, _ = refine_expression(mesh, flame_vertices + view[:3, 3], flame_triangles[near], view,
-                                      face_model, RefineConfig())
-        return result.vertices
-
-    return deform
-
-
 def test_rig_from_the_decimated_flame_model_deformed_by_the_refinement(made, flame, ict):
     """The 2,323-vertex factory model (its surface a decimation of ICT's: the true ICT mesh
     lies a median 0.11-0.12 mm, p90 0.28-0.32 mm from it), neutral and an expression,
@@ -336,7 +315,10 @@ def test_rig_from_the_decimated_flame_model_deformed_by_the_refinement(made, fla
     truth, _ = _ict_truth(ict, made, beta, psi)
     surfaces = flame.vertices_np(beta, psi, art)
     face = ict.fitting_vertices
-    solver, calls = refinement_deformer(ict), []
+    from stages.flame_mode import refinement_deformer
+    from stages.refine import RefineConfig
+
+    solver, calls = refinement_deformer(ict, RefineConfig()), []
 
     def deform(mesh, target_vertices, target_triangles):
         calls.append((mesh, solver(mesh, target_vertices, target_triangles)))
