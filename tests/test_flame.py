@@ -659,3 +659,27 @@ def test_a_bad_flame_file_is_a_clear_error_naming_it(tmp_path, flame_stage_input
         fit_capture(cap, landmarks, fusion, {"fit": FitConfig(flame_model=str(bad))})
     with pytest.raises(ConfigError, match="fit.flame_landmarks must be set only with fit.flame_model"):
         FitConfig(flame_landmarks=str(bad))
+
+
+def test_the_flame_files_enter_the_fit_cache_key_by_content(tmp_path):
+    """``fit.flame_model`` / ``fit.flame_landmarks`` are path fields: the fit stage's key
+    holds the files' fingerprints, so new bytes at the same path rerun the fit."""
+    from pipeline.config import with_overrides
+    from pipeline.stage import key_config
+    from workflows.chain import default_chain
+    from workflows.config import RunConfig
+
+    fit = next(s for s in default_chain().stages if s.name == "fit")
+    model, lms = tmp_path / "flame.npz", tmp_path / "lmk.npz"
+    model.write_bytes(b"one")
+    lms.write_bytes(b"lmk")
+
+    def key() -> dict:
+        cfg = with_overrides(RunConfig(), {"fit.flame_model": str(model), "fit.flame_landmarks": str(lms)})
+        return key_config(fit, cfg)["fit"]
+
+    first = key()
+    assert set(first["flame_model"]) == {"file"} and first["flame_model"] != first["flame_landmarks"]
+    model.write_bytes(b"two")
+    second = key()
+    assert second["flame_model"] != first["flame_model"] and second["flame_landmarks"] == first["flame_landmarks"]
