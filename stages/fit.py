@@ -14,7 +14,7 @@ from the head frame) and mesh (head frame, template topology), plus a ``rows`` t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.config import config_section
 from pipeline.errors import StageError
 from stages.fit_solve import FitConfig, FitResult, ScanObservation, fit_scans
+from stages.flame_mode import load_fit_model, topology_arrays
 
 __all__ = ["FitConfig", "FitRecord", "FittedSubject", "fit_capture", "fit_scans", "fit_subject",
            "observation_from_fusion"]
@@ -67,6 +68,10 @@ class FittedSubject:
         vertices: expression -> (n, 3) float32 fitted mesh, head frame.
         records: one per expression of the capture, in capture order.
         seconds: wall time of the fit.
+        articulation: expression -> (j,) float32 joint axis-angles (FLAME: neck, jaw, eyes,
+            12); empty for a model without joints (ICT).
+        topology: the model's topology when it is not the rig's (FLAME): ``model.triangles``
+            and the landmark embedding (:mod:`stages.flame_mode`); empty for ICT.
     """
 
     subject_id: str
@@ -79,6 +84,8 @@ class FittedSubject:
     vertices: dict[str, np.ndarray]
     records: tuple[FitRecord, ...]
     seconds: float = float("nan")
+    articulation: dict[str, np.ndarray] = field(default_factory=dict)
+    topology: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def expressions(self) -> list[str]:
@@ -110,6 +117,9 @@ class FittedSubject:
             arrays[f"{e}.weights"] = np.asarray(self.weights[e], np.float32)
             arrays[f"{e}.scan_from_head"] = np.asarray(self.scan_from_head[e], np.float64)
             arrays[f"{e}.vertices"] = np.asarray(self.vertices[e], np.float32)
+            if e in self.articulation:
+                arrays[f"{e}.articulation"] = np.asarray(self.articulation[e], np.float32)
+        arrays.update(self.topology)
         meta = {"subject_id": self.subject_id, "model": self.model, "expressions": self.expressions,
                 "rejected": self.rejected, "neutral_expression": self.neutral_expression,
                 "seconds": float(self.seconds)}
@@ -143,6 +153,8 @@ class FittedSubject:
             scan_from_head={e: np.asarray(arrays[f"{e}.scan_from_head"]) for e in fitted},
             vertices={e: np.asarray(arrays[f"{e}.vertices"]) for e in fitted},
             records=records, seconds=float(meta.get("seconds", float("nan"))),
+            articulation={e: np.asarray(arrays[f"{e}.articulation"]) for e in fitted if f"{e}.articulation" in arrays},
+            topology={k: np.asarray(v) for k, v in arrays.items() if k.startswith("model.")},
         )
 
 
@@ -270,7 +282,10 @@ def fit_subject(subject_id: str, expressions: list[str], fused: dict[str, Any], 
         weights={e: result.weights[i].astype(np.float32) for e, i in index.items()},
         scan_from_head={e: result.scan_from_head[i] for e, i in index.items()},
         vertices={e: result.vertices[i] for e, i in index.items()},
-        records=records, seconds=result.seconds)
+        records=records, seconds=result.seconds,
+        articulation={e: result.articulation[i].astype(np.float32) for e, i in index.items()}
+        if model.n_articulation else {},
+        topology=topology_arrays(model))
 
 
 def fit_capture(capture: Any, landmarks: Any, fusion: Any, config: Any = None) -> Any:
@@ -295,4 +310,5 @@ def fit_capture(capture: Any, landmarks: Any, fusion: Any, config: Any = None) -
     cfg = config_section(config, "fit", FitConfig)
     expressions = list(cap.phone_expressions)
     K = {e: cap.phone_intrinsics(e).K for e in expressions}
-    return fit_subject(cap.subject_id, expressions, scans.expressions, landmarks, K, cfg).to_output()
+    model = load_fit_model(cfg.flame_model, cfg.flame_landmarks)  # None = the embedded ICT model
+    return fit_subject(cap.subject_id, expressions, scans.expressions, landmarks, K, cfg, model).to_output()

@@ -35,7 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from pipeline.config import check_fields
+from pipeline.config import check_fields, path_field
 from pipeline.errors import ConfigError, StageError
 from rigs.deformable import DTYPE, DeformableModel, Subsettable, landmark_points, project, so3_exp
 from rigs.face_model import LandmarkEmbedding
@@ -100,6 +100,13 @@ class FitConfig:
     model normals use all of them, the reported residuals all scan points. >= 0."""
     max_scan_median_mm: float = 3.0
     """A fitted expression whose median scan-to-model distance exceeds this is rejected, mm. > 0."""
+    flame_model: str = path_field(kind="file")
+    """Converted FLAME ``.npz`` (``python -m rigs.flame``, docs/flame.md): the fit then uses
+    FLAME's spaces and skinning, and the refine stage registers the rig onto its meshes;
+    "" = the embedded ICT model. Its bytes enter the cache key."""
+    flame_landmarks: str = path_field(kind="file")
+    """FLAME's ``mediapipe_landmark_embedding.npz`` (or this product's format) for
+    ``flame_model``; "" = no landmark term. Needs ``flame_model``."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -122,6 +129,7 @@ class FitConfig:
             ("lbfgs_memory", self.lbfgs_memory >= 1, ">= 1"),
             ("scan_vertices", self.scan_vertices >= 0, ">= 0"),
             ("max_scan_median_mm", self.max_scan_median_mm > 0, "> 0"),
+            ("flame_landmarks", not self.flame_landmarks or bool(self.flame_model), "set only with fit.flame_model"),
         )
         for name, ok, rule in rules:
             if not ok:
@@ -223,6 +231,8 @@ class _Problem:
         corners = np.zeros((0, 3), np.int64)
         if emb is not None and cfg.landmark_weight > 0:
             lm_ids = lm_ids[lm_ids < len(emb.triangle)]
+            # a partial embedding (FLAME 2023 places 105 of 478) marks the rest with NaN
+            lm_ids = lm_ids[np.isfinite(np.asarray(emb.barycentric)[lm_ids]).all(1)]
             corners = np.asarray(model.triangles, np.int64)[np.asarray(emb.triangle)[lm_ids]]
         else:
             lm_ids = np.zeros(0, np.int64)

@@ -463,13 +463,17 @@ def refine_capture(capture: Any, fusion: Any, fit: Any, config: Any = None) -> A
     """
     import os
 
+    from stages.flame_mode import needs_registration, register_rig
     from stages.fusion import FusedScans
     from storage.capture import Capture
 
     cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
     fitted = FitInput.from_output(fit)
+    cfg = config_section(config, "refine", RefineConfig)
+    n_fit = len(next(iter(fitted.vertices.values()))) if fitted.vertices else None
+    if needs_registration(fit, n_fit, load_ict_face_model()):  # FLAME mode: the rig onto FLAME's meshes
+        fitted = register_rig(fit, fitted, load_ict_face_model(), cfg)
     known = set(fitted.expressions) | set(fitted.rejected)
     order = tuple(e for e in cap.phone_expressions if e in known)
     order += tuple(e for e in fitted.expressions + tuple(fitted.rejected) if e not in order)
-    cfg = config_section(config, "refine", RefineConfig)
     return refine_subject(fitted, FusedScans.from_output(fusion), cfg, order=order).to_output()
