@@ -223,6 +223,9 @@ class _Problem:
         corners = np.zeros((0, 3), np.int64)
         if emb is not None and cfg.landmark_weight > 0:
             lm_ids = lm_ids[lm_ids < len(emb.triangle)]
+            # a partial embedding (FLAME's covers ~105 of 478) marks absent landmarks with NaN
+            bary, tri = np.asarray(emb.barycentric)[lm_ids], np.asarray(emb.triangle)[lm_ids]
+            lm_ids = lm_ids[np.isfinite(bary).all(1) & (tri >= 0) & (tri < len(model.triangles))]
             corners = np.asarray(model.triangles, np.int64)[np.asarray(emb.triangle)[lm_ids]]
         else:
             lm_ids = np.zeros(0, np.int64)
