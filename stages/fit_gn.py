@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from rigs.deformable import DTYPE, so3_exp, vertex_jacobian
-from stages.fit_solve import FitConfig, _Problem, energy
+from stages.fit_solve import FitConfig, FitProblem, energy
 
 #: Scans per chunk when forming the normal equations (memory ~ chunk x rows x params).
 CHUNK = 8
@@ -45,7 +45,7 @@ def _skew(u: torch.Tensor) -> torch.Tensor:
     return torch.stack([z, -w, y, w, z, -x, -y, x, z], -1).reshape(*u.shape, 3)
 
 
-def _model_jacobian(prob: _Problem, P: dict[str, torch.Tensor]) -> torch.Tensor:
+def _model_jacobian(prob: FitProblem, P: dict[str, torch.Tensor]) -> torch.Tensor:
     """(S' in {1, S}, p, 3, k + e + j) derivatives of the optimisation's vertex set."""
     ids, sub, _ = prob.sets["opt"]
     if sub is not None:
@@ -69,7 +69,7 @@ def _accumulate(rows_c: torch.Tensor | None, rows_l: torch.Tensor, res: torch.Te
         H["gc"] -= (wc * res[..., None]).sum((0, 1))
 
 
-def normal_equations(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+def normal_equations(prob: FitProblem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
                      sigma: float, rigid_only: bool) -> dict[str, torch.Tensor]:
     """The IRLS Gauss-Newton system at ``P``: blocks cc (k, k), cs (S, k, m), ss (S, m, m)
     and right-hand sides gc (k,), gs (S, m) (minus the gradient, factor 2 dropped)."""
@@ -177,7 +177,7 @@ def _solve(H: dict[str, torch.Tensor], damping: float, held: torch.Tensor,
     return dc, inv_g - (inv_sc @ dc) + d0
 
 
-def _bounded_solve(prob: _Problem, P: dict[str, torch.Tensor], H: dict[str, torch.Tensor], damping: float,
+def _bounded_solve(prob: FitProblem, P: dict[str, torch.Tensor], H: dict[str, torch.Tensor], damping: float,
                    rigid_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_solve` with the weights' box bounds by an active set: a weight at a bound
     whose descent leaves the box is held there; a weight the step carries past a bound is
@@ -202,7 +202,7 @@ def _bounded_solve(prob: _Problem, P: dict[str, torch.Tensor], H: dict[str, torc
     return dc, ds
 
 
-def _apply(prob: _Problem, P: dict[str, torch.Tensor], dc: torch.Tensor, ds: torch.Tensor,
+def _apply(prob: FitProblem, P: dict[str, torch.Tensor], dc: torch.Tensor, ds: torch.Tensor,
            rigid_only: bool) -> dict[str, torch.Tensor]:
     model = prob.model
     out = dict(P)
@@ -217,7 +217,7 @@ def _apply(prob: _Problem, P: dict[str, torch.Tensor], dc: torch.Tensor, ds: tor
     return out
 
 
-def gauss_newton(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+def gauss_newton(prob: FitProblem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
                  sigma: float, rigid_only: bool) -> dict[str, torch.Tensor]:
     """``cfg.gn_steps`` damped Gauss-Newton steps (rigid ones: poses only) for fixed
     correspondences; returns the new parameters (never with a higher energy)."""
