@@ -340,6 +340,27 @@ def test_too_few_expressions_or_no_neutral_stop_the_subject_naming_prompts(tiny_
         fit_subject(*args, FitConfig(neutral_expression="calm"))
 
 
+def test_a_scan_the_model_cannot_fit_is_rejected_and_the_rest_refitted(tiny_fit) -> None:
+    """One fused scan blown up 25 % about its centroid (no identity of the others fits it):
+    rejected after the fit, the others refitted without it. Measured: the blown-up scan's
+    median scan-to-model distance 2.5-3 mm, the others 0.13-0.16 mm."""
+    from stages.fusion import FusedScans
+
+    cap, _, landmarks, fusion, rejected, _ = tiny_fit
+    scans = dict(FusedScans.from_output(fusion).expressions)
+    bad = cap.phone_expressions[1]
+    v = scans[bad].vertices
+    scans[bad] = dataclasses.replace(scans[bad], vertices=(v - v.mean(0)) * 1.25 + v.mean(0))
+    K = {e: cap.phone_intrinsics(e).K for e in cap.phone_expressions}
+    fit = fit_subject(cap.subject_id, list(cap.phone_expressions), scans, landmarks, K,
+                      FitConfig(max_scan_median_mm=1.0))
+    assert set(fit.rejected) == {rejected, bad}
+    assert fit.rejected[bad].startswith("fit: median scan-to-model distance")
+    rows = {r["expression"]: r for r in fit.rows().to_pylist()}
+    assert rows[bad]["scan_median_mm"] > 1.0
+    assert all(rows[e]["scan_median_mm"] < 0.3 for e in fit.expressions) and len(fit.expressions) == 3
+
+
 def test_artifact_round_trip_keeps_the_contract_keys(tiny_fit) -> None:
     *_, rejected, out = tiny_fit
     kind, files = encode(out)
