@@ -342,8 +342,9 @@ def test_too_few_expressions_or_no_neutral_stop_the_subject_naming_prompts(tiny_
 
 def test_a_scan_the_model_cannot_fit_is_rejected_and_the_rest_refitted(tiny_fit) -> None:
     """One fused scan blown up 25 % about its centroid (no identity of the others fits it):
-    rejected after the fit, the others refitted without it. Measured: the blown-up scan's
-    median scan-to-model distance 2.5-3 mm, the others 0.13-0.16 mm."""
+    rejected after the fit (default threshold 1 mm), the others refitted without it.
+    Measured: the blown-up scan's median scan-to-model distance 2.9 mm (p90 11.8 mm), the
+    others 0.13-0.14 mm."""
     from stages.fusion import FusedScans
 
     cap, _, landmarks, fusion, rejected, _ = tiny_fit
@@ -352,8 +353,7 @@ def test_a_scan_the_model_cannot_fit_is_rejected_and_the_rest_refitted(tiny_fit)
     v = scans[bad].vertices
     scans[bad] = dataclasses.replace(scans[bad], vertices=(v - v.mean(0)) * 1.25 + v.mean(0))
     K = {e: cap.phone_intrinsics(e).K for e in cap.phone_expressions}
-    fit = fit_subject(cap.subject_id, list(cap.phone_expressions), scans, landmarks, K,
-                      FitConfig(max_scan_median_mm=1.0))
+    fit = fit_subject(cap.subject_id, list(cap.phone_expressions), scans, landmarks, K, FitConfig())
     assert set(fit.rejected) == {rejected, bad}
     assert fit.rejected[bad].startswith("fit: median scan-to-model distance")
     rows = {r["expression"]: r for r in fit.rows().to_pylist()}
