@@ -1,4 +1,4 @@
-"""The joint morphable-model fit of a subject's scans (issue 7 step 3): config and solver.
+"""The joint morphable-model fit of a subject's scans (issue 7 step 3): config, energy, driver.
 
 Unknowns: one identity (k) shared by all scans; per scan S expression weights (e, within
 the model's bounds), articulation (j) and a rigid pose ``scan_from_head`` (axis-angle +
@@ -18,9 +18,11 @@ translation, ``x_scan = R x_head + t``, metres; scale is never free). Energy::
   the point's depth so that its scale does not depend on the image resolution;
 - priors: identity ~ N(0, I), expression toward the prompt's art prior, articulation to 0.
 
-Each outer iteration re-finds the correspondences and runs a few L-BFGS-B steps (exact box
-bounds on the weights) on torch gradients, all scans in one batch. A rigid stage (poses
-only) comes first. Tensors are float64 (:data:`rigs.deformable.DTYPE`).
+Each outer iteration re-finds the correspondences and runs the inner solver on all scans:
+Levenberg-Marquardt Gauss-Newton (:mod:`stages.fit_gn`, default) or L-BFGS-B on torch
+gradients (:mod:`stages.fit_lbfgs`). A rigid stage (poses only) comes first, from a PnP
+start (:func:`initial_poses`). Tensors are float64 (:data:`rigs.deformable.DTYPE`).
+Method and measured accuracy: docs/fit.md.
 """
 
 from __future__ import annotations
