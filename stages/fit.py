@@ -67,7 +67,6 @@ class FittedSubject:
         scan_from_head: expression -> (4, 4) float64, ``x_refcam = R x_head + t``.
         vertices: expression -> (n, 3) float32 fitted mesh, head frame.
         records: one per expression of the capture, in capture order.
-        seconds: wall time of the fit.
         articulation: expression -> (j,) float32 joint axis-angles (FLAME: neck, jaw, eyes,
             12); empty for a model without joints (ICT).
         topology: the model's topology when it is not the rig's (FLAME): ``model.triangles``
@@ -83,7 +82,6 @@ class FittedSubject:
     scan_from_head: dict[str, np.ndarray]
     vertices: dict[str, np.ndarray]
     records: tuple[FitRecord, ...]
-    seconds: float = float("nan")
     articulation: dict[str, np.ndarray] = field(default_factory=dict)
     topology: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -121,8 +119,7 @@ class FittedSubject:
                 arrays[f"{e}.articulation"] = np.asarray(self.articulation[e], np.float32)
         arrays.update(self.topology)
         meta = {"subject_id": self.subject_id, "model": self.model, "expressions": self.expressions,
-                "rejected": self.rejected, "neutral_expression": self.neutral_expression,
-                "seconds": float(self.seconds)}
+                "rejected": self.rejected, "neutral_expression": self.neutral_expression}
         return StageOutput(arrays=arrays, meta=meta, tables={"rows": self.rows()})
 
     @classmethod
@@ -152,7 +149,7 @@ class FittedSubject:
             weights={e: np.asarray(arrays[f"{e}.weights"]) for e in fitted},
             scan_from_head={e: np.asarray(arrays[f"{e}.scan_from_head"]) for e in fitted},
             vertices={e: np.asarray(arrays[f"{e}.vertices"]) for e in fitted},
-            records=records, seconds=float(meta.get("seconds", float("nan"))),
+            records=records,
             articulation={e: np.asarray(arrays[f"{e}.articulation"]) for e in fitted if f"{e}.articulation" in arrays},
             topology={k: np.asarray(v) for k, v in arrays.items() if k.startswith("model.")},
         )
@@ -254,23 +251,28 @@ def fit_subject(subject_id: str, expressions: list[str], fused: dict[str, Any], 
         if not fused[e].ok:
             rejected[e] = f"fusion: {fused[e].reason}"
     _usable_or_fail(expressions, rejected, prompts, cfg, "fit")
-    usable = [e for e in expressions if e not in rejected]
-    obs = []
-    for e in usable:
+    obs = {}
+    for e in (e for e in expressions if e not in rejected):
         points = landmarks.arrays.get(f"points_{e}")
         if points is None:
             raise StageError(f"landmark artifact lacks points_{e}")
         prior = definition.art_prior_vector(e) if e in prompts else np.zeros(model.n_expression)
         if len(prior) != model.n_expression:
             prior = np.zeros(model.n_expression)  # a model with other expression spaces (FLAME)
-        obs.append(observation_from_fusion(fused[e], points, intrinsics[e], prior))
-    result: FitResult = fit_scans(model, obs, cfg)
-    stats = {e: (result.scan_median_mm[i], result.scan_p90_mm[i], result.landmark_px[i]) for i, e in enumerate(usable)}
-    for e, (med, _, _) in stats.items():
-        if not med <= cfg.max_scan_median_mm:
-            rejected[e] = (f"fit: median scan-to-model distance {med:.2f} mm > "
-                           f"fit.max_scan_median_mm={cfg.max_scan_median_mm}")
-    _usable_or_fail(expressions, rejected, prompts, cfg, "fit residuals")
+        obs[e] = observation_from_fusion(fused[e], points, intrinsics[e], prior)
+    stats: dict[str, tuple[float, float, float]] = {}
+    for _ in range(2):  # a scan the fit rejects is refitted without, once: it biased the identity
+        usable = [e for e in obs if e not in rejected]
+        result: FitResult = fit_scans(model, [obs[e] for e in usable], cfg)
+        stats.update({e: (result.scan_median_mm[i], result.scan_p90_mm[i], result.landmark_px[i])
+                      for i, e in enumerate(usable)})
+        bad = {e: (f"fit: median scan-to-model distance {stats[e][0]:.2f} mm > "
+                   f"fit.max_scan_median_mm={cfg.max_scan_median_mm}")
+               for e in usable if not stats[e][0] <= cfg.max_scan_median_mm}
+        rejected.update(bad)
+        _usable_or_fail(expressions, rejected, prompts, cfg, "fit residuals")
+        if not bad:
+            break
     records = tuple(
         FitRecord(e, "rejected" if e in rejected else "fitted", rejected.get(e, ""),
                   *(float(v) for v in stats.get(e, (np.nan,) * 3)))
@@ -282,7 +284,7 @@ def fit_subject(subject_id: str, expressions: list[str], fused: dict[str, Any], 
         weights={e: result.weights[i].astype(np.float32) for e, i in index.items()},
         scan_from_head={e: result.scan_from_head[i] for e, i in index.items()},
         vertices={e: result.vertices[i] for e, i in index.items()},
-        records=records, seconds=result.seconds,
+        records=records,
         articulation={e: result.articulation[i].astype(np.float32) for e, i in index.items()}
         if model.n_articulation else {},
         topology=topology_arrays(model))

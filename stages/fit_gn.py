@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from rigs.deformable import DTYPE, so3_exp, vertex_jacobian
-from stages.fit_solve import FitConfig, _Problem, energy
+from stages.fit_solve import FitConfig, FitProblem, energy
 
 #: Scans per chunk when forming the normal equations (memory ~ chunk x rows x params).
 CHUNK = 8
@@ -45,7 +45,7 @@ def _skew(u: torch.Tensor) -> torch.Tensor:
     return torch.stack([z, -w, y, w, z, -x, -y, x, z], -1).reshape(*u.shape, 3)
 
 
-def _model_jacobian(prob: _Problem, P: dict[str, torch.Tensor]) -> torch.Tensor:
+def _model_jacobian(prob: FitProblem, P: dict[str, torch.Tensor]) -> torch.Tensor:
     """(S' in {1, S}, p, 3, k + e + j) derivatives of the optimisation's vertex set."""
     ids, sub, _ = prob.sets["opt"]
     if sub is not None:
@@ -69,7 +69,7 @@ def _accumulate(rows_c: torch.Tensor | None, rows_l: torch.Tensor, res: torch.Te
         H["gc"] -= (wc * res[..., None]).sum((0, 1))
 
 
-def normal_equations(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+def normal_equations(prob: FitProblem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
                      sigma: float, rigid_only: bool) -> dict[str, torch.Tensor]:
     """The IRLS Gauss-Newton system at ``P``: blocks cc (k, k), cs (S, k, m), ss (S, m, m)
     and right-hand sides gc (k,), gs (S, m) (minus the gradient, factor 2 dropped)."""
@@ -130,16 +130,28 @@ def normal_equations(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor],
         D = torch.stack([1 / h[..., 2], zero, -h[..., 0] / h[..., 2] ** 2,
                          zero, 1 / h[..., 2], -h[..., 1] / h[..., 2] ** 2], -1).reshape(*h.shape[:-1], 2, 3)
         G = D @ (K @ A)[:, :, None] * scale[..., None, None]  # (C, F, L, 2, 3) d e / d L
-        pose_l = torch.cat([G @ -_skew(uL)[:, None], G], -1)  # (C, F, L, 2, 6)
-        C, F, L = e.shape[:3]
+        # The F frames' 2F rows of a landmark all act through its 3D point L: fold them into
+        # 3 rows, M = sum_f w G^T G = C^T C and C^T r = sum_f w G^T e (same normal equations,
+        # 3 rows per landmark instead of 2F).
+        Gw = G * lw[..., None, None]
+        M = (G.transpose(-1, -2) @ Gw).sum(1)  # (C, L, 3, 3)
+        b = (Gw.transpose(-1, -2) @ e[..., None]).sum(1)[..., 0]  # (C, L, 3)
+        lam, U = torch.linalg.eigh(M)
+        lam = lam.clamp(min=0.0)
+        root = lam.sqrt()
+        fold = root[..., None] * U.transpose(-1, -2)  # (C, L, 3, 3): C
+        inv = torch.where(lam > 1e-12 * lam.amax(-1, keepdim=True).clamp(min=1e-300), 1.0 / root.clamp(min=1e-300), 0.0)
+        res = inv * (U.transpose(-1, -2) @ b[..., None])[..., 0]  # (C, L, 3)
+        eye = torch.eye(3, dtype=DTYPE).expand(*uL.shape[:2], 3, 3)
+        pose_l = fold @ torch.cat([-_skew(uL), eye], -1)  # (C, L, 3, 6)
+        C, L = uL.shape[:2]
         if JLh is None:
-            rows_l = pose_l.reshape(C, F * L * 2, 6)
+            rows_l = pose_l.reshape(C, L * 3, 6)
             rows_c = None
         else:
-            JL = R[:, None] @ JLh  # (C, L, 3, k + q) d L / d params
-            dm = (G @ JL[:, None]).reshape(C, F * L * 2, -1)
-            rows_c, rows_l = dm[..., :k], torch.cat([dm[..., k:], pose_l.reshape(C, F * L * 2, 6)], -1)
-        _accumulate(rows_c, rows_l, e.reshape(C, -1), lw[..., None].expand(C, F, L, 2).reshape(C, -1), H, sl)
+            dm = (fold @ (R[:, None] @ JLh)).reshape(C, L * 3, -1)  # d L / d params, folded
+            rows_c, rows_l = dm[..., :k], torch.cat([dm[..., k:], pose_l.reshape(C, L * 3, 6)], -1)
+        _accumulate(rows_c, rows_l, res.reshape(C, -1), torch.ones(C, L * 3, dtype=DTYPE), H, sl)
     if not rigid_only:  # priors
         H["cc"] += cfg.identity_prior * torch.eye(k, dtype=DTYPE)
         H["gc"] -= cfg.identity_prior * P["c"]
@@ -177,7 +189,7 @@ def _solve(H: dict[str, torch.Tensor], damping: float, held: torch.Tensor,
     return dc, inv_g - (inv_sc @ dc) + d0
 
 
-def _bounded_solve(prob: _Problem, P: dict[str, torch.Tensor], H: dict[str, torch.Tensor], damping: float,
+def _bounded_solve(prob: FitProblem, P: dict[str, torch.Tensor], H: dict[str, torch.Tensor], damping: float,
                    rigid_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_solve` with the weights' box bounds by an active set: a weight at a bound
     whose descent leaves the box is held there; a weight the step carries past a bound is
@@ -202,7 +214,7 @@ def _bounded_solve(prob: _Problem, P: dict[str, torch.Tensor], H: dict[str, torc
     return dc, ds
 
 
-def _apply(prob: _Problem, P: dict[str, torch.Tensor], dc: torch.Tensor, ds: torch.Tensor,
+def _apply(prob: FitProblem, P: dict[str, torch.Tensor], dc: torch.Tensor, ds: torch.Tensor,
            rigid_only: bool) -> dict[str, torch.Tensor]:
     model = prob.model
     out = dict(P)
@@ -217,7 +229,7 @@ def _apply(prob: _Problem, P: dict[str, torch.Tensor], dc: torch.Tensor, ds: tor
     return out
 
 
-def gauss_newton(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+def gauss_newton(prob: FitProblem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
                  sigma: float, rigid_only: bool) -> dict[str, torch.Tensor]:
     """``cfg.gn_steps`` damped Gauss-Newton steps (rigid ones: poses only) for fixed
     correspondences; returns the new parameters (never with a higher energy)."""

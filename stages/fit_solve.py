@@ -1,4 +1,4 @@
-"""The joint morphable-model fit of a subject's scans (issue 7 step 3): config and solver.
+"""The joint morphable-model fit of a subject's scans (issue 7 step 3): config, energy, driver.
 
 Unknowns: one identity (k) shared by all scans; per scan S expression weights (e, within
 the model's bounds), articulation (j) and a rigid pose ``scan_from_head`` (axis-angle +
@@ -18,9 +18,11 @@ translation, ``x_scan = R x_head + t``, metres; scale is never free). Energy::
   the point's depth so that its scale does not depend on the image resolution;
 - priors: identity ~ N(0, I), expression toward the prompt's art prior, articulation to 0.
 
-Each outer iteration re-finds the correspondences and runs a few L-BFGS-B steps (exact box
-bounds on the weights) on torch gradients, all scans in one batch. A rigid stage (poses
-only) comes first. Tensors are float64 (:data:`rigs.deformable.DTYPE`).
+Each outer iteration re-finds the correspondences and runs the inner solver on all scans:
+Levenberg-Marquardt Gauss-Newton (:mod:`stages.fit_gn`, default) or L-BFGS-B on torch
+gradients (:mod:`stages.fit_lbfgs`). A rigid stage (poses only) comes first, from a PnP
+start (:func:`initial_poses`). Tensors are float64 (:data:`rigs.deformable.DTYPE`).
+Method and measured accuracy: docs/fit.md.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 
 from pipeline.config import check_fields, path_field
 from pipeline.errors import ConfigError, StageError
-from rigs.deformable import DTYPE, DeformableModel, Subsettable, landmark_points, project, so3_exp
+from rigs.deformable import DTYPE, DeformableModel, Subsettable, landmark_points, project
 from rigs.face_model import LandmarkEmbedding
 
 #: Robust kernels of the scan and landmark terms.
@@ -98,8 +100,9 @@ class FitConfig:
     scan_vertices: int = 3000
     """The scan term uses this fixed random sample of the fitting vertices (0 = all); the
     model normals use all of them, the reported residuals all scan points. >= 0."""
-    max_scan_median_mm: float = 3.0
-    """A fitted expression whose median scan-to-model distance exceeds this is rejected, mm. > 0."""
+    max_scan_median_mm: float = 1.0
+    """A fitted expression whose median scan-to-model distance exceeds this is rejected, mm
+    (fitted scans measure 0.13-0.16 mm on the tiny subject; a scan blown up 25 %, 2.9). > 0."""
     flame_model: str = path_field(kind="file")
     """Converted FLAME ``.npz`` (``python -m rigs.flame``, docs/flame.md): the fit then uses
     FLAME's spaces and skinning, and the refine stage registers the rig onto its meshes;
@@ -216,8 +219,9 @@ def robust(x2: torch.Tensor, kind: str) -> torch.Tensor:
 # ------------------------------------------------------------------------- the problem
 
 
-class _Problem:
-    """Constant arrays of a fit: the model subset, scan trees, landmark observations."""
+class FitProblem:
+    """Constant arrays of a fit (the model's vertex subsets, scan trees, landmark
+    observations), shared by the inner solvers."""
 
     def __init__(self, model: DeformableModel, obs: Sequence[ScanObservation], cfg: FitConfig) -> None:
         from scipy.spatial import cKDTree
@@ -231,8 +235,9 @@ class _Problem:
         corners = np.zeros((0, 3), np.int64)
         if emb is not None and cfg.landmark_weight > 0:
             lm_ids = lm_ids[lm_ids < len(emb.triangle)]
-            # a partial embedding (FLAME 2023 places 105 of 478) marks the rest with NaN
-            lm_ids = lm_ids[np.isfinite(np.asarray(emb.barycentric)[lm_ids]).all(1)]
+            # a partial embedding (FLAME's covers ~105 of 478) marks absent landmarks with NaN
+            bary, tri = np.asarray(emb.barycentric)[lm_ids], np.asarray(emb.triangle)[lm_ids]
+            lm_ids = lm_ids[np.isfinite(bary).all(1) & (tri >= 0) & (tri < len(model.triangles))]
             corners = np.asarray(model.triangles, np.int64)[np.asarray(emb.triangle)[lm_ids]]
         else:
             lm_ids = np.zeros(0, np.int64)
@@ -424,96 +429,6 @@ def _check(model: DeformableModel, obs: Sequence[ScanObservation]) -> None:
                 raise StageError(f"fit input {o.expression!r}: {problem}")
 
 
-class _Packing:
-    """Flat float64 parameter vector <-> named tensors, diagonally preconditioned.
-
-    Parameter ``i`` is stored divided by ``scale[i]``, chosen so that a unit step of any
-    parameter moves the fitting vertices by about :data:`STEP_M` (RMS): L-BFGS then sees
-    a problem whose curvatures differ by the modes' correlations only, not by their sizes.
-    """
-
-    STEP_M = 0.01
-
-    def __init__(self, k: int, S: int, e: int, j: int) -> None:
-        self.sizes = {"c": k, "w": S * e, "a": S * j, "r": S * 3, "t": S * 3}
-        self.shapes = {"c": (k,), "w": (S, e), "a": (S, j), "r": (S, 3), "t": (S, 3)}
-        self.offsets = dict(zip(self.sizes, np.cumsum([0, *self.sizes.values()])[:-1].tolist(), strict=True))
-        self.n = sum(self.sizes.values())
-        self.scale = np.ones(self.n)
-        self.scale[self.slice("r")] = 0.1  # 0.1 rad moves face points ~1 cm
-        self.scale[self.slice("t")] = self.STEP_M
-        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
-
-    def slice(self, name: str) -> slice:
-        return slice(self.offsets[name], self.offsets[name] + self.sizes[name])
-
-    def set_scale(self, name: str, per_unit_rms: np.ndarray) -> None:
-        """Scales group ``name`` so a unit step moves vertices STEP_M; ``per_unit_rms`` is
-        the RMS vertex motion (metres) of a unit change of each of its parameters (tiled
-        over scans for per-scan groups)."""
-        rms = np.resize(np.asarray(per_unit_rms, np.float64), self.sizes[name])
-        self.scale[self.slice(name)] = self.STEP_M / np.maximum(rms, 1e-6)
-        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
-
-    def whiten_identity(self, fields: np.ndarray) -> None:
-        """Makes the identity parameters orthonormal on the fitting vertices.
-
-        ``c = P z`` with ``P = U diag(STEP_M / sqrt(lambda))`` from the eigen-decomposition
-        of the modes' Gram matrix ``G = U diag(lambda) U^T`` (mean over vertices): a unit
-        step of any z moves the vertices by STEP_M RMS, and different z move them
-        orthogonally, so the identity block of the data Hessian is ~ the identity matrix.
-
-        Args:
-            fields: (k, f, 3) vertex motion per unit of each identity coefficient, metres.
-        """
-        flat = fields.reshape(len(fields), -1)
-        gram = flat @ flat.T / fields.shape[1]
-        lam, u = np.linalg.eigh(gram)
-        lam = np.maximum(lam, 1e-12)  # modes moving the fitting vertices < 1 um per unit
-        self._whiten = u * (self.STEP_M / np.sqrt(lam))
-        self._whiten_t = torch.as_tensor(self._whiten, dtype=DTYPE)
-        self.scale[self.slice("c")] = 1.0
-        self._scale_t = torch.as_tensor(self.scale, dtype=DTYPE)
-
-    _whiten: np.ndarray | None = None
-
-    def unpack(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x * self._scale_t
-        p = {k: x[self.slice(k)].reshape(self.shapes[k]) for k in self.sizes}
-        if self._whiten is not None:
-            p["c"] = self._whiten_t @ p["c"]
-        return p
-
-    def pack(self, c, w, a, r, t) -> np.ndarray:
-        if self._whiten is not None:
-            c = np.linalg.solve(self._whiten, np.ravel(c))
-        return np.concatenate([np.ravel(v) for v in (c, w, a, r, t)]) / self.scale
-
-
-def _sensitivity(prob: _Problem, w0: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Motion of the fitting vertices per unit of each parameter, by finite differences at
-    the start (one scan's prior): the identity's (k, f, 3) fields, and the RMS per unit of
-    each expression and articulation parameter."""
-    k, e, j = prob.model.n_identity, prob.model.n_expression, prob.model.n_articulation
-    h = 1e-3
-    with torch.no_grad():
-        c0 = torch.zeros(k, dtype=DTYPE)
-        w = torch.as_tensor(w0[:1], dtype=DTYPE)
-        a0 = torch.zeros(1, j, dtype=DTYPE)
-        base = prob.local_vertices(c0, w, a0)[:, prob.fit_local]
-
-        def rms(v: torch.Tensor) -> np.ndarray:
-            return ((v - base) ** 2).sum(-1).mean(-1).sqrt().numpy() / h
-
-        eye = torch.eye(k, dtype=DTYPE)
-        ident = np.stack([(prob.local_vertices(c0 + h * eye[i], w, a0)[0, prob.fit_local] - base[0]).numpy() / h
-                          for i in range(k)])
-        expr = rms(prob.local_vertices(c0, w + h * torch.eye(e, dtype=DTYPE), a0.expand(e, j))[:, prob.fit_local])
-        art = (rms(prob.local_vertices(c0, w.expand(j, e), h * torch.eye(j, dtype=DTYPE))[:, prob.fit_local])
-               if j else np.zeros(0))
-    return ident, {"w": expr, "a": art}
-
-
 @contextmanager
 def single_thread() -> Iterator[None]:
     """Runs torch on one intra-op thread inside the block (restored after).
@@ -550,7 +465,7 @@ def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], c
 def _fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig) -> FitResult:
     start = time.perf_counter()
     _check(model, observations)
-    prob = _Problem(model, observations, cfg)
+    prob = FitProblem(model, observations, cfg)
     S, k, j = prob.S, model.n_identity, model.n_articulation
     T0 = initial_poses(model, observations, cfg.landmark_init, prob.lm_ids)
     w0 = prob.prior.clone()
@@ -561,7 +476,7 @@ def _fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], 
     if cfg.solver == "gauss_newton":
         from stages.fit_gn import gauss_newton as step
     else:
-        step = lbfgs
+        from stages.fit_lbfgs import lbfgs as step
     schedule = [(float(d), True) for d in cfg.distances_m(cfg.rigid_iterations + 1)[:cfg.rigid_iterations]]
     schedule += [(float(d), False) for d in cfg.distances_m(cfg.outer_iterations)]
     for distance, rigid_only in schedule:
@@ -570,14 +485,14 @@ def _fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], 
     return _result(model, prob, P, observations, start)
 
 
-def posed(prob: _Problem, P: dict[str, torch.Tensor], shape: torch.Tensor | None = None) -> torch.Tensor:
+def posed(prob: FitProblem, P: dict[str, torch.Tensor], shape: torch.Tensor | None = None) -> torch.Tensor:
     """(S, p, 3) the optimisation's vertex set in each scan's frame (``shape``: head-frame
     vertices when already evaluated)."""
     v = prob.local_vertices(P["c"], P["w"], P["a"]) if shape is None else shape
     return v @ P["R"].transpose(-1, -2) + P["t"][:, None, :]
 
 
-def correspondences(prob: _Problem, P: dict[str, torch.Tensor], distance: float) -> tuple[torch.Tensor, ...]:
+def correspondences(prob: FitProblem, P: dict[str, torch.Tensor], distance: float) -> tuple[torch.Tensor, ...]:
     """Scan targets, normals and validity (S, f_opt, ...) of the sampled fitting vertices."""
     with torch.no_grad():
         v = prob.fitting_vertices(P["c"], P["w"], P["a"])
@@ -586,7 +501,7 @@ def correspondences(prob: _Problem, P: dict[str, torch.Tensor], distance: float)
     return (torch.as_tensor(tgt, dtype=DTYPE), torch.as_tensor(nrm, dtype=DTYPE), torch.as_tensor(valid, dtype=DTYPE))
 
 
-def energy(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
+def energy(prob: FitProblem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
            sigma: float, shape: torch.Tensor | None = None) -> torch.Tensor:
     """The fit's energy (module docstring) for fixed correspondences; a 0-d tensor."""
     X = posed(prob, P, shape)  # (S, p, 3) scan frame
@@ -606,55 +521,7 @@ def energy(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tup
     return total + cfg.articulation_prior * (P["a"] ** 2).sum()
 
 
-def lbfgs(prob: _Problem, cfg: FitConfig, P: dict[str, torch.Tensor], corr: tuple[torch.Tensor, ...],
-          sigma: float, rigid_only: bool) -> dict[str, torch.Tensor]:
-    """``cfg.lbfgs_steps`` of scipy's L-BFGS-B on torch gradients (exact box bounds on the
-    weights), preconditioned by :class:`_Packing`; poses as axis-angle."""
-    from scipy.optimize import minimize
-    from scipy.spatial.transform import Rotation
-
-    model = prob.model
-    S, k, e, j = prob.S, model.n_identity, model.n_expression, model.n_articulation
-    pk = _Packing(k, S, e, j)
-    if prob.whitening is None:
-        prob.whitening = _sensitivity(prob, P["w"].numpy())
-    fields, rms = prob.whitening
-    for name, value in rms.items():
-        pk.set_scale(name, value)
-    pk.whiten_identity(fields)
-    x0 = pk.pack(P["c"].numpy(), P["w"].numpy(), P["a"].numpy(), Rotation.from_matrix(P["R"].numpy()).as_rotvec(),
-                 P["t"].numpy())
-    bounds = [(None, None)] * pk.n
-    if model.expression_bounds is not None:
-        lo, hi = model.expression_bounds
-        for i in range(pk.slice("w").start, pk.slice("w").stop):
-            bounds[i] = (lo / pk.scale[i], hi / pk.scale[i])
-    free = np.r_[pk.slice("r"), pk.slice("t")] if rigid_only else np.arange(pk.n)
-    shape = None
-    if rigid_only:  # the head-frame vertices do not change: evaluate them once
-        with torch.no_grad():
-            shape = prob.local_vertices(P["c"], P["w"], P["a"])
-    fixed, free_t = torch.as_tensor(x0, dtype=DTYPE), torch.as_tensor(free)
-
-    def physical(z: torch.Tensor) -> dict[str, torch.Tensor]:
-        xt = fixed.clone()
-        xt[free_t] = z
-        q = pk.unpack(xt)
-        return {"c": q["c"], "w": q["w"], "a": q["a"], "R": so3_exp(q["r"]), "t": q["t"]}
-
-    def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
-        zt = torch.as_tensor(z, dtype=DTYPE).requires_grad_(True)
-        value = energy(prob, cfg, physical(zt), corr, sigma, shape)
-        (grad,) = torch.autograd.grad(value, zt)
-        return float(value.detach()), grad.numpy().astype(np.float64)
-
-    res = minimize(fun, x0[free], jac=True, method="L-BFGS-B", bounds=[bounds[i] for i in free],
-                   options={"maxiter": cfg.lbfgs_steps, "maxcor": cfg.lbfgs_memory})
-    with torch.no_grad():
-        return {name: value.detach() for name, value in physical(torch.as_tensor(res.x, dtype=DTYPE)).items()}
-
-
-def _result(model: DeformableModel, prob: _Problem, p: dict[str, torch.Tensor],
+def _result(model: DeformableModel, prob: FitProblem, p: dict[str, torch.Tensor],
             obs: Sequence[ScanObservation], start: float) -> FitResult:
     from rigs.geometry import ClosestPoints
 
