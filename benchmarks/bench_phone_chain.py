@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 n, args.workers, {**ab_common, **NO_EDGE_TEST}, last),
         }
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+    args.results.write_text(json.dumps(_rounded(result), indent=1, default=_jsonable) + "\n")
     from benchmarks.report import phone_chain_section
 
     print("\n".join(phone_chain_section(result)))
@@ -393,6 +393,17 @@ def _overrides(items: list[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects section.field=VALUE, got {item!r}")
         out[key] = value
     return out
+
+
+def _rounded(x: Any, digits: int = 4) -> Any:
+    """Floats rounded (mm to 0.1 um, seconds to 0.1 ms): the result file stays readable."""
+    if isinstance(x, float | np.floating):
+        return round(float(x), digits)
+    if isinstance(x, dict):
+        return {k: _rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_rounded(v, digits) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:

@@ -167,6 +167,24 @@ def phone_chain_section(d: dict) -> list[str]:
                    [[f["figure"], f["target"], shown(f), met[f["met"]], _mm(f.get("floor"))] for f in d["figures"]])]
     if d.get("failures"):
         out += ["Failures: " + "; ".join(d["failures"]), ""]
+    split = []
+    for stage in ("fit", "refine"):
+        recs = [r for e in d.get("per_subject", {}).values() if isinstance(e, dict) for r in e.get(stage, [])
+                if r.get("covered_fraction") is not None]
+        if recs:
+            def avg(k: str, recs: list = recs) -> str:
+                vals = [r[k] for r in recs if r.get(k) is not None]
+                return _mm(sum(vals) / len(vals)) if vals else "n/a"
+            split.append([stage, len(recs), avg("estimated_mean_mm"), avg("covered_fraction"), avg("covered_mean_mm"),
+                          avg("covered_normal_mm"), avg("covered_tangential_mm"), avg("uncovered_mean_mm")])
+    if split:
+        out += ["Where the per-vertex error comes from (`geometry_eval.coverage_split`, as estimated: each mesh placed "
+                "by its own pose in the reference camera, no alignment; means over all expressions): face-region vertices "
+                "the fused scan covers (a scan vertex within 1.5 mm of the true vertex) against the rest, and on the "
+                "covered ones the error's component along the true normal (off the surface) and across it (sliding "
+                "along the surface):", "",
+                *_table(["stage", "expressions", "all mm", "covered fraction", "covered mm", "covered, normal mm",
+                         "covered, tangential mm", "uncovered mm"], split)]
     cpu = d.get("cpu_seconds_per_stage", {})
     rows = []
     for st, v in d["seconds_per_stage"].items():
@@ -189,6 +207,7 @@ def phone_chain_section(d: dict) -> list[str]:
                 *_table(["expression", "depth", "CPU s", "vertices", "median mm", "p90 mm"],
                         [[r["expression"], r["poisson_depth"], f"{r['cpu_s']:.1f}", f"{r['vertices']:,}",
                           _mm(r.get("median_mm"), 3), _mm(r.get("p90_mm"), 3)] for r in probe])]
+    out += ["Why targets are missed, measured: [phone-accuracy.md](phone-accuracy.md#what-the-benchmark-found-why-targets-are-missed).", ""]
     for name, a in d.get("ablations", {}).items():
         title = {"landmark_init": "Ablation: no landmark initialisation, bursts with large head turns (yaw +-40, pitch +-20 deg)",
                  "l2_flying_pixels": "Ablation: plain L2 distance instead of the robust term, flying pixels present "

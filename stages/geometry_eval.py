@@ -41,8 +41,12 @@ from rigs.geometry import ClosestPoints
 from stages.metrics_geometry import NowResult, now_scan_to_mesh
 from stages.metrics_gt import per_vertex_error
 
+#: A true vertex is "covered" by a fused scan when a scan vertex lies within this, mm (the
+#: scans' vertex spacing is 0.5-1 mm).
+COVERED_MM = 1.5
+
 __all__ = [
-    "DistanceSummary", "VertexErrorSummary", "evaluate_subject", "face_region",
+    "DistanceSummary", "VertexErrorSummary", "coverage_split", "evaluate_subject", "face_region",
     "face_region_triangles", "fused_scan_error", "linear_space_floor", "now_error", "place", "refinement_gain",
     "vertex_error_as_estimated", "vertex_error_rigid",
 ]
@@ -259,19 +263,61 @@ def _meta(output: Any) -> dict:
     return dict(getattr(output, "meta", {}) or {})
 
 
-def _mesh_records(kind: str, output: Any, truth: Any, fused: Any, region: np.ndarray, prompts: list[str],
+def coverage_split(est: np.ndarray, est_pose: np.ndarray, true: np.ndarray, true_pose: np.ndarray,
+                   region: np.ndarray, scan_vertices: np.ndarray, triangles: np.ndarray,
+                   covered_mm: float = COVERED_MM) -> dict[str, float]:
+    """Where the as-estimated per-vertex error comes from: the face-region vertices the scan
+    covers (true position within ``covered_mm`` of a scan vertex) against the rest, and on
+    the covered ones its components along the true surface normal (off the surface) and
+    across it (sliding along the surface: a correspondence error no scan term can see).
+
+    Args:
+        est, est_pose, true, true_pose, region: as :func:`vertex_error_as_estimated`.
+        scan_vertices: (V, 3) the fused scan, reference camera frame.
+        triangles: (m, 3) the template's triangles (for the true normals).
+
+    Returns:
+        ``covered_fraction``; ``covered_mean_mm``, ``covered_normal_mm``,
+        ``covered_tangential_mm`` (means over covered vertices); ``uncovered_mean_mm``.
+    """
+    from scipy.spatial import cKDTree
+
+    from rigs.raycast import vertex_normals
+
+    region = np.asarray(region)
+    t = place(true, true_pose)
+    diff = place(np.asarray(est)[region], est_pose) - t[region]
+    d, _ = cKDTree(np.asarray(scan_vertices, np.float64)).query(t[region])
+    covered = d < covered_mm * 1e-3
+    err = np.linalg.norm(diff, axis=1) * 1e3
+    normal = np.abs((diff * vertex_normals(t, np.asarray(triangles))[region]).sum(1)) * 1e3
+    tangential = np.sqrt(np.maximum(err**2 - normal**2, 0.0))
+
+    def mean(x: np.ndarray, m: np.ndarray) -> float | None:
+        return float(x[m].mean()) if m.any() else None
+
+    return {"covered_fraction": float(covered.mean()), "covered_mean_mm": mean(err, covered),
+            "covered_normal_mm": mean(normal, covered), "covered_tangential_mm": mean(tangential, covered),
+            "uncovered_mean_mm": mean(err, ~covered)}
+
+
+def _mesh_records(kind: str, output: Any, truth: Any, fusion: Any, region: np.ndarray, prompts: list[str],
                   true_vertices: np.ndarray) -> list[dict]:
     """Per-expression per-vertex errors of a fit or refine artifact (contract keys)."""
     rows = []
+    model_triangles = truth.rig.model.triangles
     for e in _meta(output).get("expressions", []):
         est = output.arrays[f"{e}.vertices"]
         true = true_vertices[prompts.index(e)]
         row = {"stage": kind, "expression": e, **{f"rigid_{k}": v for k, v in _scalars(vertex_error_rigid(est, true, region)).items()}}
-        ref = fused.expressions[e].reference if e in fused.expressions else -1
+        f = fusion.expressions.get(e)
         pose = output.arrays.get(f"{e}.scan_from_head")
-        if ref >= 0 and pose is not None and np.all(np.isfinite(pose)):
-            est_err = vertex_error_as_estimated(est, pose, true, truth.phone(e)["head_in_camera"][ref], region)
+        if f is not None and f.reference >= 0 and pose is not None and np.all(np.isfinite(pose)):
+            true_pose = truth.phone(e)["head_in_camera"][f.reference]
+            est_err = vertex_error_as_estimated(est, pose, true, true_pose, region)
             row.update({f"estimated_{k}": v for k, v in _scalars(est_err).items()})
+            if f.ok:
+                row.update(coverage_split(est, pose, true, true_pose, region, f.vertices, model_triangles))
         rows.append(row)
     return rows
 

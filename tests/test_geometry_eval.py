@@ -126,6 +126,9 @@ def test_evaluate_subject_on_truth_stand_ins(tiny_subject) -> None:
     for kind, offset in (("fit", 1.0), ("refine", 0.5)):
         for x in r[kind]:
             assert x["estimated_mean_mm"] == pytest.approx(offset, rel=1e-3), (kind, x)
+            # The stand-in scan covers the face region; the offset is all along the normals.
+            assert x["covered_fraction"] > 0.99 and x["covered_normal_mm"] == pytest.approx(offset, rel=1e-3)
+            assert x["covered_tangential_mm"] < 0.01 * offset
             assert 0.8 * offset < x["rigid_mean_mm"] < 0.9 * offset, (kind, x)
         assert 0.8 * offset < r["neutral"][kind]["rigid_median_mm"] < 0.9 * offset
         assert 0.2 * offset < r["neutral"][kind]["now_median_mm"] < 0.35 * offset

@@ -98,7 +98,7 @@ def test_fit_error_colours_match_known_errors(subject) -> None:
 def test_true_albedo_in_uv_and_the_texture_figure(subject) -> None:
     """Texels of triangles the photo does not reach (weight 0 at every corner) and whose
     corners share one part colour get exactly that colour, tinted and sRGB-encoded, as the
-    phone renderer draws it; the figure puts baked and true side by side at one scale."""
+    phone renderer draws it; the figure puts baked above true at one scale."""
     from rigs.uv_raster import rasterize_uv
     from stages.synthesis.texture import load_default_texture
     from workflows.phone_figures import texture_figure, true_albedo_uv
@@ -120,5 +120,5 @@ def test_true_albedo_in_uv_and_the_texture_figure(subject) -> None:
     baked = np.zeros((128, 512, 4), np.uint8)
     baked[..., :3], baked[:64, ..., 3] = img, 255  # top half "seen"
     fig = texture_figure(baked, img)
-    assert fig.shape == (128, 1024, 3)
-    assert np.array_equal(fig[80:, 512:], img[80:]) and (fig[80:, :512] == 40).all()
+    assert fig.shape == (256, 512, 3)
+    assert np.array_equal(fig[128 + 40:], img[40:]) and (fig[80:128] == 40).all()

@@ -10,8 +10,8 @@ For one subject of a run:
 - ``phone_fit_error.png``: the refined (else fitted) mesh coloured by per-vertex error
   against the true mesh on the face region (mm, after the rigid alignment of
   :func:`stages.geometry_eval.vertex_error_rigid`), with a colour bar | the true mesh;
-- ``phone_texture.png``: the baked UV texture (unseen texels dark grey) | the true albedo
-  baked into the same atlas.
+- ``phone_texture.png``: the baked UV texture (unseen texels dark grey) above the true
+  albedo baked into the same atlas.
 
 Functions take artifacts (``StageOutput`` or typed outputs) and truth and return RGB
 images; :func:`write_phone_figures` finds them in a run. Run::
@@ -217,9 +217,10 @@ def true_albedo_uv(raster: Any, model: Any, tint: np.ndarray | None = None) -> n
 
 
 def texture_figure(texture_rgba: np.ndarray, true_rgb: np.ndarray, max_width: int = 1024) -> np.ndarray:
-    """Baked texture (unseen texels dark grey) | true albedo in the same atlas."""
+    """Baked texture (unseen texels dark grey) above the true albedo in the same atlas
+    (atlases are wide strips of UV tiles), scaled down to ``max_width``."""
     baked = np.where(texture_rgba[..., 3:4] > 0, texture_rgba[..., :3], np.uint8(BACKGROUND[0]))
-    img = beside(baked, true_rgb, labels=("baked UV texture", "true albedo"))
+    img = np.vstack([_label(baked, "baked UV texture"), _label(true_rgb, "true albedo")])
     if img.shape[1] > max_width:
         img = cv2.resize(img, None, fx=max_width / img.shape[1], fy=max_width / img.shape[1], interpolation=cv2.INTER_AREA)
     return img
