@@ -22,11 +22,23 @@ import numpy as np
 
 from pipeline.config import config_section
 from pipeline.errors import StageError
-from stages.fit_solve import FitConfig, FitResult, ScanObservation, fit_scans
+from stages.fit_config import FitConfig
 from stages.flame_mode import load_fit_model, topology_arrays
 
-__all__ = ["FitConfig", "FitRecord", "FittedSubject", "fit_capture", "fit_scans", "fit_subject",
+__all__ = ["FitConfig", "FitRecord", "FittedSubject", "fit_capture", "fit_subject",
            "observation_from_fusion"]
+
+#: Names served from :mod:`stages.fit_solve` on first use: it imports torch, which the chain
+#: (and a backfill that never fits) should not pay for at import time.
+_SOLVER_NAMES = ("FitResult", "ScanObservation", "fit_scans")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SOLVER_NAMES:
+        from stages import fit_solve
+
+        return getattr(fit_solve, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Columns of the ``rows`` table.
 ROW_FIELDS = ("subject_id", "expression", "status", "reason", "scan_median_mm", "scan_p90_mm", "landmark_px")
@@ -168,7 +180,7 @@ def boundary_vertices(n: int, triangles: np.ndarray) -> np.ndarray:
     return out
 
 
-def observation_from_fusion(fused: Any, points_2d: np.ndarray, K: np.ndarray, prior: np.ndarray) -> ScanObservation:
+def observation_from_fusion(fused: Any, points_2d: np.ndarray, K: np.ndarray, prior: np.ndarray) -> Any:
     """The fit's view of one fused expression.
 
     Args:
@@ -181,6 +193,7 @@ def observation_from_fusion(fused: Any, points_2d: np.ndarray, K: np.ndarray, pr
         StageError: the landmarks disagree with the burst's frames.
     """
     from rigs.raycast import vertex_normals
+    from stages.fit_solve import ScanObservation
 
     ids = list(np.asarray(fused.frame_ids).tolist())
     if len(points_2d) != len(ids):
@@ -260,10 +273,12 @@ def fit_subject(subject_id: str, expressions: list[str], fused: dict[str, Any], 
         if len(prior) != model.n_expression:
             prior = np.zeros(model.n_expression)  # a model with other expression spaces (FLAME)
         obs[e] = observation_from_fusion(fused[e], points, intrinsics[e], prior)
+    from stages.fit_solve import fit_scans
+
     stats: dict[str, tuple[float, float, float]] = {}
     for _ in range(2):  # a scan the fit rejects is refitted without, once: it biased the identity
         usable = [e for e in obs if e not in rejected]
-        result: FitResult = fit_scans(model, [obs[e] for e in usable], cfg)
+        result = fit_scans(model, [obs[e] for e in usable], cfg)
         stats.update({e: (result.scan_median_mm[i], result.scan_p90_mm[i], result.landmark_px[i])
                       for i, e in enumerate(usable)})
         bad = {e: (f"fit: median scan-to-model distance {stats[e][0]:.2f} mm > "

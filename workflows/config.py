@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pipeline import __version__
 from stages.face_mask import FaceMaskConfig
-from stages.fit_solve import FitConfig
+from stages.fit_config import FitConfig
 from stages.fusion import FusionConfig
 from stages.landmarks import LandmarksConfig
 from stages.refine import RefineConfig
