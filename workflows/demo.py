@@ -1,9 +1,12 @@
 """The README's main job on the embedded default: synthesize a subject, then run the chain.
 
 1. ``pgt synth`` a ``tiny`` subject (captures + ground truth + true label table);
-2. the chain through the Dask DAG (today: validation, landmarks, depth-refined face masks, fusion);
-3. the QA report: status of every stage, and the label metrics of the ground-truth table
-   (the reference the pipeline's own labels will be scored against).
+2. the chain through the Dask DAG (today: the phone-scan geometry chain: validation,
+   landmarks, depth-refined face masks, fusion, fit, refinement, UV texture);
+3. the QA report: status of every stage and the records each left out; the phone chain's
+   pictures (refined mask, fused scan, per-vertex error of the refined mesh, UV texture,
+   each beside the truth) and its accuracy against the truth; and the label metrics of the
+   ground-truth table (the reference the pipeline's own labels will be scored against).
 Each chain issue extends step 2 until it ends in labels, which step 3 then scores.
 """
 
@@ -26,6 +29,8 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, workers: int | None
     generate(get_preset(preset), 1, seed, synth)
     summary = backfill(synth / "captures", str(out / "run"), RunConfig(), workers=workers)
     report = [status(str(out / "run")).to_text(), ""]
+    if summary.ok:
+        report += phone_chain_section(out / "run", synth / "ground_truth", out / "qa")
     metrics = run_metrics(MetricsJob(
         labels=str(synth / "ground_truth" / "labels"), captures=str(synth / "captures"),
         truth=str(synth / "ground_truth"), out=str(out / "qa" / "metrics"), run_id=summary.run_id,
@@ -37,3 +42,35 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, workers: int | None
     print(text)
     print(f"\nrun folder {summary.run_dir}; QA report {out / 'qa' / 'report.md'}")
     return 0 if summary.ok else 1
+
+
+def phone_chain_section(run_out: Path, truth_root: Path, qa: Path) -> list[str]:
+    """The QA report's phone-chain section: pictures beside the truth (written under
+    ``qa/img/``) and the accuracy of the fused scans and meshes on the face region."""
+    import numpy as np
+
+    from stages.fusion import FusedScans
+    from stages.geometry_eval import evaluate_subject
+    from stages.synthesis.truth import SubjectTruth
+    from workflows.phone_figures import find_outputs, write_phone_figures
+
+    written = write_phone_figures(run_out, truth_root, qa / "img")
+    sid, _, outputs = find_outputs(run_out, None)
+    acc = evaluate_subject(SubjectTruth.open(truth_root / sid), FusedScans.from_output(outputs["fusion"]),
+                           outputs.get("fit"), outputs.get("refine"))
+
+    def mean(kind: str, key: str) -> str:
+        values = [r[key] for r in acc[kind] if r.get(key) is not None]
+        return f"{np.mean(values):.2f}" if values else "n/a"
+
+    lines = [f"## Phone chain ({sid})", "",
+             "Accuracy against the truth on the face region (docs/phone-accuracy.md), mm:", "",
+             "| measure | fit | refine |", "|---|---|---|",
+             f"| per-vertex error, mean over expressions (rigid alignment) | {mean('fit', 'rigid_mean_mm')} "
+             f"| {mean('refine', 'rigid_mean_mm')} |",
+             f"| per-vertex error, mean over expressions (as estimated) | {mean('fit', 'estimated_mean_mm')} "
+             f"| {mean('refine', 'estimated_mean_mm')} |", "",
+             f"Fused scans: median distance to the true surface {mean('fusion', 'median_mm')} mm "
+             f"(mean over {len(acc['fusion'])} expressions).", ""]
+    lines += [f"![{p.stem}](img/{p.name})" for p in written]
+    return lines + [""]
