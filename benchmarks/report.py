@@ -207,7 +207,7 @@ def phone_chain_section(d: dict) -> list[str]:
                 *_table(["expression", "depth", "CPU s", "vertices", "median mm", "p90 mm"],
                         [[r["expression"], r["poisson_depth"], f"{r['cpu_s']:.1f}", f"{r['vertices']:,}",
                           _mm(r.get("median_mm"), 3), _mm(r.get("p90_mm"), 3)] for r in probe])]
-    out += ["Why targets are missed, measured: [phone-accuracy.md](phone-accuracy.md#what-the-benchmark-found-why-targets-are-missed).", ""]
+    out += ["Why targets are missed, measured: [phone-accuracy.md](phone-accuracy.md#what-the-benchmark-found).", ""]
     for name, a in d.get("ablations", {}).items():
         title = {"landmark_init": "Ablation: no landmark initialisation, bursts with large head turns (yaw +-40, pitch +-20 deg)",
                  "l2_flying_pixels": "Ablation: plain L2 distance instead of the robust term, flying pixels present "
