@@ -20,7 +20,6 @@ valid depth or whose refined mask keeps too little of the oval (docs/phone-chain
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -410,5 +409,5 @@ def refine_masks_for_capture(capture, landmarks, config: FaceMaskConfig | Mappin
     """
     from storage.capture import Capture
 
-    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
+    cap = Capture.of(capture)
     return refine_masks(cap, landmarks, config_section(config, "face_mask", FaceMaskConfig)).to_output()

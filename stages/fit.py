@@ -317,12 +317,11 @@ def fit_capture(capture: Any, landmarks: Any, fusion: Any, config: Any = None) -
     Returns:
         ``FittedSubject.to_output()``.
     """
-    import os
 
     from stages.fusion import FusedScans
     from storage.capture import Capture
 
-    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
+    cap = Capture.of(capture)
     scans = FusedScans.from_output(fusion)
     cfg = config_section(config, "fit", FitConfig)
     expressions = list(cap.phone_expressions)

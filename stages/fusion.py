@@ -709,11 +709,10 @@ def fuse_capture(capture: Any, landmarks: Any, face_mask: Any, config: Any = Non
     Returns:
         ``FusedScans.to_output()``.
     """
-    import os
 
     from stages.face_mask import RefinedMasks
     from storage.capture import Capture
 
-    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
+    cap = Capture.of(capture)
     masks = RefinedMasks.from_output(face_mask)
     return fuse_scans(cap, landmarks, masks, config_section(config, "fusion", FusionConfig)).to_output()

@@ -461,13 +461,12 @@ def refine_capture(capture: Any, fusion: Any, fit: Any, config: Any = None) -> A
     Returns:
         ``RefinedSubject.to_output()``.
     """
-    import os
 
     from stages.flame_mode import needs_registration, register_rig
     from stages.fusion import FusedScans
     from storage.capture import Capture
 
-    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
+    cap = Capture.of(capture)
     fitted = FitInput.from_output(fit)
     cfg = config_section(config, "refine", RefineConfig)
     n_fit = len(next(iter(fitted.vertices.values()))) if fitted.vertices else None

@@ -12,7 +12,6 @@ against what was baked before it. Texels that no frame sees have confidence 0 an
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -360,7 +359,7 @@ def texture_capture(capture: Any, fusion: Any, refine: Any, config: Any = None) 
     from stages.refine import RefinedSubject
     from storage.capture import Capture
 
-    cap = Capture.open(capture) if isinstance(capture, str | os.PathLike) else capture
+    cap = Capture.of(capture)
     cfg = config_section(config, "texture", TextureConfig)
     return texture_subject(cap, FusedScans.from_output(fusion), RefinedSubject.from_output(refine), cfg).to_output()
 

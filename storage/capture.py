@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -92,6 +93,12 @@ class Capture:
                 f"{folder_name(root)!r}",
             )
         return cls(root, manifest)
+
+    @classmethod
+    def of(cls, capture: str | os.PathLike | Capture) -> Capture:
+        """:meth:`open` of a folder path (what the engine passes a stage as its
+        ``"capture"`` input); anything else is taken as an already opened capture."""
+        return cls.open(capture) if isinstance(capture, str | os.PathLike) else capture
 
     def __repr__(self) -> str:
         return f"Capture({str(self._root)!r}, subject_id={self.subject_id!r})"
