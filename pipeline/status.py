@@ -60,6 +60,12 @@ class Rejection:
     subject: str | None
     record: dict[str, Any]
     reason: str
+    code: str = ""
+    """The stage's short code of the kind of rejection, when its rows have a ``code`` column."""
+
+    def kind(self) -> str:
+        """What the summary groups by: the code, else the reason's leading clause."""
+        return self.code or _reason_kind(self.reason)
 
     def where(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.record.items())
@@ -120,7 +126,7 @@ class StatusReport:
                       "| stage | records | rejected | most common reasons |", "|---|---:|---:|---|"]
             for stage, n in self.records.items():
                 mine = [r for r in self.rejections if r.stage == stage]
-                common = Counter(_reason_kind(r.reason) for r in mine).most_common(3)
+                common = Counter(r.kind() for r in mine).most_common(3)
                 text = "; ".join(f"{why} ({c})" for why, c in common)
                 lines.append(f"| {stage} | {n} | {len(mine)} | {text} |")
             if detail == "all" and self.rejections:
@@ -128,6 +134,11 @@ class StatusReport:
                 lines += [f"- {r.stage} / {r.subject or 'dataset'} / {r.where()}: {r.reason}"
                           for r in self.rejections]
         return "\n".join(lines)
+
+
+def _column(table: Any, name: str) -> list:
+    """A column's values, or empty strings when the table has no such column."""
+    return table.column(name).to_pylist() if name in table.column_names else [""] * table.num_rows
 
 
 def _reason_kind(reason: str) -> str:
@@ -173,13 +184,12 @@ def _rejections(store: ArtifactStore, units: list[UnitStatus]
             continue  # rows that are not records of kept and rejected work
         records[u.stage] = records.get(u.stage, 0) + table.num_rows
         cols = [c for c in RECORD_COLUMNS if c in table.column_names]
-        reasons = (table.column("reason").to_pylist() if "reason" in table.column_names
-                   else [""] * table.num_rows)
+        reasons, codes = (_column(table, name) for name in ("reason", "code"))
         listed = {c: table.column(c).to_pylist() for c in cols}
         for i, state in enumerate(table.column("status").to_pylist()):
             if state == "rejected":
                 found.append(Rejection(u.stage, u.subject, {c: listed[c][i] for c in cols},
-                                       str(reasons[i] or "")))
+                                       str(reasons[i] or ""), str(codes[i] or "")))
     return found, records
 
 

@@ -108,6 +108,7 @@ def stage_d(b: StageOutput, c: dict) -> StageOutput:
         "subject_id": pa.array([b.meta["subject_id"]] * len(values), pa.string()),
         "frame_index": pa.array(np.arange(len(values), dtype=np.int32)),
         "status": pa.array(np.where(odd, "rejected", "ok").tolist(), pa.string()),
+        "code": pa.array(np.where(odd, "odd", "").tolist(), pa.string()),
         "reason": pa.array([f"odd value: {v:g} is not even" if o else "" for v, o in zip(values, odd, strict=True)],
                            pa.string()),
     })

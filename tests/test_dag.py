@@ -241,7 +241,7 @@ def test_run_record_report_and_status(tmp_path: Path, client: Client) -> None:
     rejected = sorted((r.subject, r.record["frame_index"]) for r in rep.rejections)
     assert rejected == [("subj000", 1), ("subj000", 3), ("subj001", 1), ("subj001", 3)]
     assert {r.stage for r in rep.rejections} == {"d"} and rep.records == {"d": 10}
-    assert "| d | 10 | 4 | odd value (4) |" in rep.to_text()
+    assert "| d | 10 | 4 | odd (4) |" in rep.to_text()  # grouped by the rows' code
     assert "- d / subj000 / frame_index=3: odd value: 3 is not even" in rep.to_text("all")
     assert "rejected records" not in rep.to_text("none")
     assert status(str(out), rejections=False).rejections == ()
