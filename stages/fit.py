@@ -28,18 +28,6 @@ from stages.flame_mode import load_fit_model, topology_arrays
 __all__ = ["FitConfig", "FitRecord", "FittedSubject", "fit_capture", "fit_subject",
            "observation_from_fusion"]
 
-#: Names served from :mod:`stages.fit_solve` on first use: it imports torch, which the chain
-#: (and a backfill that never fits) should not pay for at import time.
-_SOLVER_NAMES = ("FitResult", "ScanObservation", "fit_scans")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SOLVER_NAMES:
-        from stages import fit_solve
-
-        return getattr(fit_solve, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 #: Columns of the ``rows`` table.
 ROW_FIELDS = ("subject_id", "expression", "status", "reason", "scan_median_mm", "scan_p90_mm", "landmark_px")
 

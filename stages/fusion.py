@@ -85,7 +85,8 @@ class FusionConfig:
     fusion_voxel_mm: float = 1.5
     """Merged points are voxel-downsampled to this size before Poisson (0 = none), mm. >= 0.
     Poisson's cost grows with its input; 1.5 mm keeps the fused surface's median error at
-    0.05 mm on standard subjects (0.5 mm: 0.04 mm at 1.4x the time)."""
+    0.05 mm on standard subjects (1.0 mm: 0.04-0.05 mm at 1.4x the time; 0.5 mm: 0.04 mm at
+    2.2x; docs/fusion.md)."""
     poisson_depth: int = 8
     """Octree depth of the Poisson reconstruction; in [5, 12]. Depth 8 (about 1 mm cells on
     a face) measured 0.04-0.05 mm median, 0.12-0.17 mm p90 to the true surface on standard
