@@ -219,12 +219,16 @@ def load_flame_arrays(path: str | Path, n_shape: int | None = None, *, skinning:
         ModelError: naming the file and the array at fault.
     """
     path = Path(path)
+    return _validate(_read_npz(path, "not a converted FLAME model"), path, n_shape, skinning)
+
+
+def _read_npz(path: Path, problem: str) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (nothing unpickled); ModelError naming the file otherwise."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            data = dict(npz)
+            return dict(npz)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not a converted FLAME model: {exc}") from exc
-    return _validate(data, path, n_shape, skinning)
+        raise ModelError(f"{path}: {problem}: {exc}") from exc
 
 
 def load_flame_landmarks(path: str | Path, triangles: np.ndarray) -> LandmarkEmbedding:
@@ -241,11 +245,7 @@ def load_flame_landmarks(path: str | Path, triangles: np.ndarray) -> LandmarkEmb
             ``triangles`` or MediaPipe ids outside [0, 478).
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = dict(npz)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read landmark embedding: {exc}") from exc
+    data = _read_npz(path, "cannot read landmark embedding")
     if {"lmk_face_idx", "lmk_b_coords", "landmark_indices"} <= set(data):
         tri = np.asarray(data["lmk_face_idx"]).astype(np.int64).ravel()
         bary = np.asarray(data["lmk_b_coords"], np.float64)
