@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -10,6 +10,12 @@ from rigs.definition import RigDefinition
 from rigs.face_model import FaceModel
 from rigs.raycast import vertex_normals
 from rigs.rig import BlendshapeRig
+from stages.synthesis.personal_rig import (
+    PersonalRigConfig,
+    base_deltas,
+    make_personal_rig,
+    smooth_field,
+)
 
 #: Parts that stay rigid under identity detail and rig variation (eyes, teeth).
 RIGID_PARTS = ("eyeball_left", "eyeball_right", "teeth")
@@ -34,24 +40,6 @@ class SyntheticSubject:
     rig: BlendshapeRig
     tint: np.ndarray
     shape_gain: np.ndarray
-
-
-def smooth_field(points: np.ndarray, rng: np.random.Generator, bumps: int, radius: tuple[float, float]) -> np.ndarray:
-    """A smooth random scalar field: a sum of Gaussian bumps in [-1, 1] amplitude.
-
-    Args:
-        points: (n, 3) positions, metres.
-        bumps: number of bumps, centred on random points.
-        radius: (min, max) bump radius, metres.
-
-    Returns:
-        (n,) float64 field, roughly in [-1, 1].
-    """
-    centres = points[rng.integers(0, len(points), bumps)]
-    radii = rng.uniform(*radius, bumps)
-    amps = rng.uniform(-1, 1, bumps)
-    d2 = ((points[:, None, :] - centres[None]) ** 2).sum(-1)
-    return (amps * np.exp(-d2 / (2 * radii**2))).sum(1)
 
 
 #: Multi-PIE 68 indices of the inner lips' midline (upper, lower).
@@ -99,8 +87,14 @@ def make_subject(
     identity_std: float = 1.0,
     detail_mm: float = 1.5,
     rig_variation: float = 0.2,
+    personal: PersonalRigConfig | None = None,
 ) -> SyntheticSubject:
-    """Draws a subject: identity from the model prior, plus detail and rig variation."""
+    """Draws a subject: identity from the model prior, detail, and a true personal rig.
+
+    ``rig_variation`` is the per-shape gain range of the personal rig
+    (:attr:`PersonalRigConfig.gain`); ``personal`` sets the rest of its style (default:
+    :class:`PersonalRigConfig`'s documented magnitudes).
+    """
     identity = rng.normal(0.0, identity_std, len(model.identity_basis))
     base = model.identity_shape(identity)
     deformable = ~np.isin(model.vertex_part, [model.part_names.index(p) for p in RIGID_PARTS])
@@ -112,14 +106,9 @@ def make_subject(
 
     generic = BlendshapeRig.generic(model, definition)
     neutral = seal_lips(neutral, generic.deltas[definition.index("jawOpen")], model)
-    gain = rng.uniform(1 - rig_variation / 2, 1 + rig_variation / 2, definition.size)
-    deltas = np.empty_like(generic.deltas)
-    for k in range(definition.size):
-        # Smooth spatial variation of where and how much each shape moves the face.
-        local = 1.0 + rig_variation * np.clip(smooth_field(base, rng, bumps=6, radius=(0.015, 0.04)), -1.5, 1.5)
-        local[~deformable] = 1.0
-        deltas[k] = generic.deltas[k] * (gain[k] * local)[:, None]
-    rig = BlendshapeRig(definition, neutral.astype(np.float32), deltas.astype(np.float32), model)
+    config = replace(personal or PersonalRigConfig(), gain=rig_variation)
+    true = make_personal_rig(base_deltas(generic, neutral), neutral, model, definition, rng, config)
+    rig = BlendshapeRig(definition, neutral.astype(np.float32), true.deltas, model)
     detail = neutral - base  # everything outside the identity space, the lip seal included
     tint = np.array([1.0, 0.93, 0.88]) * rng.uniform(0.6, 1.1) + rng.uniform(-0.05, 0.05, 3)
-    return SyntheticSubject(subject_id, identity, detail.astype(np.float32), rig, tint, gain)
+    return SyntheticSubject(subject_id, identity, detail.astype(np.float32), rig, tint, true.gain)
