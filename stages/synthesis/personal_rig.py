@@ -71,11 +71,13 @@ class PersonalRigConfig:
             draws an angle uniform in [0.5, 1] x this about a random axis (mirrored for
             ``_R``; the x axis for shapes across the midline), one rotation per shape.
         extent: largest falloff exponent change e (magnitudes m -> M (m/M)^(1-e)); each
-            family draws uniform in +-this. 0.35 widens the 10 %-of-peak contour to ~3 %.
+            family draws +-[0.5, 1] x this. e = 0.4 lifts a vertex moving 10 % of the peak
+            to 25 % (the support grows), e = -0.4 lowers it to 4 % (it shrinks).
         extent_gain_max: cap of the extent's per-vertex gain (m/M)^-e, so faint tails do
             not blow up.
         asymmetry: largest left/right gain difference a of ``1 + a tanh(x / w)``; each
-            family draws uniform in +-this (0.15: one side 15 % stronger, the other weaker).
+            family draws +-[0.5, 1] x this (0.15: one side up to 15 % stronger, the other
+            weaker).
         midline_m: w, the width over which the asymmetry gain crosses the midline, metres.
         cross_talk: largest fraction of the related shape's delta added (:data:`CROSS_TALK`);
             each pair draws uniform in [0.5, 1] x this.
@@ -92,16 +94,16 @@ class PersonalRigConfig:
     """
 
     gain: float = 0.2
-    direction_deg: float = 20.0
-    extent: float = 0.35
+    direction_deg: float = 25.0
+    extent: float = 0.4
     extent_gain_max: float = 3.0
     asymmetry: float = 0.15
     midline_m: float = 0.04
-    cross_talk: float = 0.2
+    cross_talk: float = 0.25
     extra_mm: float = 2.0
-    extra_fraction: float = 0.25
+    extra_fraction: float = 0.35
     field_radius_m: tuple[float, float] = field(default=(0.015, 0.035))
-    rigid_fade_m: float = 0.008
+    rigid_fade_m: float = 0.004
     plausibility: bool = True
     fade_radius_m: float = 0.006
     local_rounds: int = 3
@@ -149,7 +151,8 @@ class PersonalRig:
 
 
 def base_deltas(generic: BlendshapeRig, neutral: np.ndarray) -> np.ndarray:
-    """The generic deltas adapted to a subject's neutral: the one deformation-transfer call.
+    """The generic deltas adapted to a subject's neutral by deformation transfer
+    (:func:`rigs.deformation_transfer.transfer_deltas`; rigid parts keep the generic deltas).
 
     Args:
         neutral: (n, 3) the subject's neutral.
@@ -157,8 +160,9 @@ def base_deltas(generic: BlendshapeRig, neutral: np.ndarray) -> np.ndarray:
     Returns:
         (K, n, 3) float64 deltas, metres.
     """
-    del neutral  # deformation transfer (branch ebr) goes here once merged
-    return generic.deltas.astype(np.float64)
+    from rigs.deformation_transfer import transfer_deltas
+
+    return np.asarray(transfer_deltas(generic, np.asarray(neutral, np.float64)), np.float64)
 
 
 def family(name: str) -> str:
@@ -205,13 +209,20 @@ class FamilyStyle:
 
 
 def draw_family(rng: np.random.Generator, config: PersonalRigConfig) -> FamilyStyle:
+    """One family's style: every magnitude is [0.5, 1] x its configured largest value
+    (with a random sign where it has one), so no effect comes out negligible."""
     axis = rng.normal(size=3)
+
+    def draw(largest: float, signed: bool = False) -> float:
+        sign = rng.choice([-1.0, 1.0]) if signed else 1.0
+        return float(sign * rng.uniform(0.5, 1.0) * largest)
+
     return FamilyStyle(
         axis=axis / np.linalg.norm(axis),
-        angle=float(np.deg2rad(config.direction_deg) * rng.uniform(0.5, 1.0)),
-        extent=float(rng.uniform(-1, 1) * config.extent),
-        asymmetry=float(rng.uniform(-1, 1) * config.asymmetry),
-        cross_talk=float(rng.uniform(0.5, 1.0) * config.cross_talk),
+        angle=draw(np.deg2rad(config.direction_deg)),
+        extent=draw(config.extent, signed=True),
+        asymmetry=draw(config.asymmetry, signed=True),
+        cross_talk=draw(config.cross_talk),
     )
 
 
@@ -384,12 +395,17 @@ def plausible_style(neutral: np.ndarray, reference: np.ndarray, style: np.ndarra
             return style * mask[..., None], problems
         for label, b in todo:
             active = np.flatnonzero(b > 0)
+            if not style[active].any():  # nothing drawn for these shapes: nothing to check
+                checked[label] = version[active].copy()
+                continue
             ref = neutral + np.tensordot(b[active], reference[active], axes=1)
             if label not in references:
                 references[label] = rig_plausibility.measure(probe, ref)
             for rounds in range(1, 2 + config.local_rounds + config.max_halvings):
-                posed = ref + np.einsum("k,kn,knc->nc", b[active], mask[active], style[active])
-                verdict = rig_plausibility.violations(probe, posed, references[label])
+                posed = ref.copy()
+                for k in active:
+                    posed += (b[k] * mask[k])[:, None] * style[k]
+                verdict = rig_plausibility.violations(probe, posed, ref, references[label])
                 if not verdict.problems:
                     break
                 for k in active:

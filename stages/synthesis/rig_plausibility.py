@@ -77,18 +77,17 @@ class ContactGroup:
     incidence: sp.csr_matrix
     skin: np.ndarray
     candidates: np.ndarray
-    rest_normals: list[np.ndarray] = field(default_factory=list)
+    last: list[np.ndarray] = field(default_factory=list)  # [positions, normals] of the last call
 
-    def normals(self, vertices: np.ndarray, neutral: np.ndarray) -> np.ndarray:
-        """(g, 3) unit vertex normals of the posed group (computed once while it rests)."""
-        still = np.abs(vertices[self.ids] - neutral[self.ids]).max() <= STILL_M
-        if still and self.rest_normals:
-            return self.rest_normals[0]
+    def normals(self, vertices: np.ndarray) -> np.ndarray:
+        """(g, 3) unit vertex normals of the posed group (recomputed only when it moved)."""
+        here = vertices[self.ids]
+        if self.last and np.array_equal(self.last[0], here):
+            return self.last[1]
         v = vertices[self.triangles]
         n = self.incidence @ np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
         n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-20)
-        if still:
-            self.rest_normals.append(n)
+        self.last[:] = [here, n]
         return n
 
 
@@ -168,9 +167,16 @@ def _triangle_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray
     return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-20)
 
 
-def flipped(probe: Probe, vertices: np.ndarray) -> np.ndarray:
-    """(s,) bool, skin triangles whose normal turned by more than 90 degrees from neutral."""
+def flipped(probe: Probe, vertices: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
+    """(s,) bool, skin triangles whose normal turned by more than 90 degrees from neutral.
+
+    Args:
+        vertices: (n, 3) posed vertices.
+        among: optional (s,) bool, the only triangles tested (others count as not flipped).
+    """
     moved = (np.abs(vertices - probe.neutral) > STILL_M).any(1)[probe.triangles].any(1)
+    if among is not None:
+        moved &= among
     out = np.zeros(len(probe.triangles), bool)
     out[moved] = (_triangle_normals(vertices, probe.triangles[moved]) * probe.normals[moved]).sum(1) <= 0.0
     return out
@@ -189,7 +195,7 @@ def contact_depth(probe: Probe, vertices: np.ndarray) -> list[np.ndarray]:
     out = []
     for group in probe.contacts:
         surface = vertices[group.ids]
-        normals = group.normals(vertices, probe.neutral)
+        normals = group.normals(vertices)
         skin = vertices[group.skin]
         near = ((surface[group.candidates] - skin[:, None]) ** 2).sum(-1).argmin(1)
         j = group.candidates[np.arange(len(skin)), near]
@@ -232,28 +238,33 @@ class Verdict:
     vertices: np.ndarray
 
 
-def violations(probe: Probe, vertices: np.ndarray, reference: Measures) -> Verdict:
+def violations(probe: Probe, vertices: np.ndarray, reference: np.ndarray, measured: Measures | None = None) -> Verdict:
     """Checks a posed rig against the reference rig in the same pose.
 
     Args:
         vertices: (n, 3) the checked rig, posed.
-        reference: :func:`measure` of the reference rig in the same pose.
+        reference: (n, 3) the reference rig in the same pose.
+        measured: :func:`measure` of ``reference`` if already known (it is reused across
+            the attempts at one pose).
     """
-    got = measure(probe, vertices)
+    vertices = np.asarray(vertices, np.float64)
+    reference = np.asarray(reference, np.float64)
+    ref = measured or measure(probe, reference)
     problems, bad = [], []
-    new_flips = got.flipped & ~reference.flipped
+    changed = (np.abs(vertices - reference) > STILL_M).any(1)[probe.triangles].any(1)
+    new_flips = flipped(probe, vertices, among=changed) & ~ref.flipped
     if new_flips.any():
         problems.append(f"{int(new_flips.sum())} skin triangles flip")
         bad.append(probe.triangles[new_flips].ravel())
-    for name, depth in got.crossing.items():
-        ref = reference.crossing[name].max()
-        if depth.max() > ref + TOLERANCE_M:
-            problems.append(f"{name} rims cross by {depth.max() * 1e3:.2f} mm (reference {ref * 1e3:.2f})")
-            r, at = probe.rims[name], depth > ref + TOLERANCE_M
+    for name, depth in rim_crossing(probe, vertices).items():
+        limit = ref.crossing[name].max()
+        if depth.max() > limit + TOLERANCE_M:
+            problems.append(f"{name} rims cross by {depth.max() * 1e3:.2f} mm (reference {limit * 1e3:.2f})")
+            r, at = probe.rims[name], depth > limit + TOLERANCE_M
             bad += [r.upper[at], r.lower[at]]
-    for group, depth, ref_depth in zip(probe.contacts, got.contact, reference.contact, strict=True):
-        ref = ref_depth.max(initial=0.0)
-        if depth.max(initial=0.0) > ref + TOLERANCE_M:
-            problems.append(f"skin sinks {depth.max() * 1e3:.2f} mm into a rigid part (reference {ref * 1e3:.2f})")
-            bad.append(group.skin[depth > ref + TOLERANCE_M])
+    for group, depth, ref_depth in zip(probe.contacts, contact_depth(probe, vertices), ref.contact, strict=True):
+        limit = ref_depth.max(initial=0.0)
+        if depth.max(initial=0.0) > limit + TOLERANCE_M:
+            problems.append(f"skin sinks {depth.max() * 1e3:.2f} mm into a rigid part (reference {limit * 1e3:.2f})")
+            bad.append(group.skin[depth > limit + TOLERANCE_M])
     return Verdict(problems, np.unique(np.concatenate(bad)) if bad else np.zeros(0, np.int64))
