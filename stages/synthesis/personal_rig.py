@@ -1,28 +1,30 @@
 """A synthetic subject's true personal rig: generic shapes adapted to the face, plus style.
 
 People differ from a generic rig in more than amplitude (issue 8). The true rig starts
-from the generic deltas transferred onto the subject's neutral (:func:`base_deltas`) and
-adds a person-specific *style* to every regressed shape, each a seeded random effect
-whose magnitude :class:`PersonalRigConfig` sets:
+from the generic deltas transferred onto the subject's neutral (:func:`base_deltas`,
+deformation transfer) and adds a person-specific *style* to every regressed shape, each a
+seeded random effect whose largest magnitude :class:`PersonalRigConfig` sets:
 
 - **direction**: the delta vectors turn about an axis (a smile that pulls more upward
-  than sideways), by an angle that varies smoothly over the support, and bulge along the
-  surface normal;
+  than sideways), one rotation per shape;
 - **extent**: the support grows or shrinks: magnitudes ``m`` become ``M (m / M)^(1 - e)``
   (``M`` the shape's peak), so the peak stays and the falloff widens (e > 0) or narrows;
 - **asymmetry**: a gain ``1 + a tanh(x / w)`` that differs between the face's halves and
   is smooth across the midline;
 - **cross-talk**: a fraction of a related shape's delta (:data:`CROSS_TALK`);
-- **extra motion**: a smooth displacement field the generic shape lacks, inside its support.
+- **extra motion**: a smooth displacement field the generic shape lacks, inside its
+  support, at most a few mm;
+- and the per-shape global gain of the earlier generator.
 
 A left/right pair (``mouthSmile_L``/``_R``) shares one draw of the style parameters with
-the axis mirrored, so a face's two smiles are mirror images until asymmetry makes them
+the rotation mirrored, so a face's two smiles are mirror images until asymmetry makes them
 differ. Style acts on skin only, fading out within :attr:`PersonalRigConfig.rigid_fade_m`
 of the teeth and gums; eyeballs, teeth and gums keep the transferred deltas times the
 per-shape gain (a scaled rigid jaw motion stays rigid to first order). The eight
 eye-following shapes get no style and no gain: their lids track an eyeball whose rotation
-gaze fixes. Every shape's style is then scaled down where it breaks plausibility
-(:mod:`stages.synthesis.rig_plausibility`) at full activation or in a prompt's art prior.
+gaze fixes. Where the style breaks plausibility (:mod:`stages.synthesis.rig_plausibility`)
+at a shape's full activation or in a prompt's art prior, it is faded out around the
+vertices at fault, then halved (:func:`plausible_style`).
 """
 
 from __future__ import annotations
@@ -418,3 +420,23 @@ def plausible_style(neutral: np.ndarray, reference: np.ndarray, style: np.ndarra
                     halvings[active] += 1
                     mask[active] *= np.where(halvings[active] > config.max_halvings, 0.0, 0.5)[:, None]
             checked[label] = version[active].copy()
+
+
+def shape_differences(true: np.ndarray, other: np.ndarray, moving_m: float = 5e-4) -> np.ndarray:
+    """Per shape, mean and max per-vertex distance (mm) between two rigs' deltas over the
+    vertices the true shape moves by at least ``moving_m`` (issue 8's per-basis error).
+
+    Args:
+        true: (K, n, 3) the true deltas, metres.
+        other: (K, n, 3) the deltas compared with them.
+
+    Returns:
+        (K, 2) float64 [mean, max] mm (NaN for a shape that moves nothing that far).
+    """
+    out = np.full((len(true), 2), np.nan)
+    for k in range(len(true)):
+        moving = np.linalg.norm(true[k], axis=1) >= moving_m
+        if moving.any():
+            err = np.linalg.norm(np.asarray(true[k], np.float64) - other[k], axis=1)[moving] * 1e3
+            out[k] = err.mean(), err.max()
+    return out
