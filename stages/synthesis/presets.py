@@ -44,7 +44,8 @@ class SynthConfig:
         fps: HMC frame rate, Hz.
         identity_std: standard deviation of identity coefficients (1 = the model's prior).
         detail_mm: amplitude of the identity detail outside the shape space, mm.
-        rig_variation: amplitude of the per-subject smooth variation of each shape (0.2 = +-20 %).
+        rig_variation: per-shape gain range of the true personal rig (0.2 = +-10 %); the rest of
+            its style is :class:`stages.synthesis.personal_rig.PersonalRigConfig`'s.
         phone_yaw_deg: the phone burst's head turn: each frame's camera yaw around the face
             is uniform in +-this, degrees (large values make bursts with large head turns).
         phone_pitch_deg: likewise the camera pitch, uniform in +-this, degrees.
