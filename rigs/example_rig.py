@@ -59,7 +59,7 @@ class ExampleRigConfig:
     #: Prior weight of the weight step, mm^2 per unit weight^2.
     gamma: float = 0.05
     #: Stop when the weight step's objective changes by less than this (relative).
-    tolerance: float = 1e-3
+    tolerance: float = 5e-3
     #: Most alternations (the C++ peer always runs 10).
     max_iterations: int = 20
     #: Fewest examples (each must activate its shapes for them to move off the prior).
@@ -233,7 +233,7 @@ def solve_example_rig(p: RigProblem, config: ExampleRigConfig = ExampleRigConfig
     transferred[:, p.domain.rigid] = generic[:, p.domain.rigid]
     inv = inverse_frames(neutral, tris)
     examples = deformation_gradients(neutral, p.examples, tris, inv).reshape(len(p.examples), -1)
-    fixed_grads = deformation_gradients(neutral, neutral + transferred[fixed], tris, inv).reshape(len(fixed), -1)
+    fixed_grads = deformation_gradients(neutral, neutral + transferred[fixed], tris, inv).reshape(len(fixed), 9 * len(tris))
     w = _magnitude_weights(mstar[free], config)
     fit = system.domain if p.fit_vertices is None else np.asarray(p.fit_vertices)
     offsets = (np.asarray(p.examples, np.float64)[:, fit] - neutral[fit]) * MM  # (J, f, 3)
