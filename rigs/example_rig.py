@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, StageError
 from rigs.deformation_transfer import GradientDomain, check_mesh, transfer_gradients
-from rigs.gradients import PoissonSystem, deformation_gradients, inverse_frames
+from rigs.gradients import PoissonSystem, deformation_gradients, inverse_frames, run_chunks
 from rigs.rig_weights import objective, solve_weights
 
 #: Triangles per stacked batch of the gradient step (bounds its (c, K, K) temporaries).
@@ -187,29 +187,28 @@ def gradient_step(weights: np.ndarray, targets: np.ndarray, mstar: np.ndarray, r
     Args:
         weights: (J, K) example weights A of the shapes solved for.
         targets: (J, m * 9) example gradients minus the fixed shapes' contribution.
-        mstar: (K, m, 9) regularisation targets.
-        reg: (K, m) beta * w per shape and triangle.
+        mstar: (m, K, 9) regularisation targets, triangle-major.
+        reg: (m, K) beta * w per triangle and shape.
 
     Returns:
-        ((K, m, 9) gradients M minimising |targets - A M|^2 + sum_k reg_k |M^k - M*^k|^2,
+        ((m, K, 9) gradients M minimising |targets - A M|^2 + sum_k reg_k |M^k - M*^k|^2,
         the fit term |targets - A M|^2 at M).
     """
-    k, m = reg.shape
+    m, k = reg.shape
     ata = weights.T @ weights
-    atr = (weights.T @ targets).reshape(k, m, 9)
-    out = np.empty((k, m, 9))
+    atr = (weights.T @ targets).reshape(k, m, 9).transpose(1, 0, 2)  # (m, K, 9) view
+    out = np.empty((m, k, 9))
     diag = np.arange(k)
-    for start in range(0, m, TRIANGLE_CHUNK):
-        sl = slice(start, min(start + TRIANGLE_CHUNK, m))
-        r = reg[:, sl].T  # (c, K)
-        lhs = np.repeat(ata[None], len(r), axis=0)
-        lhs[:, diag, diag] += r
-        rhs = atr[:, sl].transpose(1, 0, 2) + r[:, :, None] * mstar[:, sl].transpose(1, 0, 2)
-        out[:, sl] = np.linalg.solve(lhs, rhs).transpose(1, 0, 2)
+
+    def solve(sl: slice) -> None:
+        lhs = np.repeat(ata[None], sl.stop - sl.start, axis=0)
+        lhs[:, diag, diag] += reg[sl]
+        out[sl] = np.linalg.solve(lhs, atr[sl] + reg[sl, :, None] * mstar[sl])
+
+    run_chunks(solve, [slice(s, min(s + TRIANGLE_CHUNK, m)) for s in range(0, m, TRIANGLE_CHUNK)])
     # |T - A M|^2 = |T|^2 - 2 <A^T T, M> + <A^T A M, M>, without the (J, 9m) residual.
-    flat = out.reshape(k, -1)
-    fit = np.einsum("ji,ji->", targets, targets) - 2.0 * np.einsum("ki,ki->", atr.reshape(k, -1), flat) \
-        + np.einsum("ki,ki->", ata @ flat, flat)
+    fit = np.einsum("ji,ji->", targets, targets) - 2.0 * np.einsum("mkn,mkn->", atr, out) \
+        + np.einsum("mkn,mkn->", np.matmul(ata, out), out)
     return out, float(fit)
 
 
@@ -234,7 +233,8 @@ def solve_example_rig(p: RigProblem, config: ExampleRigConfig = ExampleRigConfig
     inv = inverse_frames(neutral, tris)
     examples = deformation_gradients(neutral, p.examples, tris, inv).reshape(len(p.examples), -1)
     fixed_grads = deformation_gradients(neutral, neutral + transferred[fixed], tris, inv).reshape(len(fixed), 9 * len(tris))
-    w = _magnitude_weights(mstar[free], config)
+    w = _magnitude_weights(mstar[free], config).T.copy()  # (m, K_free), triangle-major
+    mstar_free = mstar[free].transpose(1, 0, 2).copy()  # (m, K_free, 9)
     fit = system.domain if p.fit_vertices is None else np.asarray(p.fit_vertices)
     offsets = (np.asarray(p.examples, np.float64)[:, fit] - neutral[fit]) * MM  # (J, f, 3)
     deltas = transferred.copy()
@@ -246,11 +246,14 @@ def solve_example_rig(p: RigProblem, config: ExampleRigConfig = ExampleRigConfig
     for it in range(config.max_iterations):
         beta = config.beta(it)
         targets = examples - alpha[:, fixed] @ fixed_grads
-        grads, fit_term = gradient_step(alpha[:, free], targets, mstar[free], beta * w)
+        grads, fit_term = gradient_step(alpha[:, free], targets, mstar_free, beta * w)
+        change = grads - mstar_free
         record = {"iteration": it, "beta": beta, "gradient_fit": fit_term / targets.size * 9,
-                  "gradient_reg": beta * float(np.einsum("km,kmi->", w, (grads - mstar[free]) ** 2)) / w.shape[1]}
+                  "gradient_reg": beta * float(np.einsum("mk,mki,mki->", w, change, change)) / len(w)}
+        del change
         clock.lap("gradient_step", record)
-        deltas[free] = system.solve_deltas(grads.reshape(len(free), -1, 3, 3), transferred[free][:, system.anchors])
+        relative = grads.transpose(1, 0, 2).reshape(len(free), -1, 3, 3)
+        deltas[free] = system.solve_deltas(relative, transferred[free][:, system.anchors])
         clock.lap("vertex_step", record)
         alpha, weight_record = _weight_step(deltas[:, fit] * MM, offsets, alpha, p, config)
         record.update(weight_record)

@@ -132,6 +132,15 @@ def small_truth(small_generic, model):
     return make_small_truth(small_generic, model)
 
 
+@pytest.fixture(scope="module")
+def art_result(small_generic, small_truth):
+    """The personal rig fitted with the art priors (1.1x the true weights)."""
+    from rigs.personal_rig import build_example_rig
+
+    neutral, _, _, _, examples = small_truth
+    return build_example_rig(small_generic, neutral, examples)
+
+
 def make_small_generic(model):
     """The generic rig restricted to SHAPES, with PROMPTS whose art priors are 1.1x the truth."""
     from rigs.definition import Prompt, RigDefinition
@@ -170,7 +179,7 @@ def _basis_error_mm(deltas, true, shapes):
     return np.array(out)
 
 
-def test_a_known_rig_is_recovered_from_noise_free_examples(small_generic, small_truth):
+def test_a_known_rig_is_recovered_from_noise_free_examples(small_generic, small_truth, art_result):
     from rigs.example_rig import ExampleRigConfig
     from rigs.personal_rig import build_example_rig
 
@@ -181,7 +190,7 @@ def test_a_known_rig_is_recovered_from_noise_free_examples(small_generic, small_
     known = build_example_rig(small_generic, neutral, examples, trusted,
                               priors={n: weights[j] for j, (n, _) in enumerate(PROMPTS)})
     known_err = _basis_error_mm(known.rig.deltas, true, free)
-    art = build_example_rig(small_generic, neutral, examples)  # art priors 1.1x the truth
+    art = art_result  # art priors 1.1x the truth
     art_err = _basis_error_mm(art.rig.deltas, true, free)
     # Measured: per basis 0.07-0.49x transfer's error (mouthClose, in one example at 0.5, is
     # the worst), mean 0.29x; weights within 0.019 of the truth.
@@ -195,11 +204,9 @@ def test_a_known_rig_is_recovered_from_noise_free_examples(small_generic, small_
     assert known.history[-1]["objective"] < known.history[0]["objective"]
 
 
-def test_personal_rig_keeps_rigid_parts_eye_following_shapes_and_constraints(small_generic, small_truth):
-    from rigs.personal_rig import build_example_rig
-
-    neutral, transferred, _, _, examples = small_truth
-    result = build_example_rig(small_generic, neutral, examples)
+def test_personal_rig_keeps_rigid_parts_eye_following_shapes_and_constraints(small_generic, small_truth, art_result):
+    neutral, transferred, _, _, _ = small_truth
+    result = art_result
     d, rig = small_generic.definition, result.rig
     assert rig.definition is d and rig.deltas.dtype == np.float32 and np.allclose(rig.neutral, neutral, atol=1e-7)
     rigid = model_domain(small_generic.model, small_generic.deltas).rigid
