@@ -27,7 +27,9 @@ import scipy.sparse as sp
 from pipeline.errors import ModelError
 
 #: Shapes solved per batch of right-hand sides (3 columns each): bounds the temporaries.
-SOLVE_CHUNK = 16
+SOLVE_CHUNK = 8
+#: Threads that solve batches at once.
+THREADS = 2
 
 
 def triangle_frames(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -179,19 +181,6 @@ class PoissonSystem:
         self._lap_fa = lap[free_local][:, anchor_local].tocsr()
         self._solve, self.backend = _factorise(lap[free_local][:, free_local])
 
-    def target_blocks(self, relative: np.ndarray) -> np.ndarray:
-        """Target gradient blocks ``P_t M_t^T`` of relative gradients.
-
-        Args:
-            relative: (..., m, 3, 3) relative gradients ``M``.
-
-        Returns:
-            (..., m, 3, 3) blocks: rows are gradient components, columns coordinates.
-        """
-        mt = np.swapaxes(relative, -1, -2)
-        nrm = self.normals
-        return mt - nrm[:, :, None] * np.einsum("mb,...mbc->...mc", nrm, mt)[..., None, :]
-
     def solve_deltas(self, relative: np.ndarray, anchor_deltas: np.ndarray) -> np.ndarray:
         """Vertex deltas whose gradients best match relative gradients, for many shapes.
 
@@ -206,14 +195,31 @@ class PoissonSystem:
         k = relative.shape[0]
         anchor_deltas = np.broadcast_to(np.asarray(anchor_deltas, np.float64), (k, len(self.anchors), 3))
         out = np.zeros((k, self.n, 3))
-        for start in range(0, k, SOLVE_CHUNK):
-            sl = slice(start, min(start + SOLVE_CHUNK, k))
-            c = len(range(*sl.indices(k)))
-            blocks = self.target_blocks(relative[sl])  # (c, m, 3, 3)
-            rhs_all = self._weighted_t @ blocks.transpose(1, 2, 0, 3).reshape(-1, 3 * c)  # (d, 3c)
+        chunks = [slice(s, min(s + SOLVE_CHUNK, k)) for s in range(0, k, SOLVE_CHUNK)]
+
+        def solve(sl: slice) -> None:
+            c = sl.stop - sl.start
+            # G_t^T P_t = G_t^T (gradients are tangent), so the target P_t M_t^T needs no
+            # projection: the right-hand side is G^T A M^T, M^T laid out as (3m, 3c).
+            blocks = relative[sl].transpose(1, 3, 0, 2).reshape(-1, 3 * c)
             fixed = anchor_deltas[sl].transpose(1, 0, 2).reshape(len(self.anchors), 3 * c)
-            rhs = rhs_all[self._free_local] - self._lap_fa @ fixed
+            rhs = (self._weighted_t @ blocks)[self._free_local] - self._lap_fa @ fixed
             sol = np.asarray(self._solve(rhs)).reshape(len(self.free), c, 3)
-            out[sl][:, self.free] = sol.transpose(1, 0, 2)
-            out[sl][:, self.anchors] = anchor_deltas[sl]
+            out[sl, self.free] = sol.transpose(1, 0, 2)
+            out[sl, self.anchors] = anchor_deltas[sl]
+
+        run_chunks(solve, chunks)
         return out
+
+
+def run_chunks(work, chunks: list, threads: int = THREADS) -> None:
+    """Runs ``work(chunk)`` for every chunk, on ``threads`` threads (numpy's batched
+    solvers and SuperLU release the GIL; the machine has 2 cores)."""
+    if threads <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            work(chunk)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, chunks))
