@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.config import check_fields
 from pipeline.errors import ConfigError, StageError
 from rigs.deformation_transfer import GradientDomain, check_mesh, transfer_gradients
 from rigs.gradients import PoissonSystem, deformation_gradients, inverse_frames, run_chunks
@@ -44,40 +45,41 @@ MM = 1000.0
 
 @dataclass(frozen=True)
 class ExampleRigConfig:
-    """Parameters of example-based rigging."""
+    """Example-based rigging of the subject's personal rig (the ``rig`` section; issue 8)."""
 
-    #: Regularisation weight toward the transferred gradients at the first iteration ...
     beta_start: float = 0.05
-    #: ... falling linearly to this over ``anneal_iterations`` (the paper: 0.5 -> 0.1).
+    """Regularisation weight toward the transferred gradients at the first iteration ..."""
     beta_end: float = 0.01
-    #: Iterations over which beta anneals; the tolerance stop waits for them.
+    """... falling linearly to this over ``anneal_iterations`` (the paper: 0.5 -> 0.1)."""
     anneal_iterations: int = 3
-    #: kappa of the magnitude-dependent weights (paper: 0.1).
+    """Iterations over which beta anneals; the tolerance stop waits for them."""
     kappa: float = 0.1
-    #: theta of the magnitude-dependent weights (paper: 2).
+    """kappa of the magnitude-dependent weights (paper: 0.1)."""
     theta: float = 2.0
-    #: Prior weight of the weight step, mm^2 per unit weight^2.
+    """theta of the magnitude-dependent weights (paper: 2)."""
     gamma: float = 0.05
-    #: Stop when the weight step's objective changes by less than this (relative).
+    """Prior weight of the weight step, mm^2 per unit weight^2."""
     tolerance: float = 5e-3
-    #: Most alternations (the C++ peer always runs 10).
+    """Stop when the weight step's objective changes by less than this (relative)."""
     max_iterations: int = 20
-    #: Fewest examples (each must activate its shapes for them to move off the prior).
+    """Most alternations (the C++ peer always runs 10)."""
     min_examples: int = 5
-    #: An example whose mean (or max) per-vertex residual exceeds this multiple of the
-    #: examples' median mean (or max) residual ...
+    """Fewest examples (each must activate its shapes for them to move off the prior)."""
     outlier_factor: float = 4.0
-    #: ... and this many millimetres (mean) ...
+    """An example whose mean (or max) per-vertex residual exceeds this multiple of the
+    examples' median mean (or max) residual ..."""
     outlier_floor_mm: float = 0.5
-    #: ... or this many (max: a local error is diluted in the mean) contradicts its prior.
+    """... and this many millimetres (mean) ..."""
     outlier_max_floor_mm: float = 2.0
-    #: An example whose recovered weight differs from its prior by more than this on some
-    #: shape contradicts its prior too (the synthetic performances stay within 0.4).
+    """... or this many (max: a local error is diluted in the mean) contradicts its prior."""
     max_prior_deviation: float = 0.6
-    #: Pin the smaller weight of an active antagonistic pair to 0.
+    """An example whose recovered weight differs from its prior by more than this on some
+    shape contradicts its prior too (the synthetic performances stay within 0.4)."""
     enforce_antagonistic: bool = True
+    """Pin the smaller weight of an active antagonistic pair to 0."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         checks = {
             "beta_start": self.beta_start > 0, "beta_end": self.beta_end > 0,
             "anneal_iterations": self.anneal_iterations >= 1, "kappa": self.kappa > 0,
@@ -89,7 +91,7 @@ class ExampleRigConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ConfigError(f"ExampleRigConfig: out of range: {', '.join(bad)}")
+            raise ConfigError(f"rig: out of range: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
 
     def beta(self, iteration: int) -> float:
         """Beta at a 0-based iteration."""

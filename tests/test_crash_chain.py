@@ -24,8 +24,8 @@ from workflows.config import RunConfig
 from workflows.label import backfill
 
 REPO = Path(__file__).resolve().parents[1]
-#: Kill points spread over the 21 units (3 subjects x 7 stages): early, middle and late.
-KILL_AFTER_FINISHES = (2, 9, 16)
+#: Kill points spread over the 24 units (3 subjects x 8 stages): early, middle and late.
+KILL_AFTER_FINISHES = (2, 11, 20)
 #: Stages whose output bytes are reproducible. Fusion's Open3D ICP and Poisson reduce over
 #: threads, so its bytes differ between runs (docs/fusion.md), and so do those of the
 #: stages fed by it (fit, refine, texture); their keys must still match.

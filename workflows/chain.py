@@ -14,6 +14,7 @@ from stages.fit import fit_capture
 from stages.fusion import fuse_capture
 from stages.landmarks import detect_landmarks_for_capture
 from stages.refine import refine_capture
+from stages.rigging import rig_capture
 from stages.texture import texture_capture
 from stages.validation import validate_capture_stage
 
@@ -59,6 +60,12 @@ STAGES: list[Stage] = [
         config_fields=("texture",), outputs=("rows",),
         description="phone RGB fused into the template's UV atlas, with per-texel confidence",
         library_versions=("opencv-contrib-python",),
+    ),
+    Stage(
+        name="rig", version="1", fn=rig_capture, inputs=("capture", "refine"),
+        config_fields=("rig",), outputs=("rows",),
+        description="personal 53-blendshape rig by example-based rigging of the refined expressions",
+        library_versions=("scipy",),
     ),
 ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline import __version__
+from rigs.example_rig import ExampleRigConfig
 from stages.face_mask import FaceMaskConfig
 from stages.fit_config import FitConfig
 from stages.fusion import FusionConfig
@@ -29,5 +30,6 @@ class RunConfig:
     fit: FitConfig = field(default_factory=FitConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     texture: TextureConfig = field(default_factory=TextureConfig)
+    rig: ExampleRigConfig = field(default_factory=ExampleRigConfig)
     pipeline_version: str = __version__
     """Written into every label row."""

@@ -1,0 +1,100 @@
+"""The ``rig`` stage (stages/rigging.py) on the tiny subject's true expression meshes.
+
+The algorithm's own checks (exact Poisson solve, a known rig recovered, each failure
+message) are in tests/test_example_rig.py; this module checks the stage: its inputs from
+the refine artifact, its artifact and records, and its failures on a subject.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pipeline.errors import StageError
+from pipeline.serialize import decode, encode
+from rigs.example_rig import ExampleRigConfig
+from rigs.face_model import load_ict_face_model
+from rigs.rig import BlendshapeRig
+from stages.refine import RefinedExpression, RefinedSubject
+from stages.rigging import PersonalRig, rig_capture, rig_subject
+
+
+@pytest.fixture(scope="module")
+def truth_refined(tiny_subject):
+    """A refine artifact whose meshes are the tiny subject's true expression meshes."""
+    from stages.synthesis.truth import SubjectTruth
+
+    capture_dir, truth_dir = tiny_subject
+    truth = SubjectTruth.open(truth_dir)
+    expressions = truth.expressions()
+    prompts = tuple(str(p) for p in expressions["prompts"])
+    n = truth.rig.neutral.shape[0]
+    refined = {
+        e: RefinedExpression(expressions["vertices"][i].astype(np.float32), np.eye(4), np.zeros(n, np.float32),
+                             0.1, 0.1, 1.0)
+        for i, e in enumerate(prompts)
+    }
+    subject = RefinedSubject(capture_dir.name, "neutral", truth.rig.neutral.astype(np.float32), "refined",
+                             refined, {}, prompts)
+    return capture_dir, truth, expressions, subject
+
+
+@pytest.fixture(scope="module")
+def rigged(truth_refined):
+    capture_dir, _, _, subject = truth_refined
+    return rig_capture(capture_dir, subject.to_output(), ExampleRigConfig())
+
+
+def test_rig_from_true_meshes_reproduces_them_and_round_trips(truth_refined, rigged) -> None:
+    """Every prompt is an example; the personal rig reproduces each true mesh with its
+    recovered weights (the examples are exact, so the residual is the solver's), and the
+    artifact survives the store's serializer with its records."""
+    _, truth, expressions, subject = truth_refined
+    rig = PersonalRig.from_output(decode(*encode(rigged)))
+    assert rig.examples == subject.order and not rig.rejected
+    assert rig.rig.deltas.shape == truth.rig.deltas.shape
+    assert np.array_equal(rig.rig.neutral, subject.neutral)
+    region = load_ict_face_model().fitting_vertices
+    for j, e in enumerate(rig.examples):
+        posed = rig.rig.neutral + np.einsum("k,knc->nc", rig.weights[j], rig.rig.deltas)
+        err = np.linalg.norm(posed[region] - expressions["vertices"][j][region], axis=1).mean() * 1e3
+        assert err < 0.5, (e, err)
+        assert rig.residual_mean_mm[j] < 0.5
+    assert rig.history and all(np.isfinite(h["objective"]) for h in rig.history)
+    rows = rigged.tables["rows"].to_pylist()
+    assert [r["status"] for r in rows] == ["example"] * len(subject.order)
+    assert all(np.isfinite(r["residual_mean_mm"]) for r in rows)
+
+
+def test_rejected_prompts_are_records_and_too_few_examples_fail(truth_refined) -> None:
+    """A prompt the refinement rejected is a record with the upstream reason; with fewer
+    examples than ``min_examples`` the subject fails, naming the count and the rejected."""
+    capture_dir, _, _, subject = truth_refined
+    gone = subject.order[2]
+    refined = {e: r for e, r in subject.refined.items() if e != gone}
+    partial = dataclasses.replace(subject, refined=refined, rejected={gone: "too few scan correspondences"})
+    cfg = ExampleRigConfig(min_examples=len(refined))
+    rig = PersonalRig.from_output(rig_capture(capture_dir, partial.to_output(), cfg))
+    assert gone not in rig.examples and rig.rejected == {gone: "not refined: too few scan correspondences"}
+    rows = {r["expression"]: r for r in rig.rows().to_pylist()}
+    assert rows[gone]["status"] == "rejected" and np.isnan(rows[gone]["residual_mean_mm"])
+    with pytest.raises(StageError, match=rf"{len(refined)} example meshes, rigging needs at least "
+                                         rf"{len(refined) + 1}.*{gone}: not refined"):
+        rig_subject(partial, ExampleRigConfig(min_examples=len(refined) + 1))
+
+
+def test_flipped_triangles_in_an_example_fail_naming_it(truth_refined) -> None:
+    """An example whose skin is folded over (a mirrored patch) fails, naming the example."""
+    _, truth, _, subject = truth_refined
+    model = load_ict_face_model()
+    e = subject.order[1]
+    bad = subject.refined[e].vertices.copy()
+    patch = model.part_vertices("face")[:2000]
+    centre = bad[patch].mean(0)
+    bad[patch, 2] = 2 * centre[2] - bad[patch, 2]  # mirror a patch through its mean depth
+    refined = dict(subject.refined, **{e: dataclasses.replace(subject.refined[e], vertices=bad)})
+    generic = BlendshapeRig.generic(model, truth.rig.definition)
+    with pytest.raises(StageError, match=rf"{subject.subject_id}: .*{e}.*"):
+        rig_subject(dataclasses.replace(subject, refined=refined), ExampleRigConfig(), generic=generic)
