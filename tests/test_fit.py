@@ -304,12 +304,15 @@ def tiny_fit(tiny_subject):
 
 def test_tiny_subject_fit_against_the_true_meshes(tiny_fit) -> None:
     """Fitting vertices vs the true meshes, in the fusion reference camera. Measured (seed 11,
-    4 of 5 expressions, 2 frames each, default config): median 0.62-0.82 mm, mean
-    0.85-1.00 mm per expression; on the vertices the scans cover (58-62 %) median
-    0.46-0.55 mm, mostly along the surface (normal component median 0.10-0.11 mm), on the
-    uncovered sides 1.3 mm; scan-to-model median 0.13-0.16 mm, landmarks 0.30-0.41 px. The
-    rest is the identity and generic expression spaces' limit (the subject has personal
-    detail and expression gains) and the unseen sides of the face."""
+    4 of 5 expressions, 2 frames each, default config): median 0.99-1.23 mm, mean
+    1.61-1.87 mm per expression (neutral 0.99 / 1.61). Before the true rig gained
+    person-specific style (issue 8: deformation transfer plus direction, extent, asymmetry,
+    cross-talk and extra motion) the same test measured median 0.62-0.82, mean 0.85-1.00 mm:
+    the true expressions now lie outside the generic expression space the fit uses (a
+    least-squares fit of identity + generic expressions to the true meshes: jaw_drop_max
+    0.18 -> 0.61 mm median, smile_closed 0.15 -> 0.42), and the shared identity absorbs part
+    of it, which moves the neutral too. Scan-to-model median stays under 0.3 mm and
+    landmarks under 1 px. The rest is the spaces' limit and the unseen sides of the face."""
     from stages.fusion import FusedScans
 
     cap, truth, _, fusion, rejected, out = tiny_fit
@@ -327,7 +330,7 @@ def test_tiny_subject_fit_against_the_true_meshes(tiny_fit) -> None:
         true = ex["vertices"][prompts.index(e)][fv] @ pose[:, :3].T + pose[:, 3]
         T = fit.scan_from_head[e]
         err = np.linalg.norm(fit.vertices[e][fv] @ T[:3, :3].T + T[:3, 3] - true, axis=1) * 1e3
-        assert np.median(err) < 1.2 and err.mean() < 1.5, (e, np.median(err), err.mean())
+        assert np.median(err) < 1.35 and err.mean() < 2.1, (e, np.median(err), err.mean())
         assert rows[e]["status"] == "fitted" and rows[e]["scan_median_mm"] < 0.3 and rows[e]["landmark_px"] < 1.0
     assert rows[rejected]["status"] == "rejected" and np.isnan(rows[rejected]["scan_median_mm"])
     assert fit.neutral.shape == (truth.rig.model.n_vertices, 3) and fit.identity.shape == (100,)

@@ -189,16 +189,17 @@ def test_tiny_subject_refinement_beats_the_fit(tiny_refined, model) -> None:
     vertices) and on its part the scan covers (true vertex within 1 mm of the fused scan:
     51-57 % of it; the 2-frame tiny bursts do not see the sides and under the chin).
 
-    Measured (seed 11), mean per-vertex error fit -> refined, mm, and reduction:
-    face region: neutral 0.259 -> 0.157 (39 %), jaw_drop_max 0.517 -> 0.417 (19 %),
-    smile_closed 0.542 -> 0.438 (19 %), wink_left 0.279 -> 0.194 (30 %), brows_raise
-    0.292 -> 0.203 (30 %); all expressions 0.378 -> 0.282 (25 %).
-    Covered part: 0.319 -> 0.146 (54 %), 0.543 -> 0.360 (34 %), 0.674 -> 0.471 (30 %),
-    0.345 -> 0.180 (48 %), 0.371 -> 0.208 (44 %); medians fall 65-75 %. What remains is
-    tangential (rig gains slide the skin along itself, which a scan cannot show) and the
-    unseen sides. Scan-to-mesh medians fall from 0.21-0.33 mm to 0.10-0.12 mm.
-    Bounds: covered part >= 25 % per expression, face region >= 15 % per expression and
-    >= 22 % over all."""
+    Measured (seed 11, the true rig with person-specific style of issue 8), mean per-vertex
+    error fit -> refined, mm, and reduction: face region: neutral 0.259 -> 0.167 (36 %),
+    jaw_drop_max 1.815 -> 1.542 (15 %), smile_closed 1.395 -> 1.196 (14 %), wink_left 0.276
+    -> 0.198 (28 %), brows_raise 0.982 -> 0.886 (10 %); all expressions 4.73 -> 3.99 summed
+    (16 %). Covered part: 54 %, 32 %, 29 %, 44 %, 14 %. The pseudo-fit is the generic rig at
+    the true weights, so it now misses the subject's style; what the refinement cannot
+    remove is the style's motion along the skin (direction changes and extra motion slide
+    the surface along itself, which a scan cannot show) and the unseen sides. (Before the
+    style, on gains alone: 19-39 % per expression, 25 % over all.)
+    Bounds: covered part >= 12 % per expression, face region >= 7 % per expression and
+    >= 12 % over all."""
     from scipy.spatial import cKDTree
 
     from stages.fusion import FusedScans
@@ -213,13 +214,13 @@ def test_tiny_subject_refinement_beats_the_fit(tiny_refined, model) -> None:
         pose = np.linalg.inv(fit.arrays[f"{e}.scan_from_head"])
         scan = fused.expressions[e].vertices @ pose[:3, :3].T + pose[:3, 3]
         covered = region[cKDTree(scan).query(true[region])[0] < 1e-3]
-        for ids, bound in ((region, 0.15), (covered, 0.25)):
+        for ids, bound in ((region, 0.07), (covered, 0.12)):
             before = np.linalg.norm(fit.arrays[f"{e}.vertices"][ids] - true[ids], axis=1).mean()
             after = np.linalg.norm(refined.refined[e].vertices[ids] - true[ids], axis=1).mean()
             assert after < (1 - bound) * before, (e, len(ids), before, after)
             if ids is region:
                 totals += before, after
-    assert totals[1] < 0.78 * totals[0], totals
+    assert totals[1] < 0.88 * totals[0], totals
     rows = out.tables["rows"].to_pylist()
     assert [r["status"] for r in rows] == ["refined"] * len(prompts)
     assert all(r["refined_median_mm"] < 0.6 * r["fit_median_mm"] for r in rows), rows
