@@ -98,3 +98,28 @@ def test_flipped_triangles_in_an_example_fail_naming_it(truth_refined) -> None:
     generic = BlendshapeRig.generic(model, truth.rig.definition)
     with pytest.raises(StageError, match=rf"{subject.subject_id}: .*{e}.*"):
         rig_subject(dataclasses.replace(subject, refined=refined), ExampleRigConfig(), generic=generic)
+
+
+def test_personal_rig_figure_shows_zero_error_for_the_true_rig(truth_refined, rigged, tmp_path) -> None:
+    """The QA report's picture: one row per shape; where the compared rig is the true rig
+    itself its difference tile is coloured 0 mm everywhere, unlike deformation transfer's."""
+    from PIL import Image
+
+    from workflows.rig_figures import write_personal_rig_figure
+
+    _, truth, _, _ = truth_refined
+    rig = PersonalRig.from_output(rigged)
+    shapes = ("jawOpen", "mouthSmile_L")
+    path = write_personal_rig_figure(tmp_path / "rig.png", truth.rig, rig.transferred, truth.rig, shapes)
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    width = 300  # shape_row's tile width: shown | true | |true - rig| | |true - DT| | colour bar
+
+    def hot(tile: np.ndarray) -> int:  # pixels coloured near the scale's top (>= ~2.5 mm)
+        body = tile[30:]  # below the label strip
+        return int(((body[..., 0] > 180) & (body[..., 1] > 180) & (body[..., 2] < 120)).sum())
+
+    rows = np.split(img, len(shapes), axis=0)
+    assert img.shape[1] == 4 * width + 90
+    for row in rows:
+        assert hot(row[:, 2 * width:3 * width]) == 0  # the true rig against itself: 0 mm
+    assert hot(rows[0][:, 3 * width:4 * width]) > 100  # jawOpen: DT misses the subject's jaw style

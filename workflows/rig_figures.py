@@ -31,30 +31,44 @@ SHAPES = ("mouthSmile_L", "jawOpen", "browInnerUp_L", "eyeBlink_L")
 VMAX_MM = 3.0
 
 
-def shape_row(name: str, neutral: np.ndarray, generic: np.ndarray, true: np.ndarray, transferred: np.ndarray,
-              model, width: int = 300) -> np.ndarray:
-    """One shape: copy | true | |true - copy| | |true - DT| | colour bar.
+def shape_row(name: str, neutral: np.ndarray, shown: tuple[tuple[str, np.ndarray], ...], true: np.ndarray,
+              compared: tuple[tuple[str, np.ndarray], ...], model, width: int = 300) -> np.ndarray:
+    """One shape at full activation: each shown rig | the true rig coloured by its per-vertex
+    distance from each compared rig (mean over the vertices it moves >= 0.5 mm) | colour bar.
 
     Args:
         neutral: (n, 3) the subject's neutral.
-        generic, true, transferred: (n, 3) the shape's generic, true and transferred deltas.
+        shown: (label, (n, 3) deltas) drawn shaded, before the true rig.
+        true: (n, 3) the shape's true deltas.
+        compared: (label, (n, 3) deltas) whose distance from ``true`` is coloured.
     """
-    triangles = model.triangles
     region = model.part_vertices("face")
     centre = neutral[region].mean(0)
     camera = Camera.look_at(centre + np.array([0.0, 0.0, 0.5]), centre, np.array([0.0, 1.0, 0.0]),
                             width=width, height=int(width * 1.2), focal=2.0 * width)
-    copy_img, _ = shaded(neutral + generic, triangles, camera)
-    true_img, _ = shaded(neutral + true, triangles, camera)
-    tiles = [copy_img, true_img]
-    labels = [f"{name}: generic copy", "true personal rig"]
-    for label, other in (("|true - copy|", generic), ("|true - DT|", transferred)):
+    tiles, labels = [], []
+    for label, deltas in (*shown, ("true personal rig", true)):
+        tiles.append(shaded(neutral + deltas, model.triangles, camera)[0])
+        labels.append(label)
+    labels[0] = f"{name}: {labels[0]}"
+    moving = np.linalg.norm(true, axis=1) >= 5e-4
+    for label, other in compared:
         d = np.linalg.norm(true - other, axis=1) * 1e3
-        moving = np.linalg.norm(true, axis=1) >= 5e-4
-        img, _ = shaded(neutral + true, triangles, camera, error_colours(d, VMAX_MM))
-        tiles.append(img)
-        labels.append(f"{label} mean {d[moving].mean():.2f} mm")
-    return beside(*tiles, colour_bar(copy_img.shape[0], VMAX_MM), labels=(*labels, ""))
+        tiles.append(shaded(neutral + true, model.triangles, camera, error_colours(d, VMAX_MM))[0])
+        labels.append(f"|true - {label}| mean {d[moving].mean():.2f} mm")
+    return beside(*tiles, colour_bar(tiles[0].shape[0], VMAX_MM), labels=(*labels, ""))
+
+
+def write_personal_rig_figure(path: Path, rig: BlendshapeRig, transferred: np.ndarray, true: BlendshapeRig,
+                              shapes: tuple[str, ...] = SHAPES) -> Path:
+    """A subject's example-based rig against its true rig (the QA report's picture): per
+    shape, personal | true | |true - personal| | |true - DT|."""
+    d = rig.definition
+    rows = [shape_row(name, rig.neutral.astype(np.float64), (("example-based", rig.deltas[k]),), true.deltas[k],
+                      (("example-based", rig.deltas[k]), ("DT", transferred[k])), rig.model)
+            for name in shapes for k in [d.index(name)]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _save(path, np.vstack(rows))
 
 
 def write_rig_figure(out: Path, seed: int = 1000, index: int = 0, shapes: tuple[str, ...] = SHAPES) -> Path:
@@ -63,7 +77,8 @@ def write_rig_figure(out: Path, seed: int = 1000, index: int = 0, shapes: tuple[
     generic = BlendshapeRig.generic(model, definition)
     neutral = subject.rig.neutral.astype(np.float64)
     transferred = base_deltas(generic, neutral)
-    rows = [shape_row(name, neutral, generic.deltas[k], subject.rig.deltas[k], transferred[k], model)
+    rows = [shape_row(name, neutral, (("generic copy", generic.deltas[k]),), subject.rig.deltas[k],
+                      (("copy", generic.deltas[k]), ("DT", transferred[k])), model)
             for name in shapes for k in [definition.index(name)]]
     out.mkdir(parents=True, exist_ok=True)
     return _save(out / "true_rig_shapes.png", np.vstack(rows))
