@@ -179,7 +179,8 @@ def calibrate_embedding(views: Iterable[DetectionView], model: FaceModel | None 
     """The embedding moved to where a detector's landmarks fall on the true surfaces.
 
     Every detection of a surface landmark (0-467) is cast onto its view's true mesh
-    (:func:`detection_hits`); the hit's (triangle, barycentric) places it on the
+    (:func:`detection_hits`; hits on the eyeballs, teeth or sockets are dropped: the
+    landmark was occluded there); the hit's (triangle, barycentric) places it on the
     template's neutral, the landmark's new point is the median of those places (robust to
     a detector's occasional miss), projected onto the template's face surface. Landmarks
     with fewer than ``min_hits`` hits, and the irises, keep the model's embedding.
@@ -201,12 +202,13 @@ def calibrate_embedding(views: Iterable[DetectionView], model: FaceModel | None 
     base = np.asarray(model.neutral, np.float64)
     ids = np.arange(N_SURFACE)
     places: list[list[np.ndarray]] = [[] for _ in ids]
+    on_face = model.part_triangle_mask(*FACE_SURFACE_PARTS)
     n_views = 0
     for view in views:
         n_views += 1
         tri, bary = detection_hits(model, view, ids)
         pts = np.einsum("lij,li->lj", base[model.triangles[np.maximum(tri, 0)]], bary)
-        for i in np.flatnonzero(tri >= 0):
+        for i in np.flatnonzero((tri >= 0) & on_face[np.maximum(tri, 0)]):
             places[i].append(pts[i])
     tri_all = np.asarray(emb.triangle, np.int64).copy()
     bary_all = np.asarray(emb.barycentric, np.float64).copy()
