@@ -139,6 +139,28 @@ def _mm(v: object, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+#: Columns of the per-subject error decomposition (stages/error_decomposition.py).
+DECOMPOSITION = (("all mm", "all_mm"), ("uncovered share", "uncovered_share"), ("covered, normal mm", "covered_normal_mm"),
+                 ("covered, along: common mm", "covered_along_common_mm"),
+                 ("covered, along: per expression mm", "covered_along_per_expression_mm"),
+                 ("gain, perfect normal", "ceiling_normal"), ("+ per expression", "ceiling_normal_per_expression"),
+                 ("gain, all covered error", "ceiling_covered"))
+
+
+def _decomposition_table(d: dict) -> list[str]:
+    """The error decomposition per subject and stage (rigid alignment), or nothing."""
+    rows = [[sid, stage, *(_mm(v.get(k)) for _, k in DECOMPOSITION)]
+            for sid, e in d.get("per_subject", {}).items()
+            for stage, v in (e.get("decomposition") or {}).items() if v]
+    if not rows:
+        return []
+    return ["The same error after the rigid alignment of the targets (`stages/error_decomposition.py`): the "
+            "along-surface part on covered vertices split into its mean over the subject's expressions (common: an "
+            "identity-level slide) and the rest (per expression), and the gains ideal corrections would give "
+            "(removing the covered off-surface part; also the per-expression slide; all covered error):", "",
+            *_table(["subject", "stage", *(c for c, _ in DECOMPOSITION)], rows)]
+
+
 def phone_chain_section(d: dict) -> list[str]:
     """The issue-7 table, seconds per stage and the ablations (benchmarks/bench_phone_chain.py)."""
 
@@ -185,6 +207,7 @@ def phone_chain_section(d: dict) -> list[str]:
                 "along the surface):", "",
                 *_table(["stage", "expressions", "all mm", "covered fraction", "covered mm", "covered, normal mm",
                          "covered, tangential mm", "uncovered mm"], split)]
+    out += _decomposition_table(d)
     cpu = d.get("cpu_seconds_per_stage", {})
     rows = []
     for st, v in d["seconds_per_stage"].items():

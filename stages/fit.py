@@ -206,6 +206,33 @@ def default_model() -> Any:
     return LinearFaceModel(load_ict_face_model(), load_default_rig_definition())
 
 
+def calibrated_model(path: str) -> Any:
+    """The embedded ICT model (default rig definition) with the landmark embedding of
+    ``path`` (``fit.landmark_embedding``).
+
+    Raises:
+        ConfigError: the file does not exist.
+        ModelError: it is not a 478-landmark embedding on the ICT triangles (named).
+    """
+    from pathlib import Path
+
+    from pipeline.errors import ConfigError, ModelError
+    from rigs.definition import load_default_rig_definition
+    from rigs.deformable import LinearFaceModel
+    from rigs.face_model import load_ict_face_model
+    from rigs.flame import load_flame_landmarks
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config option fit.landmark_embedding: {path}: no such file")
+    face = load_ict_face_model()
+    try:
+        embedding = load_flame_landmarks(file, face.triangles)
+    except ModelError as exc:
+        raise ModelError(f"fit.landmark_embedding: {exc}") from exc
+    return LinearFaceModel(face.with_embedding(embedding), load_default_rig_definition())
+
+
 def _usable_or_fail(expressions: list[str], rejected: dict[str, str], prompts: tuple[str, ...],
                     cfg: FitConfig, stage: str) -> None:
     """Raises StageError when the neutral is unusable or too few expressions remain."""
@@ -315,4 +342,6 @@ def fit_capture(capture: Any, landmarks: Any, fusion: Any, config: Any = None) -
     expressions = list(cap.phone_expressions)
     K = {e: cap.phone_intrinsics(e).K for e in expressions}
     model = load_fit_model(cfg.flame_model, cfg.flame_landmarks)  # None = the embedded ICT model
+    if model is None and cfg.landmark_embedding:
+        model = calibrated_model(cfg.landmark_embedding)
     return fit_subject(cap.subject_id, expressions, scans.expressions, landmarks, K, cfg, model).to_output()

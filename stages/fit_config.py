@@ -75,6 +75,12 @@ class FitConfig:
     flame_landmarks: str = path_field(kind="file")
     """FLAME's ``mediapipe_landmark_embedding.npz`` (or this product's format) for
     ``flame_model``; "" = no landmark term. Needs ``flame_model``."""
+    landmark_embedding: str = path_field(kind="file")
+    """A calibrated MediaPipe embedding for the ICT model (``mediapipe478_triangle`` /
+    ``_barycentric``, written by ``python -m workflows.calibrate_embedding``): the landmark
+    term and the PnP start read the landmarks where the detector puts them instead of
+    the template's definition (2-3 mm apart, the same for every subject); "" = the
+    model's own embedding. Not with ``flame_model``. Its bytes enter the cache key."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -98,6 +104,7 @@ class FitConfig:
             ("scan_vertices", self.scan_vertices >= 0, ">= 0"),
             ("max_scan_median_mm", self.max_scan_median_mm > 0, "> 0"),
             ("flame_landmarks", not self.flame_landmarks or bool(self.flame_model), "set only with fit.flame_model"),
+            ("landmark_embedding", not (self.landmark_embedding and self.flame_model), "unset with fit.flame_model"),
         )
         for name, ok, rule in rules:
             if not ok:

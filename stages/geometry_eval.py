@@ -46,7 +46,7 @@ from stages.metrics_gt import per_vertex_error
 COVERED_MM = 1.5
 
 __all__ = [
-    "DistanceSummary", "VertexErrorSummary", "coverage_split", "evaluate_subject", "face_region",
+    "DistanceSummary", "VertexErrorSummary", "coverage_split", "covered_vertices", "evaluate_subject", "face_region",
     "face_region_triangles", "fused_scan_error", "linear_space_floor", "now_error", "place", "refinement_gain",
     "vertex_error_as_estimated", "vertex_error_rigid",
 ]
@@ -263,6 +263,16 @@ def _meta(output: Any) -> dict:
     return dict(getattr(output, "meta", {}) or {})
 
 
+def covered_vertices(true: np.ndarray, true_pose: np.ndarray, region: np.ndarray, scan_vertices: np.ndarray,
+                     covered_mm: float = COVERED_MM) -> np.ndarray:
+    """(r,) bool, face-region vertices whose true position (placed by ``true_pose`` in the
+    scan's frame) has a scan vertex within ``covered_mm``."""
+    from scipy.spatial import cKDTree
+
+    t = place(np.asarray(true)[np.asarray(region)], true_pose)
+    return cKDTree(np.asarray(scan_vertices, np.float64)).query(t)[0] < covered_mm * 1e-3
+
+
 def coverage_split(est: np.ndarray, est_pose: np.ndarray, true: np.ndarray, true_pose: np.ndarray,
                    region: np.ndarray, scan_vertices: np.ndarray, triangles: np.ndarray,
                    covered_mm: float = COVERED_MM) -> dict[str, float]:
@@ -280,15 +290,12 @@ def coverage_split(est: np.ndarray, est_pose: np.ndarray, true: np.ndarray, true
         ``covered_fraction``; ``covered_mean_mm``, ``covered_normal_mm``,
         ``covered_tangential_mm`` (means over covered vertices); ``uncovered_mean_mm``.
     """
-    from scipy.spatial import cKDTree
-
     from rigs.raycast import vertex_normals
 
     region = np.asarray(region)
     t = place(true, true_pose)
     diff = place(np.asarray(est)[region], est_pose) - t[region]
-    d, _ = cKDTree(np.asarray(scan_vertices, np.float64)).query(t[region])
-    covered = d < covered_mm * 1e-3
+    covered = covered_vertices(true, true_pose, region, scan_vertices, covered_mm)
     err = np.linalg.norm(diff, axis=1) * 1e3
     normal = np.abs((diff * vertex_normals(t, np.asarray(triangles))[region]).sum(1)) * 1e3
     tangential = np.sqrt(np.maximum(err**2 - normal**2, 0.0))
@@ -322,6 +329,24 @@ def _mesh_records(kind: str, output: Any, truth: Any, fusion: Any, region: np.nd
     return rows
 
 
+def _decomposition(output: Any, truth: Any, fusion: Any, region: np.ndarray, prompts: list[str],
+                   true_vertices: np.ndarray) -> dict | None:
+    """:func:`stages.error_decomposition.error_decomposition` over the artifact's expressions
+    that have a fused scan; None when none has."""
+    from stages.error_decomposition import error_decomposition
+
+    est, true, covered = [], [], []
+    for e in _meta(output).get("expressions", []):
+        f = fusion.expressions.get(e)
+        if f is None or not f.ok or e not in prompts:
+            continue
+        t = true_vertices[prompts.index(e)]
+        est.append(output.arrays[f"{e}.vertices"])
+        true.append(t)
+        covered.append(covered_vertices(t, truth.phone(e)["head_in_camera"][f.reference], region, f.vertices))
+    return error_decomposition(est, true, covered, region, truth.rig.model.triangles) if est else None
+
+
 def _scalars(summary: Any) -> dict:
     return {k: v for k, v in asdict(summary).items() if np.isscalar(v)}
 
@@ -337,8 +362,10 @@ def evaluate_subject(truth: Any, fusion: Any, fit: Any = None, refine: Any = Non
 
     Returns:
         ``{"fusion": [per expression], "fit": [...], "refine": [...], "neutral": {...},
-        "floor": {...}}``; per-expression records hold ``expression`` and the measures'
-        scalars (mm); ``floor`` is :func:`linear_space_floor` (no artifact needed).
+        "floor": {...}, "decomposition": {"fit": {...}, "refine": {...}}}``; per-expression
+        records hold ``expression`` and the measures' scalars (mm); ``floor`` is
+        :func:`linear_space_floor` (no artifact needed); ``decomposition`` is
+        :func:`stages.error_decomposition.error_decomposition` per stage.
     """
     model = truth.rig.model
     region = face_region(model)
@@ -361,6 +388,7 @@ def evaluate_subject(truth: Any, fusion: Any, fit: Any = None, refine: Any = Non
         if output is None:
             continue
         out[kind] = _mesh_records(kind, output, truth, fusion, region, prompts, true_vertices)
+        out.setdefault("decomposition", {})[kind] = _decomposition(output, truth, fusion, region, prompts, true_vertices)
         if "neutral" in output.arrays:
             neutral = output.arrays["neutral"]
             now = now_error(neutral, model.triangles, true_neutral, region, lm)

@@ -111,7 +111,7 @@ def _cam_from_head(cam: Camera) -> np.ndarray:
     return T
 
 
-def _scans(S: int, seed: int, outliers: float = 0.0, yaw: float | None = None):
+def _scans(S: int, seed: int, outliers: float = 0.0, yaw: float | None = None, detector=None):
     """S scans of a known subject: identity with 10 non-zero of its first 20 coefficients,
     each scan a prompt's art prior plus 4 random extra activations, a random head pose.
 
@@ -120,6 +120,8 @@ def _scans(S: int, seed: int, outliers: float = 0.0, yaw: float | None = None):
     true embedded points projected). ``outliers`` of the points are moved along their ray
     by 3-20 mm, in front of or behind the surface (flying-pixel-like). ``yaw`` (radians)
     turns the heads that far, alternately left and right, instead of up to 17 deg.
+    ``detector`` (a LandmarkEmbedding) places the observed landmarks instead of the
+    model's embedding (a detector with its own idea of where the points are).
     """
     rng = np.random.default_rng(seed)
     fm, d = load_ict_face_model(), load_default_rig_definition()
@@ -158,7 +160,7 @@ def _scans(S: int, seed: int, outliers: float = 0.0, yaw: float | None = None):
             idx = rng.choice(len(pts), k, replace=False)
             shift = rng.uniform(3e-3, 20e-3, k) * rng.choice([-1.0, 1.0], k)
             pts[idx] += pts[idx] / np.linalg.norm(pts[idx], axis=1, keepdims=True) * shift[:, None]
-        lm = fm.embeddings["mediapipe478"].points(V[s], fm.triangles)
+        lm = (detector or fm.embeddings["mediapipe478"]).points(V[s], fm.triangles)
         obs.append(ScanObservation(
             prompts[s].name, pts, normals, border, cams[0].K,
             np.stack([cam.project(lm)[0] for cam in cams]), np.stack([T[0] @ np.linalg.inv(t) for t in T]), 0,
