@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,19 +38,38 @@ def worker_count(requested: int, items: int) -> int:
     return max(1, min(n, items))
 
 
-def process_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
-    """``[fn(x) for x in items]``, in order, over ``worker_count(workers, len(items))`` processes.
+#: What the pool's initializer handed this worker process (see :func:`process_map`).
+_shared: Any = None
+
+
+def _set_shared(value: Any) -> None:
+    global _shared
+    _shared = value
+
+
+def _call(fn: Callable[[Any, T], R], item: T) -> R:
+    return fn(_shared, item)
+
+
+def process_map(fn: Callable[[Any, T], R], items: Sequence[T], workers: int, shared: Any = None) -> Iterator[R]:
+    """``fn(shared, x)`` for each of ``items``, in order, over ``worker_count(workers, len(items))``
+    processes; results are yielded as they come (in order), so few are held at once.
 
     Args:
         fn: a module-level function (the workers import it by reference).
         items: picklable arguments, one call each.
         workers: requested processes, 0 = one per available core, 1 = this process only.
+        shared: a picklable value every call reads (sent once to each worker process,
+            not with every item).
 
-    Returns:
+    Yields:
         The results in the order of ``items``; an exception in a call is raised here.
     """
     n = worker_count(workers, len(items))
     if n <= 1:
-        return [fn(x) for x in items]
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(fn, items))
+        for x in items:
+            yield fn(shared, x)
+        return
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_set_shared, initargs=(shared,)) as pool:
+        yield from pool.map(partial(_call, fn), items)
