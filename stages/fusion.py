@@ -104,11 +104,12 @@ class FusionConfig:
     a face) measured 0.04-0.05 mm median, 0.12-0.17 mm p90 to the true surface on standard
     subjects at a third of depth 9's time; depth 7 is faster again but 0.5 mm p90 at an open
     mouth."""
-    poisson_samples_per_node: float = 3.0
-    """Poisson's minimum number of input points per octree cell (>= 1): the octree is refined
-    only where the points are at least this dense. 3 (Open3D's default is 1.5) keeps the
-    smooth skin at depth 7 and the folds at 8: 45 % of the Poisson time, fused-scan median
-    0.046 mm, p90 0.17 mm, against 0.047 / 0.15 mm at 1.5 (docs/fusion.md)."""
+    poisson_samples_per_node: float = 1.5
+    """Poisson's minimum number of input points per octree cell (>= 1; Open3D's default): the
+    octree is refined only where the points are at least this dense. 3 takes 45 % of the
+    Poisson time at the same fused-scan median (0.046 mm, p90 0.17 mm against 0.15 mm on 8
+    standard expressions) but a third of the vertices, and the tiny subject's fit then
+    measured 1.44 mm mean per-vertex error instead of 0.93 mm (docs/fusion.md)."""
     density_quantile: float = 0.05
     """Poisson vertices whose density is below this quantile are trimmed; in [0, 1)."""
     crop_margin_mm: float = 2.0
