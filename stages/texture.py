@@ -79,6 +79,10 @@ class TextureConfig:
     gutter_texels: int = 4
     """The PNG's colour is grown this many texels into the unseen texels around seen ones
     (alpha stays 0 there), so that filtered look-ups at island borders do not fetch black. >= 0."""
+    workers: int = 0
+    """Processes observing a subject's expressions at once (the observations are then
+    accumulated in order, so the texture does not depend on it): 0 = one per available
+    core, 1 = all in this process. >= 0."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -90,6 +94,7 @@ class TextureConfig:
             ("silhouette_margin_px", self.silhouette_margin_px >= 0, ">= 0"),
             ("max_frames_per_expression", self.max_frames_per_expression >= 0, ">= 0"),
             ("gutter_texels", self.gutter_texels >= 0, ">= 0"),
+            ("workers", self.workers >= 0, ">= 0"),
         )
         for name, ok, rule in rules:
             if not ok:
@@ -257,6 +262,19 @@ def skipped_row(expression: str, frame: int, reason: str) -> dict[str, Any]:
             "texels": 0, "mean_cos": float("nan"), "gain": float("nan")}
 
 
+@dataclass(frozen=True, eq=False)
+class PhoneRgb:
+    """A phone frame's (H, W, 3) uint8 sRGB image, read when called (picklable, unlike a
+    closure, so that worker processes can read it themselves)."""
+
+    capture: Any
+    expression: str
+    frame: int
+
+    def __call__(self) -> np.ndarray:
+        return self.capture.read_phone_frame(self.expression, self.frame).rgb
+
+
 def select_views(capture: Any, expression: str, fused: Any, scan_from_head: np.ndarray,
                  cfg: TextureConfig) -> tuple[list[View], list[dict[str, Any]]]:
     """The frames of one expression to bake (registered by fusion, the most frontal first,
@@ -273,7 +291,7 @@ def select_views(capture: Any, expression: str, fused: Any, scan_from_head: np.n
             rows.append(skipped_row(expression, f, "camera pose not finite (fusion pose or scan_from_head)"))
             continue
         cam = camera_from_pose(intr, pose)
-        views.append(View(int(f), cam, lambda e=expression, i=int(f): capture.read_phone_frame(e, i).rgb))
+        views.append(View(int(f), cam, PhoneRgb(capture, expression, int(f))))
     views.sort(key=lambda v: (-frontalness(v.camera), v.frame))
     keep = cfg.max_frames_per_expression or len(views)
     for v in views[keep:]:

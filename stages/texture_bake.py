@@ -309,16 +309,51 @@ def _candidate_texels(raster: UvRaster, triangles: np.ndarray, vertices: np.ndar
     return np.flatnonzero(facing[raster.triangle])
 
 
+def observe_expression(shared: tuple[UvRaster, np.ndarray, TextureConfig],
+                       item: tuple[str, np.ndarray, list[View]]) -> list[Observations]:
+    """What each view of one posed mesh sees of the atlas (:func:`observe` per view).
+
+    Args:
+        shared: (the raster, its mesh's (m, 3) triangles, the config).
+        item: (expression, vertices (n, 3) head frame metres, views).
+
+    Returns:
+        One :class:`Observations` per view, texels as indices into the raster's texels.
+    """
+    raster, triangles, cfg = shared
+    _, vertices, views = item
+    vertices = np.asarray(vertices, np.float64)
+    scene = Scene(vertices, triangles)
+    sub = _candidate_texels(raster, triangles, vertices, views, cfg)
+    geometry = raster.interpolate(triangles, np.concatenate(
+        [vertices, vertex_normals(vertices, triangles)], 1).astype(np.float32), sub)
+    points, normals = geometry[:, :3], geometry[:, 3:]
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    out = []
+    for view in views:
+        rgb = view.rgb() if callable(view.rgb) else view.rgb
+        obs = observe(points, normals, scene, view.camera, SRGB8_TO_LINEAR[np.asarray(rgb, np.uint8)], cfg)
+        out.append(Observations(sub[obs.texel], obs.colour, obs.cos))
+    return out
+
+
 def bake(raster: UvRaster, triangles: np.ndarray,
          expressions: Iterable[tuple[str, np.ndarray, list[View]]], cfg: TextureConfig
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Bakes frames of posed meshes into the raster's texels.
 
+    The expressions are observed ``cfg.workers`` at a time (:func:`observe_expression` in
+    worker processes, :func:`stages.parallel.process_map`); the observations are
+    accumulated here in expression and view order (each frame's exposure gain depends on
+    what was baked before it), so the result does not depend on the worker count.
+
     Args:
         raster: the atlas's covered texels (:func:`rigs.uv_raster.model_uv_raster`).
         triangles: (m, 3) the mesh's triangles (the raster's triangle ids index them);
             every triangle takes part in the depth test, texel owner or not.
-        expressions: (name, vertices (n, 3) head frame metres, views) per expression.
+        expressions: (name, vertices (n, 3) head frame metres, views) per expression;
+            the views' images must be picklable (arrays, or callables such as
+            :class:`stages.texture.PhoneRgb`) when ``cfg.workers`` is not 1.
         cfg: the texture config.
 
     Returns:
@@ -326,22 +361,15 @@ def bake(raster: UvRaster, triangles: np.ndarray,
         weights; count (k,) int64 frames that saw each texel; one row per view:
         expression, frame_index, status, reason, texels, mean_cos, gain).
     """
+    from stages.parallel import process_map
+
     sums = _Sums.zeros(len(raster.texel))
     rows: list[dict[str, Any]] = []
     gains: list[float] = []
-    triangles = np.asarray(triangles)
-    for name, vertices, views in expressions:
-        vertices = np.asarray(vertices, np.float64)
-        scene = Scene(vertices, triangles)
-        sub = _candidate_texels(raster, triangles, vertices, views, cfg)
-        geometry = raster.interpolate(triangles, np.concatenate(
-            [vertices, vertex_normals(vertices, triangles)], 1).astype(np.float32), sub)
-        points, normals = geometry[:, :3], geometry[:, 3:]
-        normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-        for view in views:
-            rgb = view.rgb() if callable(view.rgb) else view.rgb
-            obs = observe(points, normals, scene, view.camera, SRGB8_TO_LINEAR[np.asarray(rgb, np.uint8)], cfg)
-            obs = Observations(sub[obs.texel], obs.colour, obs.cos)
+    expressions = list(expressions)
+    seen = process_map(observe_expression, expressions, cfg.workers, shared=(raster, np.asarray(triangles), cfg))
+    for (name, _, views), observations in zip(expressions, seen, strict=True):
+        for view, obs in zip(views, observations, strict=True):
             row = {"expression": name, "frame_index": int(view.frame), "texels": len(obs.texel),
                    "mean_cos": float(obs.cos.mean()) if len(obs.texel) else float("nan"), "gain": float("nan")}
             if not len(obs.texel):

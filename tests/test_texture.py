@@ -3,6 +3,7 @@ phone frames baked with its true meshes and poses against the true albedo."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -445,12 +446,13 @@ def test_bad_refine_input_is_a_stage_error(tiny_subject) -> None:
 
 def test_frame_rule_keeps_the_most_frontal_frames_and_bakes_reproducibly(tiny_subject) -> None:
     """max_frames_per_expression=1: per expression the frame whose optical axis is closest
-    to the face's -z is used and the other is recorded as left out by the rule. Two runs
-    give the same bytes."""
+    to the face's -z is used and the other is recorded as left out by the rule. Two runs,
+    one observing the expressions in 2 worker processes and one in this process, give the
+    same bytes."""
     capture_dir, truth_dir = tiny_subject
     cap, truth, fusion, refine = truth_inputs(capture_dir, truth_dir, drop_expression="", unregistered=("", -1))
-    cfg = TextureConfig(resolution=64, max_frames_per_expression=1)
-    first, again = (texture_capture(cap, fusion, refine, cfg) for _ in range(2))
+    cfg = TextureConfig(resolution=64, max_frames_per_expression=1, workers=2)
+    first, again = (texture_capture(cap, fusion, refine, c) for c in (cfg, dataclasses.replace(cfg, workers=1)))
     # reproducible: the same inputs give the same PNG bytes and confidence
     assert first.arrays["texture_png"].tobytes() == again.arrays["texture_png"].tobytes()
     assert np.array_equal(first.arrays["weight"], again.arrays["weight"])
