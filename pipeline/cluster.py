@@ -17,6 +17,8 @@ from typing import Any
 import psutil
 from distributed import Client, LocalCluster
 
+#: Environment variable with each embedded worker's share of the cores (stages/parallel.py).
+STAGE_CORES_ENV = "PGT_STAGE_CORES"
 #: Memory budget per embedded worker used to cap the default worker count.
 WORKER_MEMORY_BYTES = 4 * 1024**3
 
@@ -25,9 +27,12 @@ def default_n_workers(requested: int | None = None) -> int:
     """Worker count: ``requested``, else min(CPU count, total memory / 4 GiB), at least 1."""
     if requested is not None:
         return max(1, int(requested))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     by_memory = psutil.virtual_memory().total // WORKER_MEMORY_BYTES
-    return max(1, min(cpus or 1, int(by_memory)))
+    return max(1, min(_cpu_count(), int(by_memory)))
+
+
+def _cpu_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @contextmanager
@@ -51,20 +56,31 @@ def open_client(*, workers: int | None = None, scheduler_address: str | None = N
         return
     import dask
 
-    # non-daemonic worker processes may start processes of their own: a stage spreads a
-    # subject's independent items over the cores that way (stages/parallel.py)
-    with dask.config.set({"distributed.worker.daemon": False}):
-        cluster = LocalCluster(n_workers=default_n_workers(workers), threads_per_worker=1,
-                               processes=processes, resources=resources,
-                               dashboard_address=":0", silence_logs=logging.ERROR)
+    n_workers = default_n_workers(workers)
+    # Each worker's share of the cores, for stages that spread a subject's items over
+    # processes (stages/parallel.py): 2 workers on 2 cores run stages serially, 1 worker
+    # gives a stage both. Worker processes inherit it; thread workers read it here.
+    before = os.environ.get(STAGE_CORES_ENV)
+    os.environ[STAGE_CORES_ENV] = str(max(1, _cpu_count() // n_workers))
     try:
-        client = Client(cluster)
+        # non-daemonic worker processes may start processes of their own
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1,
+                                   processes=processes, resources=resources,
+                                   dashboard_address=":0", silence_logs=logging.ERROR)
         try:
-            yield client
+            client = Client(cluster)
+            try:
+                yield client
+            finally:
+                client.close()
         finally:
-            client.close()
+            cluster.close()
     finally:
-        cluster.close()
+        if before is None:
+            os.environ.pop(STAGE_CORES_ENV, None)
+        else:
+            os.environ[STAGE_CORES_ENV] = before
 
 
 def worker_resources(client: Client) -> dict[str, float]:

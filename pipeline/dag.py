@@ -20,7 +20,7 @@ from distributed import Client, Future, as_completed, performance_report
 
 from pipeline import records
 from pipeline.artifacts import ArtifactStore, fingerprint_captures
-from pipeline.cluster import gpu_resources, open_client
+from pipeline.cluster import default_n_workers, gpu_resources, open_client
 from pipeline.config import validate_config
 from pipeline.errors import ConfigError
 from pipeline.progress import progress_bar
@@ -426,7 +426,8 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         out: output root (folder or fsspec URL); layout in docs/orchestration.md.
         config: the run config (dataclass / mapping); stages read their declared fields.
         chain: the stages (the product's is :func:`workflows.chain.default_chain`).
-        workers: embedded LocalCluster worker count (default: CPUs, memory-capped).
+        workers: embedded LocalCluster worker count (default: CPUs, memory-capped, at most one
+            per capture).
         scheduler_address: use this existing Dask scheduler instead.
         progress: report progress: a bar on a terminal, else a log line every 10 s.
         retries: extra attempts per unit before it becomes a failure record.
@@ -496,8 +497,10 @@ def run_chain(captures: list[Path] | list[str], out: str | Path, config: Any, *,
         if client is not None:
             run = _with_report(client)
         else:
-            with open_client(workers=workers, scheduler_address=scheduler_address,
-                             processes=processes) as cl:
+            # no more embedded workers than captures: a lone subject's stages then get
+            # every core (pipeline/cluster.py: each worker's share)
+            n = workers if workers is not None else min(default_n_workers(), max(1, len(paths)))
+            with open_client(workers=n, scheduler_address=scheduler_address, processes=processes) as cl:
                 run = _with_report(cl)
         run.write_plan()
         counts = Counter(u.state for u in run.units.values())

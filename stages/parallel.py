@@ -18,12 +18,19 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
+from pipeline.cluster import STAGE_CORES_ENV
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
+    """Cores a stage may use: the engine's share per worker (``PGT_STAGE_CORES``, set by
+    :func:`pipeline.cluster.open_client` so concurrent workers do not oversubscribe the
+    machine), else this process's CPU affinity; at least 1."""
+    share = os.environ.get(STAGE_CORES_ENV, "")
+    if share.isdigit() and int(share) > 0:
+        return int(share)
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return max(1, os.cpu_count() or 1)

@@ -41,3 +41,18 @@ def test_a_daemonic_process_runs_the_items_itself() -> None:
 def test_serial_map_keeps_the_order_and_passes_the_shared_value() -> None:
     assert list(process_map(_scaled, [3, 1, 2], 1, shared=10)) == [30, 10, 20]
     assert list(process_map(_scaled, [], 0, shared=10)) == []
+
+
+def test_engine_gives_each_worker_its_share_of_the_cores(monkeypatch) -> None:
+    """Two embedded workers on this machine's cores run stages serially (no
+    oversubscription); one worker gives a stage every core; the variable is restored."""
+    from pipeline.cluster import STAGE_CORES_ENV, _cpu_count, open_client
+    from stages.parallel import available_cores
+
+    monkeypatch.setenv(STAGE_CORES_ENV, "7")
+    for workers in (1, 2):
+        with open_client(workers=workers, processes=False):
+            assert available_cores() == max(1, _cpu_count() // workers)
+    assert available_cores() == 7
+    monkeypatch.delenv(STAGE_CORES_ENV)
+    assert available_cores() == _cpu_count()
