@@ -200,7 +200,11 @@ def diagnose(generic: BlendshapeRig, subjects, config: ExampleRigConfig, results
     for sid, true_deltas, neutral, prompts, meshes, b in subjects:
         full, timing = _timed_build(generic, np.asarray(neutral, np.float64), dict(zip(prompts, meshes, strict=True)), config)
         rigs = {"generic": generic.deltas, "transfer": full.transferred, "example_based": full.rig.deltas}
-        rows.append({"subject": sid, "run": timing, **scale_diagnosis(true_deltas, rigs, regressed,
+        w, prior = np.asarray(full.weights, np.float64), np.asarray(full.prior, np.float64)
+        far = [{"prompt": prompts[j], "shape": d.blendshape_names[k], "prior": round(float(prior[j, k]), 3),
+                "true": round(float(b[j, k]), 3), "fitted": round(float(w[j, k]), 3)}
+               for j, k in zip(*np.nonzero(np.abs(w - b) > 0.3), strict=True)]
+        rows.append({"subject": sid, "run": timing, "weights_off_by_0_3": far, **scale_diagnosis(true_deltas, rigs, regressed,
                                                                       np.asarray(full.weights, np.float64),
                                                                       np.asarray(full.prior, np.float64), b)})
         print(sid, {k: v for k, v in rows[-1].items() if k not in rigs}, {k: {m: x for m, x in rows[-1][k].items() if m != "scales"} for k in rigs}, flush=True)

@@ -262,7 +262,8 @@ def rig_accuracy_section(d: dict) -> list[str]:
                      f"{held['transfer']:.3f} / {held['example_based']:.3f} / {held['true']:.4f}",
                      f"{w['prior']['all']:.3f} / {w['prior']['prior_active']:.3f}",
                      f"{w['example_based']['all']:.3f} / {w['example_based']['prior_active']:.3f}",
-                     f"{r['iterations']} ({'yes' if r['converged'] else 'no'})", f"{r['cpu_s']:.0f} / {r['wall_s']:.0f}"])
+                     f"{r['iterations']} ({'yes' if r['converged'] else 'no'})", f"{r['cpu_s']:.0f} / {r['wall_s']:.0f}",
+                     _rejected_prompts(r.get("rejected", ""))])
     t = d["summary"]
     basis, held = t["basis_error_mm"], t["held_out_mm"]
     better = min(basis["generic"]["mean"], basis["transfer"]["mean"])
@@ -282,12 +283,22 @@ def rig_accuracy_section(d: dict) -> list[str]:
             "held out, rig built from 50, bounded least-squares fit of each held-out mesh over the "
             "fitting vertices, mean per-vertex residual (transfer / example-based / true rig). Weights: "
             "mean |w - true| over all (example, shape) pairs / over those active in the art prior. "
-            "CPU = process time (all threads), on the shared 2-CPU VM. The phone chain's half "
+            "CPU = process time (all threads), on the shared 2-CPU VM. Where the rig's prior-contradiction "
+            "check rejects the true meshes, the rig is rebuilt with it off and the CPU / wall s cover both "
+            "builds; the figures are the rebuilt rig's. The phone chain's half "
             "(`--source chain`) is not measured yet.", "",
             *_table(["subject", "copy mm", "transfer mm", "example-based mm", "known weights mm",
                      "held-out mm", "prior weight MAD", "recovered weight MAD", "iterations (converged)",
-                     "CPU / wall s"], rows),
+                     "CPU / wall s", "stage's prior check"], rows),
             *_table(["figure", "measured", "ratio", "target", ""], targets)]
+
+
+def _rejected_prompts(message: str) -> str:
+    """'passed', or the prompts a prior-contradiction message names."""
+    if not message:
+        return "passed"
+    parts = message.split(": ", 1)[-1].split("; ")
+    return "rejected: " + ", ".join(p.split(" (")[0] for p in parts)
 
 
 def _nanmean(v: list[float]) -> float:
