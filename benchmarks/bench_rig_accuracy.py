@@ -192,13 +192,17 @@ def scale_diagnosis(true_deltas: np.ndarray, deltas: dict[str, np.ndarray], regr
     return out
 
 
-def diagnose(generic: BlendshapeRig, subjects, config: ExampleRigConfig, results: Path) -> None:
-    """The default build only, per subject, with :func:`scale_diagnosis` (``--diagnose``)."""
+def diagnose(generic: BlendshapeRig, subjects, config: ExampleRigConfig, results: Path, prior_scale: float = 1.0) -> None:
+    """One build per subject (the default config unless overridden), with
+    :func:`scale_diagnosis` (``--diagnose``); ``prior_scale`` multiplies the art priors."""
     d = generic.definition
     regressed = np.asarray(d.indices(d.regressed))
     rows = []
     for sid, true_deltas, neutral, prompts, meshes, b in subjects:
-        full, timing = _timed_build(generic, np.asarray(neutral, np.float64), dict(zip(prompts, meshes, strict=True)), config)
+        priors = {p: d.art_prior_vector(p) * prior_scale for p in prompts}
+        full, timing = _timed_build(generic, np.asarray(neutral, np.float64), dict(zip(prompts, meshes, strict=True)),
+                                    config, priors)
+        timing["basis_error_mm"] = float(np.nanmean(basis_errors(true_deltas, full.rig.deltas, regressed)))
         rigs = {"generic": generic.deltas, "transfer": full.transferred, "example_based": full.rig.deltas}
         w, prior = np.asarray(full.weights, np.float64), np.asarray(full.prior, np.float64)
         far = [{"prompt": prompts[j], "shape": d.blendshape_names[k], "prior": round(float(prior[j, k]), 3),
@@ -209,6 +213,7 @@ def diagnose(generic: BlendshapeRig, subjects, config: ExampleRigConfig, results
                                                                       np.asarray(full.prior, np.float64), b)})
         print(sid, {k: v for k, v in rows[-1].items() if k not in rigs}, {k: {m: x for m, x in rows[-1][k].items() if m != "scales"} for k in rigs}, flush=True)
         results.write_text(json.dumps({"command": " ".join(["python -m benchmarks.bench_rig_accuracy", *sys.argv[1:]]),
+                                       "config": dataclasses.asdict(config), "prior_scale": prior_scale,
                                        "subjects": rows}, indent=1) + "\n")
 
 
@@ -272,10 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", type=Path)
     ap.add_argument("--diagnose", action="store_true",
                     help="default builds only, with the per-basis scale diagnosis (rig_accuracy_scale.json)")
+    ap.add_argument("--gamma", type=float, help="diagnose: the weight step's prior weight (default: the stage's)")
+    ap.add_argument("--prior-scale", type=float, default=1.0, help="diagnose: multiply the art priors by this")
     ap.add_argument("--first", type=int, default=0, help="first subject index")
     ap.add_argument("--max-iterations", type=int, help="smoke runs only (default: the rig stage's)")
     a = ap.parse_args(argv)
-    config = ExampleRigConfig(**({"max_iterations": a.max_iterations} if a.max_iterations else {}))
+    overrides = {"max_iterations": a.max_iterations, "gamma": a.gamma}
+    config = ExampleRigConfig(**{k: v for k, v in overrides.items() if v is not None})
     generic = BlendshapeRig.generic(load_ict_face_model(), load_default_rig_definition())
     if a.source == "truth":
         source = truth_subjects(list(range(a.first, a.first + a.subjects)), a.seed)
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         source = chain_subjects(a.run, a.truth, [f"synth-{a.seed}-{i:04d}" for i in range(a.first, a.first + a.subjects)])
     results = a.results or RESULTS / ("rig_accuracy.json" if a.source == "truth" else "rig_accuracy_chain.json")
     if a.diagnose:
-        diagnose(generic, source, config, a.results or RESULTS / "rig_accuracy_scale.json")
+        diagnose(generic, source, config, a.results or RESULTS / "rig_accuracy_scale.json", a.prior_scale)
         return
     rows = []
     for sid, true_deltas, neutral, prompts, meshes, b in source:
