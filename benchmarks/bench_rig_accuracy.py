@@ -27,9 +27,14 @@ Inputs: ``--source truth`` (default) reproduces subjects 0.. of ``pgt synth --se
 (benchmarks/rig_truth.py). ``--source chain --run OUT --truth OUT_SYNTH/ground_truth``
 uses a chain run's ``refine`` artifacts (neutral and refined meshes) against the truth.
 
+Where the rig's prior-contradiction check rejects a subject's examples, the message is
+recorded and the rig rebuilt with the check off (the figures are the rebuilt rig's).
+
 Run: ``python -m benchmarks.bench_rig_accuracy [--subjects 3] [--seed 1000]``; writes
 ``benchmarks/results/rig_accuracy.json`` (``rig_accuracy_chain.json`` for the chain);
-then ``python -m benchmarks.report``.
+then ``python -m benchmarks.report``. ``--diagnose [--prior-scale 0.8] [--gamma G]``
+runs one build per subject with the per-basis scale diagnosis
+(``rig_accuracy_scale.json``; docs/rigging.md, "Accuracy on standard subjects").
 """
 
 from __future__ import annotations
