@@ -22,6 +22,7 @@ import numpy as np
 from pipeline.config import config_section
 from pipeline.errors import StageError
 from rigs.example_rig import ExampleRigConfig
+from rigs.personal_rig import ExampleRigResult, build_example_rig
 from rigs.rig import BlendshapeRig
 
 #: Version of the personal-rig artifact's layout (arrays and meta keys below).
@@ -34,34 +35,20 @@ ROW_COLUMNS = (("subject_id", "string"), ("expression", "string"), ("status", "s
 
 
 @dataclass(frozen=True, eq=False)
-class PersonalRig:
+class RiggedSubject:
     """The ``rig`` stage's artifact.
 
     Attributes:
         subject_id: the subject.
-        rig: the personal rig (subject neutral, personal deltas, the rig definition).
-        transferred: (K, n, 3) float32 deformation-transfer deltas (the initial shapes).
-        examples: (J,) the prompts used as examples, in ``weights`` row order.
-        prior: (J, K) float32 art priors of the examples.
-        weights: (J, K) float32 recovered weights.
-        residual_mean_mm: (J,) float64 mean per-vertex distance of each example to its fit.
-        residual_max_mm: (J,) float64 largest per-vertex distance of each example.
-        history: one dict per iteration (objective terms, seconds per step).
-        converged: the tolerance stop fired before the iteration limit.
+        result: the personal rig and how it was fitted
+            (:class:`rigs.personal_rig.ExampleRigResult`: rig, transferred deltas, examples,
+            priors, weights, residuals, history).
         rejected: prompt -> why it is not an example.
         neutral_source: where the neutral came from (the refine stage's ``neutral_source``).
     """
 
     subject_id: str
-    rig: BlendshapeRig
-    transferred: np.ndarray
-    examples: tuple[str, ...]
-    prior: np.ndarray
-    weights: np.ndarray
-    residual_mean_mm: np.ndarray
-    residual_max_mm: np.ndarray
-    history: list[dict[str, float]]
-    converged: bool
+    result: ExampleRigResult
     rejected: dict[str, str]
     neutral_source: str
 
@@ -71,15 +58,16 @@ class PersonalRig:
 
         cols: dict[str, list] = {name: [] for name, _ in ROW_COLUMNS}
         nan = float("nan")
-        index = {e: j for j, e in enumerate(self.examples)}
-        for e in (*self.examples, *self.rejected):
+        r = self.result
+        index = {e: j for j, e in enumerate(r.example_names)}
+        for e in (*r.example_names, *self.rejected):
             j = index.get(e)
             values = {
                 "subject_id": self.subject_id, "expression": e,
                 "status": "example" if j is not None else "rejected", "reason": self.rejected.get(e, ""),
-                "residual_mean_mm": float(self.residual_mean_mm[j]) if j is not None else nan,
-                "residual_max_mm": float(self.residual_max_mm[j]) if j is not None else nan,
-                "weight_prior_mad": float(np.abs(self.weights[j] - self.prior[j]).mean()) if j is not None else nan,
+                "residual_mean_mm": float(r.residual_mean_mm[j]) if j is not None else nan,
+                "residual_max_mm": float(r.residual_max_mm[j]) if j is not None else nan,
+                "weight_prior_mad": float(np.abs(r.weights[j] - r.prior[j]).mean()) if j is not None else nan,
             }
             for name, value in values.items():
                 cols[name].append(value)
@@ -89,24 +77,25 @@ class PersonalRig:
         """A :class:`pipeline.serialize.StageOutput`; ``neutral``/``deltas`` as in ``BlendshapeRig.save``."""
         from pipeline.serialize import StageOutput
 
-        d = self.rig.definition
+        r = self.result
+        d = r.rig.definition
         arrays = {
-            "neutral": np.asarray(self.rig.neutral, np.float32), "deltas": np.asarray(self.rig.deltas, np.float32),
-            "transferred": np.asarray(self.transferred, np.float32), "prior": np.asarray(self.prior, np.float32),
-            "weights": np.asarray(self.weights, np.float32),
-            "residual_mean_mm": np.asarray(self.residual_mean_mm, np.float64),
-            "residual_max_mm": np.asarray(self.residual_max_mm, np.float64),
+            "neutral": np.asarray(r.rig.neutral, np.float32), "deltas": np.asarray(r.rig.deltas, np.float32),
+            "transferred": np.asarray(r.transferred, np.float32), "prior": np.asarray(r.prior, np.float32),
+            "weights": np.asarray(r.weights, np.float32),
+            "residual_mean_mm": np.asarray(r.residual_mean_mm, np.float64),
+            "residual_max_mm": np.asarray(r.residual_max_mm, np.float64),
         }
         meta = {
             "format": ARTIFACT_FORMAT, "subject_id": self.subject_id, "rig_name": d.name, "rig_version": d.version,
-            "blendshape_names": list(d.blendshape_names), "model_version": self.rig.model.version,
-            "examples": list(self.examples), "rejected": dict(self.rejected), "history": self.history,
-            "converged": self.converged, "neutral_source": self.neutral_source,
+            "blendshape_names": list(d.blendshape_names), "model_version": r.rig.model.version,
+            "examples": list(r.example_names), "rejected": dict(self.rejected), "history": r.history,
+            "converged": r.converged, "neutral_source": self.neutral_source,
         }
         return StageOutput(arrays=arrays, meta=meta, tables={"rows": self.rows()})
 
     @classmethod
-    def from_output(cls, output: Any) -> PersonalRig:
+    def from_output(cls, output: Any) -> RiggedSubject:
         """Inverse of :meth:`to_output`, on the embedded face model and rig definition.
 
         Raises:
@@ -129,15 +118,16 @@ class PersonalRig:
             raise StageError(f"rig output's blendshapes differ from rig {definition.name} {definition.version}")
         rig = BlendshapeRig(definition, np.asarray(arrays["neutral"]), np.asarray(arrays["deltas"]),
                             load_ict_face_model())
-        return cls(str(meta["subject_id"]), rig, np.asarray(arrays["transferred"]),
-                   tuple(str(e) for e in meta["examples"]), np.asarray(arrays["prior"]),
-                   np.asarray(arrays["weights"]), np.asarray(arrays["residual_mean_mm"]),
-                   np.asarray(arrays["residual_max_mm"]), list(meta["history"]), bool(meta["converged"]),
-                   {str(k): str(v) for k, v in meta["rejected"].items()}, str(meta["neutral_source"]))
+        result = ExampleRigResult(rig, np.asarray(arrays["transferred"]), tuple(str(e) for e in meta["examples"]),
+                                  np.asarray(arrays["prior"]), np.asarray(arrays["weights"]),
+                                  np.asarray(arrays["residual_mean_mm"]), np.asarray(arrays["residual_max_mm"]),
+                                  list(meta["history"]), bool(meta["converged"]))
+        return cls(str(meta["subject_id"]), result, {str(k): str(v) for k, v in meta["rejected"].items()},
+                   str(meta["neutral_source"]))
 
 
 def rig_subject(refined: Any, cfg: ExampleRigConfig, generic: BlendshapeRig | None = None,
-                order: tuple[str, ...] | None = None) -> PersonalRig:
+                order: tuple[str, ...] | None = None) -> RiggedSubject:
     """The personal rig of one subject from its refined meshes.
 
     Args:
@@ -149,8 +139,6 @@ def rig_subject(refined: Any, cfg: ExampleRigConfig, generic: BlendshapeRig | No
     Raises:
         StageError: the rig cannot be sound (see the module docstring).
     """
-    from rigs.personal_rig import build_example_rig
-
     if generic is None:
         from rigs.definition import load_default_rig_definition
         from rigs.face_model import load_ict_face_model
@@ -175,9 +163,7 @@ def rig_subject(refined: Any, cfg: ExampleRigConfig, generic: BlendshapeRig | No
         result = build_example_rig(generic, refined.neutral, examples, cfg)
     except StageError as err:
         raise StageError(f"subject {refined.subject_id}: {err}") from err
-    return PersonalRig(refined.subject_id, result.rig, result.transferred, result.example_names, result.prior,
-                       result.weights, result.residual_mean_mm, result.residual_max_mm, result.history,
-                       result.converged, rejected, refined.neutral_source)
+    return RiggedSubject(refined.subject_id, result, rejected, refined.neutral_source)
 
 
 def rig_capture(capture: Any, refine: Any, config: Any = None) -> Any:
@@ -190,7 +176,7 @@ def rig_capture(capture: Any, refine: Any, config: Any = None) -> Any:
         config: the engine's config view declaring ``rig``, or an :class:`ExampleRigConfig`.
 
     Returns:
-        ``PersonalRig.to_output()``.
+        ``RiggedSubject.to_output()``.
     """
     from stages.refine import RefinedSubject
     from storage.capture import Capture

@@ -18,7 +18,7 @@ from rigs.example_rig import ExampleRigConfig
 from rigs.face_model import load_ict_face_model
 from rigs.rig import BlendshapeRig
 from stages.refine import RefinedExpression, RefinedSubject
-from stages.rigging import PersonalRig, rig_capture, rig_subject
+from stages.rigging import RiggedSubject, rig_capture, rig_subject
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,13 @@ def test_rig_from_true_meshes_reproduces_them_and_round_trips(truth_refined, rig
     recovered weights (the examples are exact, so the residual is the solver's), and the
     artifact survives the store's serializer with its records."""
     _, truth, expressions, subject = truth_refined
-    rig = PersonalRig.from_output(decode(*encode(rigged)))
-    assert rig.examples == subject.order and not rig.rejected
+    back = RiggedSubject.from_output(decode(*encode(rigged)))
+    rig = back.result
+    assert rig.example_names == subject.order and not back.rejected
     assert rig.rig.deltas.shape == truth.rig.deltas.shape
     assert np.array_equal(rig.rig.neutral, subject.neutral)
     region = load_ict_face_model().fitting_vertices
-    for j, e in enumerate(rig.examples):
+    for j, e in enumerate(rig.example_names):
         posed = rig.rig.neutral + np.einsum("k,knc->nc", rig.weights[j], rig.rig.deltas)
         err = np.linalg.norm(posed[region] - expressions["vertices"][j][region], axis=1).mean() * 1e3
         assert err < 0.5, (e, err)
@@ -76,8 +77,8 @@ def test_rejected_prompts_are_records_and_too_few_examples_fail(truth_refined) -
     refined = {e: r for e, r in subject.refined.items() if e != gone}
     partial = dataclasses.replace(subject, refined=refined, rejected={gone: "too few scan correspondences"})
     cfg = ExampleRigConfig(min_examples=len(refined))
-    rig = PersonalRig.from_output(rig_capture(capture_dir, partial.to_output(), cfg))
-    assert gone not in rig.examples and rig.rejected == {gone: "not refined: too few scan correspondences"}
+    rig = RiggedSubject.from_output(rig_capture(capture_dir, partial.to_output(), cfg))
+    assert gone not in rig.result.example_names and rig.rejected == {gone: "not refined: too few scan correspondences"}
     rows = {r["expression"]: r for r in rig.rows().to_pylist()}
     assert rows[gone]["status"] == "rejected" and np.isnan(rows[gone]["residual_mean_mm"])
     with pytest.raises(StageError, match=rf"{len(refined)} example meshes, rigging needs at least "
@@ -108,7 +109,7 @@ def test_personal_rig_figure_shows_zero_error_for_the_true_rig(truth_refined, ri
     from workflows.rig_figures import write_personal_rig_figure
 
     _, truth, _, _ = truth_refined
-    rig = PersonalRig.from_output(rigged)
+    rig = RiggedSubject.from_output(rigged).result
     shapes = ("jawOpen", "mouthSmile_L")
     path = write_personal_rig_figure(tmp_path / "rig.png", truth.rig, rig.transferred, truth.rig, shapes)
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)

@@ -86,7 +86,7 @@ def personal_rig_section(run_out: Path, truth_root: Path, qa: Path) -> list[str]
     from rigs.definition import load_default_rig_definition
     from rigs.face_model import load_ict_face_model
     from rigs.rig import BlendshapeRig
-    from stages.rigging import PersonalRig
+    from stages.rigging import RiggedSubject
     from stages.synthesis.personal_rig import shape_differences
     from stages.synthesis.truth import SubjectTruth
     from workflows.phone_figures import find_outputs
@@ -95,7 +95,7 @@ def personal_rig_section(run_out: Path, truth_root: Path, qa: Path) -> list[str]
     sid, _, outputs = find_outputs(run_out, None)
     if "rig" not in outputs:
         return []
-    personal = PersonalRig.from_output(outputs["rig"])
+    personal = RiggedSubject.from_output(outputs["rig"]).result
     true = SubjectTruth.open(truth_root / sid).rig
     d = load_default_rig_definition()
     regressed = np.array([d.index(n) for n in d.regressed])
@@ -107,7 +107,7 @@ def personal_rig_section(run_out: Path, truth_root: Path, qa: Path) -> list[str]
     figure = write_personal_rig_figure(qa / "img" / "personal_rig.png", personal.rig, personal.transferred, true)
     history = personal.history[-1] if personal.history else {}
     return [f"## Personal rig ({sid})", "",
-            f"Example-based rigging of {len(personal.examples)} examples "
+            f"Example-based rigging of {len(personal.example_names)} examples "
             f"({len(personal.history)} iterations, {'converged' if personal.converged else 'iteration limit'}; "
             f"docs/rigging.md). Per-basis error against the true rig, mean per-vertex mm over the vertices "
             "each true basis moves by >= 0.5 mm, mean over the regressed bases:", "",
@@ -115,6 +115,6 @@ def personal_rig_section(run_out: Path, truth_root: Path, qa: Path) -> list[str]
             f"| {basis_mm(generic.deltas)} | {basis_mm(personal.transferred)} | {basis_mm(personal.rig.deltas)} |", "",
             f"Examples reproduced by the rig: median residual {np.median(personal.residual_mean_mm):.2f} mm, "
             f"worst {personal.residual_mean_mm.max():.2f} mm "
-            f"({personal.examples[int(np.argmax(personal.residual_mean_mm))]}); "
+            f"({personal.example_names[int(np.argmax(personal.residual_mean_mm))]}); "
             f"last objective {history.get('objective', float('nan')):.4g}.", "",
             f"![{figure.stem}](img/{figure.name})", ""]
