@@ -78,7 +78,7 @@ def test_killed_backfills_resume_to_the_uninterrupted_result(captures, tmp_path)
     base = _run(captures, base_out)
     ref_artifacts, ref_rows = _artifacts(base_out), _landmark_rows(base_out)
     ref_failures = _failures(base_out, base.run_id)
-    assert len(ref_artifacts) == 21 and len(ref_rows) == 30 and len(ref_failures) == 1
+    assert len(ref_artifacts) == 24 and len(ref_rows) == 30 and len(ref_failures) == 1
 
     for k in KILL_AFTER_FINISHES:
         out = tmp_path / f"kill-after-{k}"
