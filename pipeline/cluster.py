@@ -28,10 +28,11 @@ def default_n_workers(requested: int | None = None) -> int:
     if requested is not None:
         return max(1, int(requested))
     by_memory = psutil.virtual_memory().total // WORKER_MEMORY_BYTES
-    return max(1, min(_cpu_count(), int(by_memory)))
+    return max(1, min(cpu_count(), int(by_memory)))
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -61,7 +62,7 @@ def open_client(*, workers: int | None = None, scheduler_address: str | None = N
     # processes (stages/parallel.py): 2 workers on 2 cores run stages serially, 1 worker
     # gives a stage both. Worker processes inherit it; thread workers read it here.
     before = os.environ.get(STAGE_CORES_ENV)
-    os.environ[STAGE_CORES_ENV] = str(max(1, _cpu_count() // n_workers))
+    os.environ[STAGE_CORES_ENV] = str(max(1, cpu_count() // n_workers))
     try:
         # non-daemonic worker processes may start processes of their own
         with dask.config.set({"distributed.worker.daemon": False}):

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from pipeline.cluster import STAGE_CORES_ENV
+from pipeline.cluster import STAGE_CORES_ENV, cpu_count
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,9 +31,7 @@ def available_cores() -> int:
     share = os.environ.get(STAGE_CORES_ENV, "")
     if share.isdigit() and int(share) > 0:
         return int(share)
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    return cpu_count()
 
 
 def worker_count(requested: int, items: int) -> int:

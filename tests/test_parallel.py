@@ -46,13 +46,13 @@ def test_serial_map_keeps_the_order_and_passes_the_shared_value() -> None:
 def test_engine_gives_each_worker_its_share_of_the_cores(monkeypatch) -> None:
     """Two embedded workers on this machine's cores run stages serially (no
     oversubscription); one worker gives a stage every core; the variable is restored."""
-    from pipeline.cluster import STAGE_CORES_ENV, _cpu_count, open_client
+    from pipeline.cluster import STAGE_CORES_ENV, cpu_count, open_client
     from stages.parallel import available_cores
 
     monkeypatch.setenv(STAGE_CORES_ENV, "7")
     for workers in (1, 2):
         with open_client(workers=workers, processes=False):
-            assert available_cores() == max(1, _cpu_count() // workers)
+            assert available_cores() == max(1, cpu_count() // workers)
     assert available_cores() == 7
     monkeypatch.delenv(STAGE_CORES_ENV)
-    assert available_cores() == _cpu_count()
+    assert available_cores() == cpu_count()
