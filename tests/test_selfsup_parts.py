@@ -1,0 +1,119 @@
+"""Self-supervision building blocks: frame loading and checks, the network, resumable training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from stages.selfsup.frames import DARK, USABLE, FrameCheck, load_clip, network_input
+from stages.selfsup.network import NetworkConfig, StateNetwork, rotation_from_6d
+from stages.selfsup.training import TrainConfig, batch_indices, learning_rate_factor, train
+from storage.capture import Capture
+from storage.png_io import encode_png
+from tests.capture_factory import make_capture
+
+
+def test_clip_downsamples_scales_keypoints_and_flags_a_black_camera(tmp_path):
+    made = make_capture(tmp_path, hmc_size=(32, 32), n_frames=4, keypoints=("eye_left", "mouth_left"))
+    # Camera eye_left goes black in frame 2.
+    made.layout.hmc_frame(made.recording, "eye_left", 2).write_bytes(
+        encode_png(np.zeros((32, 32), np.uint8), "mono"))
+    rec = Capture.open(made.root).recording(made.recording)
+    clip = load_clip(rec, ["eye_left", "mouth_left", "glabella"], 16, FrameCheck(dark_mean=6.0))
+
+    assert clip.images.shape == (4, 3, 16, 16)
+    expect = made.frames["mouth_left"][1].reshape(16, 2, 16, 2).mean((1, 3))
+    np.testing.assert_allclose(clip.images[1, 1], expect, atol=0.51)  # area mean, rounded
+    assert clip.usability[2, 0] == DARK and (clip.usability[[0, 1, 3]] == USABLE).all()
+    assert clip.frame_reasons()[2] == "eye_left dark" and clip.frame_reasons()[0] == ""
+
+    pts, conf = made.keypoints["mouth_left"]
+    np.testing.assert_allclose(clip.keypoints[1, 1], (pts[1] + 0.5) * 0.5 - 0.5, rtol=1e-6)
+    assert np.isnan(clip.keypoints[:, 2]).all() and (clip.keypoint_confidence[:, 2] == 0).all()  # no file
+    assert np.isnan(clip.keypoints[2, 0]).all()  # the dark camera's points are dropped
+    assert clip.keypoint_confidence[0, 0, 0] == 0  # undetected in the file
+
+
+def test_network_input_flips_only_mirrored_cameras():
+    images = np.arange(2 * 2 * 4 * 4, dtype=np.uint8).reshape(2, 2, 4, 4)
+    x = network_input(images, np.array([True, False]))
+    np.testing.assert_allclose(x[:, 0].numpy(), images[:, 0, :, ::-1] / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(x[:, 1].numpy(), images[:, 1] / 255.0, rtol=1e-6)
+
+
+def test_clip_rejects_bad_size(tmp_path):
+    made = make_capture(tmp_path)
+    with pytest.raises(ConfigError):
+        load_clip(Capture.open(made.root).recording(made.recording), ["eye_left"], 8)
+
+
+def test_rotation_from_6d_is_orthonormal_and_identity_at_init():
+    r = rotation_from_6d(torch.randn(50, 6, dtype=torch.float64))
+    eye = torch.eye(3, dtype=torch.float64).expand(50, 3, 3)
+    torch.testing.assert_close(r.transpose(-1, -2) @ r, eye)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(50, dtype=torch.float64))
+    net = StateNetwork(3, 5)
+    state = net(torch.rand(4, 3, 32, 32))
+    torch.testing.assert_close(state.rotation, torch.eye(3).expand(4, 3, 3))
+    assert torch.allclose(state.b, torch.full((4, 5), torch.sigmoid(torch.tensor(-3.0)).item()))
+    assert (state.translation == 0).all() and (state.gaze == 0).all()
+
+
+def test_network_outputs_stay_in_bounds_for_any_input():
+    torch.manual_seed(0)
+    net = StateNetwork(2, 7, NetworkConfig(gaze_limit_rad=0.5, translation_limit_m=0.01))
+    for p in net.head.parameters():
+        torch.nn.init.normal_(p, std=5.0)  # push every output to saturation
+    s = net(torch.rand(8, 2, 32, 32) * 10)
+    assert ((s.b >= 0) & (s.b <= 1)).all()
+    assert s.gaze.abs().max() <= 0.5 and s.translation.abs().max() <= 0.01
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, final_lr_fraction=0.1)
+    f = [learning_rate_factor(s, cfg) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+    assert f[-1] == pytest.approx(0.1, abs=0.01)
+    np.testing.assert_array_equal(batch_indices(7, 50, cfg), batch_indices(7, 50, cfg))
+
+
+def _toy_problem(seed: int):
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    g = torch.Generator().manual_seed(123)
+    x, y = torch.randn(40, 6, generator=g), torch.randn(40, 2, generator=g)
+
+    def step_loss(idx):
+        loss = ((module(x[idx]) - y[idx]) ** 2).mean()
+        return loss, {"loss": loss.item()}
+    return module, step_loss
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(tmp_path):
+    cfg = TrainConfig(steps=30, batch_size=8, checkpoint_every=10, warmup_steps=3, learning_rate=2e-2)
+    whole, loss_a = _toy_problem(0)
+    hist_a = train(whole, loss_a, 40, cfg)
+
+    ckpt = tmp_path / "ckpt.pt"
+
+    class Killed(Exception):
+        pass
+
+    part, loss_b = _toy_problem(0)
+
+    def kill_at_25(done, _terms):
+        if done == 25:
+            raise Killed
+    with pytest.raises(Killed):
+        train(part, loss_b, 40, cfg, ckpt, progress=kill_at_25)
+    resumed, loss_c = _toy_problem(1)  # other initial weights: the checkpoint must override them
+    hist_c = train(resumed, loss_c, 40, cfg, ckpt)
+
+    assert hist_c.resumed_from == 20
+    for pa_, pc in zip(whole.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(pa_, pc, rtol=0, atol=0)
+    assert hist_c.terms["loss"] == pytest.approx(hist_a.terms["loss"], rel=1e-6)
+    assert np.mean(hist_a.terms["loss"][-5:]) < 0.7 * np.mean(hist_a.terms["loss"][:5])  # it learns
