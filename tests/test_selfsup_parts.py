@@ -117,3 +117,53 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path):
         torch.testing.assert_close(pa_, pc, rtol=0, atol=0)
     assert hist_c.terms["loss"] == pytest.approx(hist_a.terms["loss"], rel=1e-6)
     assert np.mean(hist_a.terms["loss"][-5:]) < 0.7 * np.mean(hist_a.terms["loss"][:5])  # it learns
+
+
+# ------------------------------------------------------------------------------ losses
+def test_full_blendshapes_places_shapes_and_matches_the_numpy_gaze_convention():
+    from rigs.definition import load_default_rig_definition
+    from stages.selfsup.losses import RigIndex, full_blendshapes
+
+    d = load_default_rig_definition()
+    idx = RigIndex.of(d)
+    rng = np.random.default_rng(0)
+    b = torch.as_tensor(rng.uniform(0, 1, (5, len(d.regressed))))
+    gaze = torch.as_tensor(rng.uniform(-0.7, 0.7, (5, 4)))
+    full = full_blendshapes(b, gaze, d, idx).numpy()
+    assert full.shape == (5, d.size)
+    np.testing.assert_allclose(full[:, idx.regressed], b.numpy())
+    np.testing.assert_allclose(full[:, idx.eye_following], d.eye_following_from_gaze(gaze.numpy()), rtol=1e-6)
+
+
+def test_keypoint_loss_weights_skips_missing_and_caps_outliers():
+    from stages.selfsup.losses import keypoint_loss
+
+    pred = torch.zeros(1, 1, 3, 2)
+    obs = torch.tensor([[[[3.0, 4.0], [float("nan"), 0.0], [0.0, 0.0]]]])  # 5 px, missing, exact
+    conf = torch.tensor([[[1.0, 1.0, 1.0]]])
+    assert keypoint_loss(pred, obs, conf).item() == pytest.approx(0.5 * 25 / 2)
+    # Huber: a 5 px error beyond 2 px counts 2 * (5 - 1) = 8 instead of 12.5.
+    assert keypoint_loss(pred, obs, conf, huber_px=2.0).item() == pytest.approx(8 / 2)
+    assert keypoint_loss(pred, obs, torch.tensor([[[0.0, 1.0, 1.0]]])).item() == 0.0
+
+
+def test_pixel_and_constraint_losses_on_known_values():
+    from rigs.definition import load_default_rig_definition
+    from stages.selfsup.losses import RigIndex, constraint_loss, pixel_loss, sparsity_loss
+
+    r = torch.zeros(1, 1, 2, 2)
+    o = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
+    m = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert pixel_loss(r, o, m).item() == pytest.approx((1 + 0.25) / 2)
+    d = load_default_rig_definition()
+    idx = RigIndex.of(d)
+    assert len(idx.antagonistic) and len(idx.at_most)
+    b = torch.zeros(2, len(d.regressed))
+    assert constraint_loss(b, idx).item() == 0.0 and sparsity_loss(b).item() == 0.0
+    a, c = idx.antagonistic[0]
+    b[:, a], b[:, c] = 0.5, 0.4
+    assert constraint_loss(b, idx).item() == pytest.approx(0.2)
+    b2 = torch.zeros(1, len(d.regressed))
+    lo, hi = idx.at_most[0]
+    b2[0, lo] = 0.3  # b[lo] <= b[hi] = 0 broken by 0.3
+    assert constraint_loss(b2, idx).item() == pytest.approx(0.09)
