@@ -35,11 +35,11 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
-class RigState:
-    """A batch of rig states.
+class NetworkOutput:
+    """A batch of the network's outputs (the renderer's state is built from them).
 
     Attributes:
-        b: (B, K) blendshape weights in [0, 1] of the regressed bases.
+        b: (B, K) weights in [0, 1] of the regressed bases (network order = the definition's regressed order).
         gaze: (B, 4) left yaw, left pitch, right yaw, right pitch, radians.
         rotation: (B, 3, 3) head rotation, head -> headset frame.
         translation: (B, 3) head translation in the headset frame, metres.
@@ -69,7 +69,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class StateNetwork(nn.Module):
-    """(B, C, S, S) images in [0, 1] -> :class:`RigState`.
+    """(B, C, S, S) images in [0, 1] -> :class:`NetworkOutput`.
 
     Args:
         n_cameras: C, the cameras in a fixed order.
@@ -100,13 +100,13 @@ class StateNetwork(nn.Module):
             last.bias[n_bases + 8] = 1.0
         self.n_bases = n_bases
 
-    def forward(self, images: torch.Tensor) -> RigState:
+    def forward(self, images: torch.Tensor) -> NetworkOutput:
         b_, c, s, _ = images.shape
         features = self.encoder(images.reshape(b_ * c, 1, s, s)).reshape(b_, c, -1)
         out = self.head((features + self.camera_embedding).reshape(b_, -1))
         k = self.n_bases
         cfg = self.config
-        return RigState(
+        return NetworkOutput(
             b=torch.sigmoid(out[:, :k]),
             gaze=cfg.gaze_limit_rad * torch.tanh(out[:, k:k + 4]),
             rotation=rotation_from_6d(out[:, k + 4:k + 10]),
