@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from distributed import Client
 
 MARKER = "_COMMITTED"
+#: A resumable stage's progress, beside its artifact until the output commits.
+CHECKPOINT = "_checkpoint.bin"
 ATTEMPT_PREFIX = "_attempt."
 _TMP = ".tmp-"
 #: Prefix of a writer's part folder, ``data.<time_ns>.<uuid12>``.
@@ -147,6 +149,34 @@ def put_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool
     return fs.cat_file(path) == data
 
 
+class Checkpoint:
+    """A unit's resumable progress: one blob beside its artifact, replaced atomically.
+
+    A stage saves its progress here while it works; the engine removes it once the
+    unit's output is committed. The key is the output's content key, so a checkpoint is
+    only ever resumed by the same stage version, config and inputs.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        self.fs, self.path = fs, path
+
+    def load(self) -> bytes | None:
+        """The last saved blob, or None."""
+        try:
+            return self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None
+
+    def save(self, data: bytes) -> None:
+        """Replaces the blob; a kill during the write leaves the previous one."""
+        self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)
+        atomic_write(self.fs, self.path, data)
+
+    def clear(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fs.rm(self.path)
+
+
 class ArtifactStore:
     """Artifacts of every stage, addressed by ``(stage, key)``.
 
@@ -169,6 +199,10 @@ class ArtifactStore:
     def path(self, stage: str, key: str) -> str:
         """Folder of one artifact."""
         return f"{self.root}/{stage}/{key}"
+
+    def checkpoint(self, stage: str, key: str) -> Checkpoint:
+        """The resumable progress of the unit ``(stage, key)`` (see :class:`Checkpoint`)."""
+        return Checkpoint(self.fs, f"{self.path(stage, key)}/{CHECKPOINT}")
 
     def is_committed(self, stage: str, key: str) -> bool:
         """True when the artifact's marker exists."""

@@ -94,6 +94,9 @@ class Stage:
         description: one line for status reports and docs.
         library_versions: distribution names (``importlib.metadata``) whose installed
             versions change the output, e.g. ``("mediapipe",)``; they enter the key.
+        resumable: ``fn`` takes a ``checkpoint`` keyword (a
+            :class:`pipeline.artifacts.Checkpoint` of this unit's key) to save progress
+            to and resume from after a kill; it is removed once the output commits.
     """
 
     name: str
@@ -107,6 +110,7 @@ class Stage:
     publish: Publish | None = None
     description: str = ""
     library_versions: tuple[str, ...] = ()
+    resumable: bool = False
 
     def __post_init__(self) -> None:
         if not _NAME_RE.fullmatch(self.name) or self.name == CAPTURE:

@@ -162,7 +162,9 @@ def execute_unit(spec: UnitSpec, store: ArtifactStore, log: StageLog,
     t0 = time.perf_counter()
     try:
         args = _load_inputs(spec, store)
-        kwargs = {"config": StageConfig(spec.config)} if st.config_fields else {}
+        kwargs: dict[str, Any] = {"config": StageConfig(spec.config)} if st.config_fields else {}
+        if st.resumable:
+            kwargs["checkpoint"] = store.checkpoint(st.name, spec.key)
         value = st.fn(*args, **kwargs)
         missing = set(st.outputs) - output_names(value)
         if missing:
@@ -182,6 +184,8 @@ def execute_unit(spec: UnitSpec, store: ArtifactStore, log: StageLog,
                               attempt=attempt, failure=failure)
         raise failure from None
     seconds = time.perf_counter() - t0
+    if st.resumable:
+        store.checkpoint(st.name, spec.key).clear()
     # committed=False: a concurrent duplicate committed first and this output was discarded
     log.append("finish", seconds=seconds, committed=marker.get("writer") == writer, **ident)
     return UnitResult(st.name, spec.subject, spec.key, executed=True, attempt=attempt,

@@ -97,7 +97,9 @@ def test_a_killed_run_resumes_to_the_same_parameters(tmp_path):
     whole, loss_a = _toy_problem(0)
     hist_a = train(whole, loss_a, 40, cfg)
 
-    ckpt = tmp_path / "ckpt.pt"
+    from pipeline.artifacts import ArtifactStore
+
+    ckpt = ArtifactStore(str(tmp_path)).checkpoint("selfsup", "k1")
 
     class Killed(Exception):
         pass
@@ -167,3 +169,35 @@ def test_pixel_and_constraint_losses_on_known_values():
     lo, hi = idx.at_most[0]
     b2[0, lo] = 0.3  # b[lo] <= b[hi] = 0 broken by 0.3
     assert constraint_loss(b2, idx).item() == pytest.approx(0.09)
+
+
+# ------------------------------------------------------------------------------ engine
+_CALLS: list[bytes | None] = []
+
+
+def _resumable_fn(capture, checkpoint):
+    seen = checkpoint.load()
+    _CALLS.append(seen)
+    if seen is None:
+        checkpoint.save(b"half done")
+        raise RuntimeError("killed half-way")
+    return {"x": np.frombuffer(seen, np.uint8).copy()}
+
+
+def test_a_resumable_stage_gets_its_checkpoint_back_after_a_failure_and_loses_it_on_commit(tmp_path):
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.runlog import StageLog
+    from pipeline.stage import Stage
+    from pipeline.tasks import InputRef, StageFailure, UnitSpec, execute_unit
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    stage = Stage(name="resumable", version="1", fn=_resumable_fn, resumable=True)
+    spec = UnitSpec(stage, "s1", "key1", (InputRef("capture", "cap"),), run_id="r1")
+    log = StageLog(str(tmp_path / "run"))
+    _CALLS.clear()
+    with pytest.raises(StageFailure):
+        execute_unit(spec, store, log)
+    result = execute_unit(spec, store, log)  # the retry resumes
+    assert _CALLS == [None, b"half done"] and result.executed
+    assert store.load("resumable", "key1")["x"].tobytes() == b"half done"
+    assert store.checkpoint("resumable", "key1").load() is None  # removed once committed

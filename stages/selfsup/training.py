@@ -8,11 +8,11 @@ Adam's moments, the step and the loss history.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -78,10 +78,24 @@ def batch_indices(step: int, n_items: int, cfg: TrainConfig) -> np.ndarray:
     return rng.choice(n_items, size=min(cfg.batch_size, n_items), replace=False)
 
 
-def _save(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint
+class CheckpointStore(Protocol):
+    """Where progress goes: :class:`pipeline.artifacts.Checkpoint` (the engine's), or any
+    object with these two methods."""
+
+    def load(self) -> bytes | None: ...
+
+    def save(self, data: bytes) -> None: ...
+
+
+def _save(checkpoint: CheckpointStore, payload: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    checkpoint.save(buf.getvalue())
+
+
+def _load(checkpoint: CheckpointStore) -> dict | None:
+    data = checkpoint.load()
+    return None if data is None else torch.load(io.BytesIO(data), weights_only=False)
 
 
 def train(
@@ -89,7 +103,7 @@ def train(
     step_loss: Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]],
     n_items: int,
     cfg: TrainConfig,
-    checkpoint: Path | None = None,
+    checkpoint: CheckpointStore | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainHistory:
     """Minimises ``step_loss`` over ``module``'s parameters, resuming from ``checkpoint``.
@@ -99,7 +113,7 @@ def train(
         step_loss: batch indices -> (scalar loss, named terms for the history).
         n_items: the number of frames to draw batches from.
         cfg: the schedule.
-        checkpoint: file to resume from and save to; None trains without checkpoints.
+        checkpoint: where to resume from and save to; None trains without checkpoints.
         progress: called after each step with (steps done, terms).
 
     Returns:
@@ -109,8 +123,8 @@ def train(
     optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
     history = TrainHistory()
     start = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+    state = None if checkpoint is None else _load(checkpoint)
+    if state is not None:
         module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         history = TrainHistory(terms=state["history"], resumed_from=state["step"])
