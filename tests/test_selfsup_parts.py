@@ -201,3 +201,21 @@ def test_a_resumable_stage_gets_its_checkpoint_back_after_a_failure_and_loses_it
     assert _CALLS == [None, b"half done"] and result.executed
     assert store.load("resumable", "key1")["x"].tobytes() == b"half done"
     assert store.checkpoint("resumable", "key1").load() is None  # removed once committed
+
+
+# ------------------------------------------------------------------------------ keypoints
+def test_keypoint_layout_matches_the_models_landmarks():
+    from rigs.face_model import load_ict_face_model
+    from stages.selfsup.keypoints import keypoint_layout
+
+    model = load_ict_face_model()
+    rng = np.random.default_rng(1)
+    verts = np.asarray(model.neutral, np.float64)[None] + rng.normal(0, 1e-3, (2, *np.shape(model.neutral)))
+    layout = keypoint_layout("iris10+multipie68", model)
+    got = layout.points(torch.as_tensor(verts)).numpy()
+    mp = model.embeddings["mediapipe478"].points(verts, np.asarray(model.triangles))
+    want = np.concatenate([mp[:, 468:478], verts[:, model.landmarks68]], 1)
+    assert layout.size == 78
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    with pytest.raises(ConfigError, match="unknown keypoint layout"):
+        keypoint_layout("dlib5", model)
