@@ -17,8 +17,6 @@ from rigs.definition import RigDefinition
 from stages.synthesis.presets import ScriptTiming
 from storage.capture_types import Segment
 
-LOOK_SHAPES = {"eyeLookUp": (0, 1), "eyeLookDown": (0, -1), "eyeLookOut": (1, 0), "eyeLookIn": (-1, 0)}
-
 
 @dataclass(frozen=True, eq=False)
 class Timeline:
@@ -43,16 +41,7 @@ class Timeline:
 
 def gaze_for_prior(definition: RigDefinition, prior: dict[str, float]) -> np.ndarray:
     """(4,) gaze that produces the eye-following part of an art prior."""
-    gaze = np.zeros(4)
-    for name, value in prior.items():
-        for stem, (yaw_sign, pitch_sign) in LOOK_SHAPES.items():
-            if name.startswith(stem):
-                eye = 0 if name.endswith("_L") else 1
-                # "out" is +yaw for the left eye and -yaw for the right (see RigDefinition).
-                side = 1 if eye == 0 else -1
-                gaze[2 * eye] += yaw_sign * side * value * definition.gaze_theta_max
-                gaze[2 * eye + 1] += pitch_sign * value * definition.gaze_theta_max
-    return gaze
+    return definition.gaze_from_eye_following([prior.get(n, 0.0) for n in definition.eye_following])
 
 
 def perform_prompt(definition: RigDefinition, prompt: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
