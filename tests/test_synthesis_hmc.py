@@ -252,3 +252,11 @@ def test_alt_subject_is_deterministic_valid_and_has_its_identity_style(tmp_path)
     expected = style.scale * (z + style.skew * (z**2 - 1) / 2)
     identity = np.load(tmp_path / "a" / "ground_truth" / sid / "identity.npz")["identity"]
     np.testing.assert_allclose(identity, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_rejects_an_unknown_variant(tmp_path, capsys):
+    from workflows.cli import main
+
+    assert main(["synth", "--preset", "tiny", "--variant", "bogus", "--out", str(tmp_path / "x"), "--quiet"]) == 1
+    assert "unknown generator variant 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
