@@ -207,6 +207,8 @@ class IrRenderer:
         """Per-pixel gain (N,) and per-column offset (N,) of every ray, or None when absent."""
         h, w = self.shape
         gain = offset = None
+        if (noise.prnu_std > 0 or noise.column_std > 0) and rng is None:
+            raise ValueError("fixed-pattern noise needs a pattern_rng")
         if noise.prnu_std > 0:
             gain = (1 + rng.normal(size=n_cameras * h * w) * noise.prnu_std).astype(np.float32)
         if noise.column_std > 0:
