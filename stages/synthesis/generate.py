@@ -323,14 +323,14 @@ def _write_subject_truth(truth_dir: Path, config: SynthConfig, seed: int, index:
         "rig_name": rig.definition.name, "rig_version": rig.definition.version,
         "tint": [round(float(x), 6) for x in subject.tint],
         "landmarks": "478 MediaPipe (embedding) then 68 Multi-PIE; HMC files keep iris (468-477) and the 68",
-        **_non_default_phone_options(config),
+        **_non_default_options(config),
     })
     _write_npz(truth_dir / "identity.npz", identity=subject.identity.astype(np.float32), detail=subject.detail, neutral=rig.neutral, shape_gain=subject.shape_gain.astype(np.float32))
     rig.save(truth_dir / "rig.npz")
 
 
-def _non_default_phone_options(config: SynthConfig) -> dict:
-    """The phone options that differ from their defaults (absent by default: the default
+def _non_default_options(config: SynthConfig) -> dict:
+    """The phone and variant options that differ from their defaults (absent by default: the default
     subject's truth stays byte-identical)."""
     default = SynthConfig(name=config.name)
     names = ("phone_yaw_deg", "phone_pitch_deg", "phone_only", "variant")
