@@ -1,8 +1,9 @@
 """Stand-ins for the phone chain's artifacts built from a synthetic subject's truth.
 
-The landmark output holds the true MediaPipe landmarks and their face masks; the fused scans are the true meshes' face region placed in each burst's first camera; the
-fitted / refined meshes are the true meshes pushed ``offset_mm`` along their normals, so
-every measure has a known answer.
+The landmark output holds the true MediaPipe landmarks and their face masks; the fused
+scans are the true meshes' face region placed in each burst's first camera; the fitted /
+refined meshes are the true meshes pushed ``offset_mm`` along their normals, so every
+measure has a known answer.
 """
 
 from __future__ import annotations
