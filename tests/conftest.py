@@ -8,8 +8,9 @@ import pytest
 
 TINY_SEED = 11
 #: Iterations of the ``rig`` stage in the tests of the engine and storage around the chain
-#: (crash safety, object stores, a remote cluster): what they check does not depend on how
-#: far the personal rig's fit runs. Measured on the tiny subject's fitted meshes: the
+#: (crash safety, failure isolation, object stores, a remote cluster): what they check does
+#: not depend on how far the personal rig's fit runs (tests/test_rigging_stage.py and the
+#: demo test run it to the default's end). Measured on the tiny subject's fitted meshes: the
 #: default (at most 20) ran 19 iterations, ~170 CPU-s a subject, 3/4 of the chain's CPU,
 #: while the objective was lowest after 3 (0.0135 against 0.0162 at 19; 24 CPU-s, mean
 #: residuals the same to 0.005 mm).
