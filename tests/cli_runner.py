@@ -5,7 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 
+from tests.conftest import QUICK_RIG_ITERATIONS
 from workflows.cli import main
+
+#: ``pgt`` flags of a run whose ``rig`` stage stops early (see ``QUICK_RIG_ITERATIONS``).
+QUICK_RIG = ("--set", f"rig.max_iterations={QUICK_RIG_ITERATIONS}")
 
 
 def run_pgt(*args: str) -> str:

@@ -1,8 +1,9 @@
 """Stand-ins for the phone chain's artifacts built from a synthetic subject's truth.
 
-The fused scans are the true meshes' face region placed in each burst's first camera; the
-fitted / refined meshes are the true meshes pushed ``offset_mm`` along their normals, so
-every measure has a known answer.
+The landmark output holds the true MediaPipe landmarks and their face masks; the fused
+scans are the true meshes' face region placed in each burst's first camera; the fitted /
+refined meshes are the true meshes pushed ``offset_mm`` along their normals, so every
+measure has a known answer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,23 @@ from stages.geometry_eval import face_region, face_region_triangles, place
 
 def _pose4(pose: np.ndarray) -> np.ndarray:
     return np.r_[np.asarray(pose, np.float64)[:3], [[0.0, 0.0, 0.0, 1.0]]]
+
+
+def true_landmarks_output(cap, truth, drop: dict[str, list[int]]) -> StageOutput:
+    """The landmark stage's output built from the true landmarks; frames in ``drop`` have no face."""
+    from stages.landmarks import face_mask
+
+    arrays = {}
+    for e in cap.phone_expressions:
+        intr = cap.phone_intrinsics(e)
+        pts = truth.phone(e)["landmarks_2d"][:, :478].astype(np.float32)
+        masks = [face_mask(p, (intr.height, intr.width)) for p in pts]
+        for i in drop.get(e, []):
+            pts[i] = np.nan
+            masks[i] = np.zeros_like(masks[i])
+        arrays[f"mask_{e}"] = np.stack([np.packbits(m.ravel()) for m in masks])
+        arrays[f"points_{e}"] = pts
+    return StageOutput(arrays=arrays)
 
 
 def fused_standin(truth) -> FusedScans:

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from rigs.definition import load_default_rig_definition
+from rigs.example_rig import ExampleRigConfig
 from rigs.face_model import load_ict_face_model
 from rigs.rig import BlendshapeRig
 from stages.metrics import mesh_error_vertices
@@ -19,10 +20,15 @@ from stages.synthesis.truth import SubjectTruth
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable, blendshape_matrix
+from tests.conftest import QUICK_RIG_ITERATIONS
 from tests.test_synthesis import EMBEDDING_MEDIAN_MM, _phone_camera
 from workflows.config import RunConfig
 from workflows.label import backfill, find_captures
 from workflows.metrics import MetricsJob, run_metrics, score_recording
+
+#: The chain with a rig stage that stops early (see ``tests/conftest.py``): these tests
+#: check the engine, the failure records and the landmarks, not the personal rig.
+CONFIG = RunConfig(rig=ExampleRigConfig(max_iterations=QUICK_RIG_ITERATIONS))
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def backfill_run(tiny_subject, tmp_path_factory):
     (broken / "capture.json").write_text((broken / "capture.json").read_text().replace(capture.name, "broken-subject"))
     frame = broken / "hmc" / "rec000" / "mouth_left" / "000007.png"
     frame.write_bytes(frame.read_bytes()[:200])  # truncated: the header survives, pixels do not
-    summary = backfill(captures, str(root / "out"), RunConfig(), workers=1, processes=False, progress=False, report=False)
+    summary = backfill(captures, str(root / "out"), CONFIG, workers=1, processes=False, progress=False, report=False)
     return root, summary, capture.name
 
 
@@ -59,7 +65,7 @@ def test_unreadable_manifest_fails_validation_once(tiny_subject, tmp_path):
     broken = tmp_path / "captures" / "no-manifest"
     shutil.copytree(capture, broken)
     (broken / "capture.json").write_text("{not json")
-    summary = backfill(tmp_path / "captures", str(tmp_path / "out"), RunConfig(), workers=1, processes=False, progress=False, report=False)
+    summary = backfill(tmp_path / "captures", str(tmp_path / "out"), CONFIG, workers=1, processes=False, progress=False, report=False)
     (row,) = delta.read_rows(str(tmp_path / "out" / "tables" / "failures")).to_pylist()
     assert (row["subject"], row["stage"], row["error_type"]) == ("no-manifest", "validate", "CaptureError")
     assert "capture.json" in row["message"]
@@ -97,7 +103,7 @@ def test_landmark_records_cover_every_phone_frame(backfill_run, tiny_subject):
 
 def test_rerun_resumes_without_recomputing(backfill_run):
     root, first, _ = backfill_run
-    again = backfill(root / "captures", str(root / "out"), RunConfig(), workers=1, processes=False, progress=False, report=False)
+    again = backfill(root / "captures", str(root / "out"), CONFIG, workers=1, processes=False, progress=False, report=False)
     assert again.counts.get("done", 0) == 0
     assert again.counts["cached"] == first.counts["done"]
     # A failed subject is attempted again on every run (its capture may have been fixed);

@@ -284,17 +284,11 @@ def test_geman_mcclure_resists_flying_pixels_where_l2_does_not() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_fit(tiny_subject):
-    from stages.face_mask import FaceMaskConfig, refine_masks
-    from stages.fusion import FusedScans, FusionConfig, fuse_scans
-    from stages.synthesis.truth import SubjectTruth
-    from storage.capture import Capture
-    from tests.test_fusion_stage import _landmarks_output
+def tiny_fit(tiny_subject, tiny_true_fusion):
+    from stages.fusion import FusedScans
 
-    capture_dir, truth_dir = tiny_subject
-    cap, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
-    landmarks = _landmarks_output(cap, truth, {})
-    scans = fuse_scans(cap, landmarks, refine_masks(cap, landmarks, FaceMaskConfig()), FusionConfig(poisson_depth=8))
+    capture_dir, _ = tiny_subject
+    cap, truth, landmarks, scans = tiny_true_fusion
     # one expression rejected by fusion: a record, not a fit
     rejected = cap.phone_expressions[3]
     fused = dict(scans.expressions)

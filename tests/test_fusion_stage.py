@@ -5,28 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.serialize import StageOutput
 from rigs.geometry import ClosestPoints
 from stages.face_mask import FaceMaskConfig, refine_masks
 from stages.fusion import FusedScans, FusionConfig, fuse_scans
-from stages.landmarks import face_mask
 from stages.synthesis.truth import SubjectTruth
 from storage.capture import Capture
-
-
-def _landmarks_output(cap: Capture, truth: SubjectTruth, drop: dict[str, list[int]]) -> StageOutput:
-    """The landmark stage's output built from the true landmarks; frames in ``drop`` have no face."""
-    arrays = {}
-    for e in cap.phone_expressions:
-        intr = cap.phone_intrinsics(e)
-        pts = truth.phone(e)["landmarks_2d"][:, :478].astype(np.float32)
-        masks = [face_mask(p, (intr.height, intr.width)) for p in pts]
-        for i in drop.get(e, []):
-            pts[i] = np.nan
-            masks[i] = np.zeros_like(masks[i])
-        arrays[f"mask_{e}"] = np.stack([np.packbits(m.ravel()) for m in masks])
-        arrays[f"points_{e}"] = pts
-    return StageOutput(arrays=arrays)
+from tests.phone_standins import true_landmarks_output
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +18,7 @@ def inputs(tiny_subject):
     capture_dir, truth_dir = tiny_subject
     cap, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
     neutral = cap.phone_expressions[0]
-    landmarks = _landmarks_output(cap, truth, {neutral: [0]})
+    landmarks = true_landmarks_output(cap, truth, {neutral: [0]})
     return cap, truth, neutral, landmarks, refine_masks(cap, landmarks, FaceMaskConfig())
 
 

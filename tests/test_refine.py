@@ -152,19 +152,11 @@ def test_system_checks_its_vertex_sets(model) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_refined(tiny_subject, model):
-    """Fusion of the tiny subject with its true landmarks (as tests/test_fusion_stage.py),
+def tiny_refined(tiny_subject, tiny_true_fusion, model):
+    """Fusion of the tiny subject with its true landmarks (conftest's ``tiny_true_fusion``),
     a pseudo-fit from the truth, and the refine stage on them."""
-    from stages.face_mask import FaceMaskConfig, refine_masks
-    from stages.fusion import FusionConfig, fuse_scans
-    from stages.synthesis.truth import SubjectTruth
-    from storage.capture import Capture
-    from tests.test_fusion_stage import _landmarks_output
-
     capture_dir, truth_dir = tiny_subject
-    cap, truth = Capture.open(capture_dir), SubjectTruth.open(truth_dir)
-    landmarks = _landmarks_output(cap, truth, {})
-    fused = fuse_scans(cap, landmarks, refine_masks(cap, landmarks, FaceMaskConfig()), FusionConfig(poisson_depth=8))
+    cap, truth, _, fused = tiny_true_fusion
     expressions = truth.expressions()
     prompts = [str(p) for p in expressions["prompts"]]
     identity = np.load(truth_dir / "identity.npz")["identity"]
