@@ -87,7 +87,7 @@ def _step_of(data: bytes) -> int:
 
 
 def test_a_black_camera_and_missing_keypoints_give_a_status_not_a_crash(tiny_subject, truth_rig, tmp_path):
-    capture = tmp_path / "cap"
+    capture = tmp_path / tiny_subject[0].name  # the folder name is the subject id
     shutil.copytree(tiny_subject[0], capture)
     cap = Capture.open(capture)
     rec = cap.recording(cap.recordings[0])
