@@ -47,15 +47,15 @@ def measure(size: int, frames: int, device: str = "cpu", repeats: int = 3) -> di
         x.requires_grad_(True)
     target = torch.full((frames, len(cams), size, size), 0.5, device=device)
     best: dict[str, tuple[float, float]] = {}
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        s = renderer.surface(renderer.rig(state), ids)
+        return masked_l2(app(s, renderer.rig.triangles, renderer.cameras), target, s.mask)
+
     for _ in range(repeats):
-        vertices, *_ = _timed(lambda: renderer.rig(state), device)
-        ids, w_vis, c_vis = _timed(lambda: renderer.visibility(vertices), device)
-
-        def forward():
-            s = renderer.surface(renderer.rig(state), ids)
-            return masked_l2(app(s, renderer.rig.triangles, renderer.cameras), target, s.mask)
-
-        loss, w_fwd, c_fwd = _timed(forward, device)
+        with torch.no_grad():
+            vertices = renderer.rig(state)
+        ids, w_vis, c_vis = _timed(lambda v=vertices: renderer.visibility(v), device)
+        loss, w_fwd, c_fwd = _timed(lambda i=ids: forward(i), device)
         _, w_bwd, c_bwd = _timed(loss.backward, device)
         for key, value in (("visibility", (w_vis, c_vis)), ("forward", (w_fwd, c_fwd)), ("backward", (w_bwd, c_bwd))):
             if key not in best or value[0] < best[key][0]:

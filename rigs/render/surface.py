@@ -36,7 +36,9 @@ class Surface:
         depth: (P,) camera z of the hit, metres.
         normal: (P, 3) unit interpolated vertex normal.
         uv: (P, 2) interpolated texture coordinates.
-        radius: (P,) undistorted normalised radius of the pixel (vignetting variable).
+        ray: (P, 3) unit direction of the pixel's ray, world frame (constant).
+        radius: (P,) the pixel's radius from the principal point over the image's
+            half-diagonal (the vignetting variable).
     """
 
     shape: tuple[int, int, int, int]
@@ -50,6 +52,7 @@ class Surface:
     depth: torch.Tensor
     normal: torch.Tensor
     uv: torch.Tensor
+    ray: torch.Tensor
     radius: torch.Tensor
 
     def image(self, values: torch.Tensor, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
@@ -142,4 +145,4 @@ def surface(vertices: torch.Tensor, triangles: torch.Tensor, corner_uv: torch.Te
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-20)
     uv = (bary[..., None] * corner_uv[tri].to(vertices.dtype)).sum(1)
     radius = cameras.radius.reshape(shape[1], h * w)[camera, pixel].to(vertices.dtype)
-    return Surface(shape, index, frame, camera, tri, bary, point, dist, depth, normal, uv, radius)
+    return Surface(shape, index, frame, camera, tri, bary, point, dist, depth, normal, uv, direction, radius)
