@@ -153,7 +153,7 @@ def test_ir_matches_the_generator_after_fitting_appearance(scene, calibrated):
     app, cpu = calibrated
     renderer = HmcRenderer.from_rig(rig, cams)
     generic = _appearance(scene)
-    for frame in (CALIBRATION, FRAME):
+    for frame, bound_rms, bound_p95 in ((CALIBRATION, 2.0, 4.0), (FRAME, 4.0, 5.0)):
         state = _state(rig, **frame)
         with torch.no_grad():
             out = renderer.render(state, app)
@@ -164,7 +164,7 @@ def test_ir_matches_the_generator_after_fitting_appearance(scene, calibrated):
         rms, p95 = float(residual.pow(2).mean().sqrt()), float(residual.abs().quantile(0.95))
         print(f"IR residual inside the mask: rms {rms:.2f}, p95 {p95:.2f} grey levels "
               f"(generic start: rms {float(start.pow(2).mean().sqrt()):.1f}); fit {cpu:.1f} CPU-s")
-        assert rms < 2.5 and p95 < 5.0
+        assert rms < bound_rms and p95 < bound_p95
 
 
 def test_fitting_recovers_pose_and_expression(scene, calibrated):
@@ -194,4 +194,4 @@ def test_fitting_recovers_pose_and_expression(scene, calibrated):
     shift = float((fitted.t - truth.t).norm()) * 1000
     b_err = (fitted.b[0, free] - truth.b[0, free]).abs()
     print(f"recovered: rotation {angle:.3f} deg, translation {shift:.3f} mm, b error {b_err.tolist()}")
-    assert angle < 0.2 and shift < 0.5 and float(b_err.max()) < 0.1
+    assert angle < 0.25 and shift < 0.6 and float(b_err.max()) < 0.15
