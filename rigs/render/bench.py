@@ -1,6 +1,6 @@
 """Speed of the renderer: ms per frame, 10 HMC cameras, forward and backward.
 
-Run ``python -m rigs.render.bench [--frames 4] [--sizes 100 200] [--device cpu]``. Prints
+Run ``python -m rigs.render.bench [--frames 4] [--sizes 100 200] [--device cpu] [--threads 1]``. Prints
 one row per size: wall and process-CPU time per frame of the visibility pass, of the
 differentiable forward (posing, surface, appearance) and of the backward pass to
 (b, gaze, R, t) and the appearance parameters.
@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, device {args.device}, {args.frames} frames x 10 cameras")
     for size in args.sizes:
         r = measure(size, args.frames, args.device)
