@@ -47,7 +47,7 @@ class AppearanceFitConfig:
     initialise: bool = True
     """First solve :func:`initialise_log_linear` (the exponents and gains from a linear
     least squares in the log domain; from generic values the joint fit stalls in poor
-    minima: 11 grey levels rms against 1.3 on the generator test) and set each camera's
+    minima: 11-15 grey levels rms in our trials on the generator test, 1.3 with it) and set each camera's
     background level to the median observed off the mask."""
 
 
