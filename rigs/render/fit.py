@@ -175,8 +175,10 @@ class StateFitConfig:
     """L-BFGS iterations per round (strong-Wolfe line search). Rotation and translation
     are strongly coupled (a head rotation about the neck moves the face), which the
     quasi-Newton curvature handles and Adam does not."""
-    pixel_weight: float = 1000.0
-    """Weight of the masked pixel L2 (intensities in [0, 1]) against the keypoint L2 (px^2)."""
+    pixel_weight: float = 300.0
+    """Weight of the masked pixel L2 (intensities in [0, 1]) against the keypoint L2 (px^2).
+    On the generator test with 68 keypoints at 0.3 px noise, 300 recovered the brow
+    coefficient to 0.03 and 3000 to 0.12 (the held-out appearance error biases it)."""
     keypoint_weight: float = 1.0
     """Weight of the keypoint reprojection L2."""
 
