@@ -3,16 +3,19 @@
 Nothing here is the generator's image formation: every factor is a parameter with a
 generic initial value, fitted to the subject's HMC images (:mod:`rigs.render.fit`).
 For a hit pixel with albedo ``a``, surface normal ``n``, light direction ``l`` and light
-distance ``d``, seen by camera ``c`` at undistorted radius ``r``::
+distance ``d``, seen by camera ``c`` at image radius ``r`` (from the principal point, over
+the half-diagonal: ~1 in the corners)::
 
     a      = offset + seed ** e_a + residual(uv)          (atlas texels; seed from the phone)
     a      = vertex_albedo                                 (triangles outside the atlas: eyes)
     shade  = ambient + max(0, (n.l + wrap) / (1 + wrap)) ** e_l
     L      = a * shade * (d_ref / d) ** p
-    V_c(r) = 1 + v1 r^2 + v2 r^4 + v3 r^6
+    V_c(r) = cos(theta) ** k_c * (1 + v1 r^2 + v2 r^4 + v3 r^6)
     I      = clip(gain_c * (L * V_c(r)) ** g + bias_c, 0, 1)  ; background_c off the mesh
 
-The light of camera c sits at the camera centre plus a fitted offset (camera frame): a
+where theta is the pixel ray's angle to the optical axis: the exponent k_c of the
+off-axis (natural) falloff and the polynomial of the lens's own vignetting are both
+fitted per camera, from k_c = 0 and a flat polynomial. The light of camera c sits at the camera centre plus a fitted offset (camera frame): a
 co-located LED is the starting guess, not an assumption. ``d_ref`` (0.1 m) only sets the
 units of ``gain``. Positive quantities are stored as logs so that Adam can move them freely.
 """
@@ -34,8 +37,10 @@ from rigs.render.surface import Surface
 D_REF = 0.1
 #: Parameter groups that :func:`rigs.render.fit.fit_appearance` can free.
 LIGHT = ("light_offset", "log_falloff", "log_ambient", "wrap", "log_lambert")
-CAMERA = ("log_gain", "bias", "vignette", "log_response", "background")
-ALBEDO = ("albedo_residual", "log_albedo_exponent", "albedo_offset", "vertex_albedo")
+CAMERA = ("log_gain", "bias", "off_axis", "vignette", "log_response", "background")
+#: The albedo's global map from the seed (always fitted) and its per-texel parts (optional).
+ALBEDO_MAP = ("log_albedo_exponent", "albedo_offset")
+ALBEDO = ("albedo_residual", "vertex_albedo")
 
 
 class AppearanceModel(torch.nn.Module):
@@ -77,6 +82,7 @@ class AppearanceModel(torch.nn.Module):
         self.log_lambert = param(0.0)
         self.log_gain = param(np.zeros(c))
         self.bias = param(np.zeros(c))
+        self.off_axis = param(np.zeros(c))
         self.vignette = param(np.zeros((c, 3)))
         self.log_response = param(0.0)
         self.background = param(np.zeros(c))
@@ -103,12 +109,19 @@ class AppearanceModel(torch.nn.Module):
         """(C,) positions of ``cameras`` in this model's per-camera parameters."""
         return torch.as_tensor([self.camera_names.index(n) for n in cameras.names], device=self.log_gain.device)
 
+    def sample_map(self, s: Surface, texture: torch.Tensor) -> torch.Tensor:
+        """(P,) bilinear look-up of a (1, 1, h, w) UV map at each hit's UV."""
+        grid = torch.stack([s.uv[:, 0] / self.tiles * 2 - 1, 1 - 2 * s.uv[:, 1]], -1).to(texture.dtype)
+        # A line search can try wild states: NaN or far-out coordinates crash grid_sample's
+        # backward, so keep them finite and just outside the map (border value, no gradient).
+        grid = torch.nan_to_num(grid, nan=0.0).clamp(-1.1, 1.1)
+        return F.grid_sample(texture, grid[None, None], mode="bilinear", padding_mode="border",
+                             align_corners=False)[0, 0, 0]
+
     def albedo(self, s: Surface, triangles: torch.Tensor) -> torch.Tensor:
         """(P,) IR albedo of each hit: the UV map on atlas triangles, vertex values elsewhere."""
-        grid = torch.stack([s.uv[:, 0] / self.tiles * 2 - 1, 1 - 2 * s.uv[:, 1]], -1).to(self.albedo_seed.dtype)
         mapped = self.albedo_seed.clamp_min(1e-6) ** self.log_albedo_exponent.exp() + self.albedo_residual
-        sampled = F.grid_sample(mapped, grid[None, None], mode="bilinear", padding_mode="border",
-                                align_corners=False)[0, 0, 0] + self.albedo_offset
+        sampled = self.sample_map(s, mapped) + self.albedo_offset
         corner = self.vertex_albedo[triangles[s.triangle]]  # (P, 3)
         per_vertex = (s.barycentric.to(corner.dtype) * corner).sum(-1)
         return torch.where(self.in_atlas[s.triangle], sampled, per_vertex)
@@ -126,7 +139,8 @@ class AppearanceModel(torch.nn.Module):
         radiance = self.albedo(s, triangles) * shade * (D_REF / dist) ** self.log_falloff.exp()
         r2 = s.radius * s.radius
         v = self.vignette[cam]
-        vignetting = 1 + r2 * (v[:, 0] + r2 * (v[:, 1] + r2 * v[:, 2]))
+        cos_axis = (s.ray * cameras.R[s.camera, :, 2]).sum(-1).clamp_min(1e-6)
+        vignetting = cos_axis ** self.off_axis[cam] * (1 + r2 * (v[:, 0] + r2 * (v[:, 1] + r2 * v[:, 2])))
         signal = (radiance * vignetting).clamp_min(1e-8) ** self.log_response.exp()
         return self.log_gain[cam].exp() * signal + self.bias[cam]
 

@@ -1,6 +1,6 @@
 """Speed of the renderer: ms per frame, 10 HMC cameras, forward and backward.
 
-Run ``python -m rigs.render.bench [--frames 4] [--sizes 100 200] [--device cpu]``. Prints
+Run ``python -m rigs.render.bench [--frames 4] [--sizes 100 200] [--device cpu] [--threads 1]``. Prints
 one row per size: wall and process-CPU time per frame of the visibility pass, of the
 differentiable forward (posing, surface, appearance) and of the backward pass to
 (b, gaze, R, t) and the appearance parameters.
@@ -47,15 +47,15 @@ def measure(size: int, frames: int, device: str = "cpu", repeats: int = 3) -> di
         x.requires_grad_(True)
     target = torch.full((frames, len(cams), size, size), 0.5, device=device)
     best: dict[str, tuple[float, float]] = {}
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        s = renderer.surface(renderer.rig(state), ids)
+        return masked_l2(app(s, renderer.rig.triangles, renderer.cameras), target, s.mask)
+
     for _ in range(repeats):
-        vertices, *_ = _timed(lambda: renderer.rig(state), device)
-        ids, w_vis, c_vis = _timed(lambda: renderer.visibility(vertices), device)
-
-        def forward():
-            s = renderer.surface(renderer.rig(state), ids)
-            return masked_l2(app(s, renderer.rig.triangles, renderer.cameras), target, s.mask)
-
-        loss, w_fwd, c_fwd = _timed(forward, device)
+        with torch.no_grad():
+            vertices = renderer.rig(state)
+        ids, w_vis, c_vis = _timed(lambda v=vertices: renderer.visibility(v), device)
+        loss, w_fwd, c_fwd = _timed(lambda i=ids: forward(i), device)
         _, w_bwd, c_bwd = _timed(loss.backward, device)
         for key, value in (("visibility", (w_vis, c_vis)), ("forward", (w_fwd, c_fwd)), ("backward", (w_bwd, c_bwd))):
             if key not in best or value[0] < best[key][0]:
@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 200])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, device {args.device}, {args.frames} frames x 10 cameras")
     for size in args.sizes:
         r = measure(size, args.frames, args.device)

@@ -51,8 +51,8 @@ class CameraBatch(torch.nn.Module):
         principal: (C, 2) cx, cy.
         distortion: (C, 5) opencv or (C, 4) fisheye coefficients.
         rays: (C, H, W, 3) unit world directions through the pixel centres.
-        radius: (C, H, W) undistorted normalised radius of each pixel's ray (tan of its
-            angle to the optical axis), the variable of the vignetting polynomial.
+        radius: (C, H, W) each pixel's distance from the principal point over the image's
+            half-diagonal (about 1 in the corners), the variable of the vignetting polynomial.
     """
 
     def __init__(self, cameras: Sequence[Camera], names: Sequence[str] | None = None,
@@ -72,7 +72,8 @@ class CameraBatch(torch.nn.Module):
             if not valid.all():
                 raise ModelError(f"camera {cam}: {int((~valid).sum())} pixels outside the lens's invertible region")
             rays.append(d_cam @ cam.R_world_from_camera.T)
-            radius.append(np.hypot(d_cam[..., 0], d_cam[..., 1]) / np.maximum(d_cam[..., 2], 1e-12))
+            v, u = np.mgrid[0 : cam.height, 0 : cam.width].astype(np.float64)
+            radius.append(np.hypot(u - cam.cx, v - cam.cy) / np.hypot(cam.width / 2, cam.height / 2))
         f = dict(dtype=dtype)
         self.register_buffer("R", torch.as_tensor(np.stack([c.R_world_from_camera for c in cameras]), **f))
         self.register_buffer("centre", torch.as_tensor(np.stack([c.t_world_from_camera for c in cameras]), **f))
@@ -114,13 +115,14 @@ class CameraBatch(torch.nn.Module):
             points: (F, P, 3) world (headset-frame) points.
 
         Returns:
-            (pixels (F, C, P, 2), depth (F, C, P)); depth is camera z (<= 0: behind).
+            (pixels (F, C, P, 2), depth (F, C, P)); depth is camera z (<= 0: behind). The
+            opencv model's pixels are finite but meaningless for depth < 1 mm (z is
+            clamped there so that gradients stay finite): mask such points by depth.
         """
         pc = self.to_camera(points)
         z = pc[..., 2]
         if self.model == "opencv":
-            safe = torch.where(z.abs() < 1e-9, torch.full_like(z, 1e-9), z)
-            xd = _opencv_distort(pc[..., :2] / safe[..., None], self.distortion[:, None])
+            xd = _opencv_distort(pc[..., :2] / z.clamp_min(1e-3)[..., None], self.distortion[:, None])
         else:
             xd = _fisheye_distort(pc, self.distortion[:, None])
         return xd * self.focal[:, None] + self.principal[:, None], z

@@ -35,7 +35,7 @@ def keypoint_l2(projected: torch.Tensor, observed: torch.Tensor, confidence: tor
     present = torch.isfinite(observed).all(-1)
     w = present.to(projected.dtype) if confidence is None else confidence.to(projected.dtype) * present
     d2 = ((projected - torch.nan_to_num(observed)) ** 2).sum(-1)
-    return (d2 * w).sum() / w.sum().clamp_min(1e-12)
+    return torch.where(present, d2 * w, 0.0).sum() / w.sum().clamp_min(1e-12)
 
 
 def rescale_pixels(pixels: torch.Tensor, factor: float) -> torch.Tensor:

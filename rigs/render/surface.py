@@ -36,7 +36,9 @@ class Surface:
         depth: (P,) camera z of the hit, metres.
         normal: (P, 3) unit interpolated vertex normal.
         uv: (P, 2) interpolated texture coordinates.
-        radius: (P,) undistorted normalised radius of the pixel (vignetting variable).
+        ray: (P, 3) unit direction of the pixel's ray, world frame (constant).
+        radius: (P,) the pixel's radius from the principal point over the image's
+            half-diagonal (the vignetting variable).
     """
 
     shape: tuple[int, int, int, int]
@@ -50,6 +52,7 @@ class Surface:
     depth: torch.Tensor
     normal: torch.Tensor
     uv: torch.Tensor
+    ray: torch.Tensor
     radius: torch.Tensor
 
     def image(self, values: torch.Tensor, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
@@ -76,11 +79,9 @@ class Surface:
 
 def vertex_normals(vertices: torch.Tensor, triangles: torch.Tensor) -> torch.Tensor:
     """(F, n, 3) unit area-weighted vertex normals of (F, n, 3) vertices."""
-    v0, v1, v2 = (vertices[:, triangles[:, k]] for k in range(3))
+    v0, v1, v2 = (vertices.index_select(1, triangles[:, k]) for k in range(3))
     face = torch.cross(v1 - v0, v2 - v0, dim=-1)
-    n = torch.zeros_like(vertices)
-    for k in range(3):
-        n = n.index_add(1, triangles[:, k], face)
+    n = torch.zeros_like(vertices).index_add(1, triangles.T.reshape(-1), face.repeat(1, 3, 1))
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
@@ -130,16 +131,18 @@ def surface(vertices: torch.Tensor, triangles: torch.Tensor, corner_uv: torch.Te
     frame = index // (shape[1] * h * w)
     camera = (index // (h * w)) % shape[1]
     pixel = index % (h * w)
-    direction = cameras.rays.reshape(shape[1], h * w, 3)[camera, pixel].to(vertices.dtype)
-    origin = cameras.centre[camera].to(vertices.dtype)
-    corner_ids = triangles[tri]  # (P, 3)
-    corners = vertices[frame[:, None], corner_ids]  # (P, 3, 3)
+    in_batch = camera * (h * w) + pixel  # flat (camera, pixel): one index_select, not fancy indexing
+    direction = cameras.rays.reshape(-1, 3).index_select(0, in_batch).to(vertices.dtype)
+    origin = cameras.centre.index_select(0, camera).to(vertices.dtype)
+    n = vertices.shape[1]
+    flat_corner = (frame[:, None] * n + triangles.index_select(0, tri)).reshape(-1)  # (3P,)
+    corners = vertices.reshape(-1, 3).index_select(0, flat_corner).reshape(-1, 3, 3)
     bary, dist = intersect(origin, direction, corners)
     point = origin + direction * dist[:, None]
-    depth = ((point - origin) * cameras.R[camera, :, 2].to(vertices.dtype)).sum(-1)
-    normals = vertex_normals(vertices, triangles)[frame[:, None], corner_ids]  # (P, 3, 3)
+    depth = ((point - origin) * cameras.R[:, :, 2].index_select(0, camera).to(vertices.dtype)).sum(-1)
+    normals = vertex_normals(vertices, triangles).reshape(-1, 3).index_select(0, flat_corner).reshape(-1, 3, 3)
     normal = (bary[..., None] * normals).sum(1)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-20)
-    uv = (bary[..., None] * corner_uv[tri].to(vertices.dtype)).sum(1)
-    radius = cameras.radius.reshape(shape[1], h * w)[camera, pixel].to(vertices.dtype)
-    return Surface(shape, index, frame, camera, tri, bary, point, dist, depth, normal, uv, radius)
+    uv = (bary[..., None] * corner_uv.index_select(0, tri).to(vertices.dtype)).sum(1)
+    radius = cameras.radius.reshape(-1).index_select(0, in_batch).to(vertices.dtype)
+    return Surface(shape, index, frame, camera, tri, bary, point, dist, depth, normal, uv, direction, radius)

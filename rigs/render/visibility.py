@@ -28,7 +28,14 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from pipeline.errors import ModelError
 from rigs.render.cameras import CameraBatch
+
+
+def _check_finite(vertices: torch.Tensor) -> None:
+    """Raises ModelError on NaN/inf vertices (a diverged fit; Open3D would crash on them)."""
+    if not bool(torch.isfinite(vertices).all()):
+        raise ModelError("cannot render non-finite vertices (did a fit diverge?)")
 
 
 @runtime_checkable
@@ -56,6 +63,7 @@ class RaycastBackend:
     def triangle_ids(self, vertices: torch.Tensor, triangles: torch.Tensor, cameras: CameraBatch) -> torch.Tensor:
         from rigs.raycast import Scene
 
+        _check_finite(vertices)
         tris = triangles.cpu().numpy()
         dirs = cameras.rays.detach().cpu().numpy().astype(np.float64)
         origins = np.broadcast_to(cameras.centre.detach().cpu().numpy()[:, None, None], dirs.shape)
@@ -74,6 +82,7 @@ class ZBufferBackend:
         self.near = near
 
     def triangle_ids(self, vertices: torch.Tensor, triangles: torch.Tensor, cameras: CameraBatch) -> torch.Tensor:
+        _check_finite(vertices)
         tris = triangles.cpu().numpy()
         verts = vertices.detach().cpu().numpy().astype(np.float64)
         out = np.stack([
