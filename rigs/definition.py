@@ -18,6 +18,15 @@ from pipeline.errors import ModelError
 
 DEFAULT_DEFINITION = Path(__file__).parent / "data" / "ict_rig_definition.json"
 
+#: SPEC §3 eye-following convention: shape -> (gaze column, sign), activation =
+#: clip(sign * gaze[column] / theta_max, 0, 1); gaze columns are [left yaw, left pitch,
+#: right yaw, right pitch]. Yaw > 0 turns an eye toward +x (the subject's left): out for
+#: the left eye, in for the right. The one place that names these shapes' semantics.
+GAZE_DRIVES: dict[str, tuple[int, int]] = {
+    "eyeLookUp_L": (1, 1), "eyeLookDown_L": (1, -1), "eyeLookOut_L": (0, 1), "eyeLookIn_L": (0, -1),
+    "eyeLookUp_R": (3, 1), "eyeLookDown_R": (3, -1), "eyeLookOut_R": (2, -1), "eyeLookIn_R": (2, 1),
+}
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -117,15 +126,39 @@ class RigDefinition:
             (..., 8) activations in the order of ``eye_following``.
         """
         g = np.asarray(gaze, np.float64) / self.gaze_theta_max
-        yl, pl, yr, pr = g[..., 0], g[..., 1], g[..., 2], g[..., 3]
-        drive = {
-            "eyeLookUp_L": pl, "eyeLookDown_L": -pl, "eyeLookOut_L": yl, "eyeLookIn_L": -yl,
-            "eyeLookUp_R": pr, "eyeLookDown_R": -pr, "eyeLookOut_R": -yr, "eyeLookIn_R": yr,
-        }
-        missing = [n for n in self.eye_following if n not in drive]
+        drive = [sign * g[..., axis] for axis, sign in self._gaze_drives()]
+        if not drive:
+            return np.zeros(g.shape[:-1] + (0,))
+        return np.clip(np.stack(drive, -1), 0.0, 1.0)
+
+    def _gaze_drives(self) -> list[tuple[int, int]]:
+        """(gaze column, sign) of each eye-following shape, in ``eye_following`` order."""
+        missing = [n for n in self.eye_following if n not in GAZE_DRIVES]
         if missing:
             raise ModelError(f"rig {self.name}: no gaze convention for {missing}")
-        return np.clip(np.stack([drive[n] for n in self.eye_following], -1), 0.0, 1.0)
+        return [GAZE_DRIVES[n] for n in self.eye_following]
+
+    def gaze_from_eye_following(self, activations: np.ndarray) -> np.ndarray:
+        """Gaze that :meth:`eye_following_from_gaze` maps back to the given activations.
+
+        Per eye, pitch = (up - down) * theta_max and yaw = (out - in) * theta_max for the
+        left eye, (in - out) * theta_max for the right. Exact inverse where each eye's
+        opposite shapes are not both active (e.g. an art prior's look prompt).
+
+        Args:
+            activations: (..., 8) eye-following activations in the order of
+                ``eye_following``.
+
+        Returns:
+            (..., 4) [left yaw, left pitch, right yaw, right pitch] radians.
+        """
+        a = np.asarray(activations, np.float64)
+        if a.shape[-1:] != (len(self.eye_following),):
+            raise ModelError(f"rig {self.name}: need (..., {len(self.eye_following)}) activations, got {a.shape}")
+        gaze = np.zeros(a.shape[:-1] + (4,))
+        for k, (axis, sign) in enumerate(self._gaze_drives()):
+            gaze[..., axis] += sign * a[..., k]
+        return gaze * self.gaze_theta_max
 
 
 def load_rig_definition(path: str | Path) -> RigDefinition:

@@ -3,8 +3,9 @@
 - :func:`recording_metrics` scores one recording with the five no-ground-truth metrics
   (SPEC §5.1; the single metrics live in ``stages.metrics_windows`` and
   ``stages.metrics_smoothness``).
-- ``stages.metrics_gt`` and ``stages.metrics_geometry`` hold the ground-truth metrics
-  (SPEC §5.2); they are re-exported here.
+- ``stages.metrics_gt``, ``stages.metrics_active`` and ``stages.metrics_geometry`` hold
+  the ground-truth metrics (SPEC §5.2); they are re-exported here.
+  ``stages.metrics_trivial`` holds the two trivial labellers every result is scored beside.
 - :func:`aggregate` averages recording -> subject -> dataset, skipping metrics that do
   not apply; :func:`metrics_rows` writes the long-format metrics table.
 - :func:`recordings_from_label_table` is the thin layer over label tables (SPEC §4).
@@ -24,6 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError, StageError
+from stages.metrics_active import (
+    ACTIVE_MAE,
+    AMPLITUDE_RATIO,
+    EXPRESSION_MESH_ERROR_ACTIVE,
+    ActiveMae,
+    AmplitudeRatio,
+    active_frames,
+    active_mae,
+    amplitude_ratio,
+    mesh_error_on_frames,
+)
 from stages.metrics_common import (
     DEFAULT_PARAMS,
     EYE_CLOSURE,
@@ -69,22 +81,22 @@ from stages.metrics_windows import (
     score_semantic_accuracy,
     semantic_accuracy,
 )
+from storage.label_table import LABEL_SOURCES
 
 __all__ = [
     "EYE_CLOSURE", "MOUTH_CLOSURE", "NEUTRALNESS", "NO_GT_METRICS", "SEMANTIC_ACCURACY",
-    "SMOOTHNESS", "METRICS_SCHEMA", "LABEL_SOURCES",
+    "SMOOTHNESS", "METRICS_SCHEMA", "LABEL_SOURCES", "ACTIVE_MAE", "AMPLITUDE_RATIO",
+    "EXPRESSION_MESH_ERROR_ACTIVE", "ActiveMae", "AmplitudeRatio",
     "Aggregate", "BlendshapeMae", "Failure", "GazeError", "HeadPoseError", "MeshError",
     "MeshSurface", "MetricParams", "MetricResult", "MetricsSummary", "NowResult",
     "PerVertexError", "RecordingLabels", "RecordingMetrics", "Skip",
-    "aggregate", "blendshape_mae", "expression_mesh_error", "eye_closure", "gaze_angle_deg",
-    "gaze_direction", "gaze_error", "head_pose_error", "mesh_error_vertices", "metrics_rows", "mouth_closure",
+    "active_frames", "active_mae", "aggregate", "amplitude_ratio", "blendshape_mae", "expression_mesh_error", "eye_closure", "gaze_angle_deg",
+    "gaze_direction", "gaze_error", "head_pose_error", "mesh_error_on_frames", "mesh_error_vertices", "metrics_rows", "mouth_closure",
     "neutralness", "now_scan_to_mesh", "per_vertex_error", "recording_metrics",
     "recordings_from_label_table", "rigid_fit", "rotation_error_deg", "scalar_result",
     "semantic_accuracy", "smoothness", "vertex_error",
 ]
 
-#: label_source values of the label table contract.
-LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation")
 
 
 def recording_metrics(
@@ -338,7 +350,7 @@ def metrics_rows(
 
     Args:
         recordings: per-recording results of the run.
-        label_source: ``ground_truth`` | ``self_supervision`` | ``distillation``.
+        label_source: one of the label table's ``LABEL_SOURCES``.
         label_round: 0, or the distillation round.
         run_id: the labelling run.
         computed_at: timestamp for every row (timezone-aware; default: now, UTC).

@@ -60,7 +60,9 @@ BS_PREFIX = "bs_"
 GAZE_COLUMNS = ("gaze_left_yaw", "gaze_left_pitch", "gaze_right_yaw", "gaze_right_pitch")
 HEAD_COLUMNS = ("head_qw", "head_qx", "head_qy", "head_qz", "head_tx", "head_ty", "head_tz")
 STATUSES = ("ok", "rejected", "failed")
-LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation")
+#: Who made the labels; the ``trivial_*`` sources are the baselines every result is scored
+#: beside (stages/metrics_trivial.py, docs/metrics.md).
+LABEL_SOURCES = ("ground_truth", "self_supervision", "distillation", "trivial_zeros", "trivial_prior")
 #: The partition column (schema v2): a copy of ``subject_id``. A copy, because Delta keeps
 #: partition values out of the Parquet files; this way every file still has ``subject_id``.
 PARTITION_COLUMN = "subject_partition"
@@ -246,7 +248,7 @@ def labels_to_arrow(
         residual_photometric: (T,) photometric residual, or None.
         status: one of ``ok|rejected|failed`` for all rows, or (T,) values; None = "ok".
         failure_reason: one string for all rows, or (T,) strings/None; None = null.
-        label_source: ``ground_truth|self_supervision|distillation``.
+        label_source: one of :data:`LABEL_SOURCES`.
         label_round: 0 for ground truth and self-supervision, t for distillation round t.
         pipeline_version: version of the code that produced the labels.
         rig_version: version of the rig the blendshapes refer to.

@@ -19,10 +19,13 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     from stages.synthesis.generate import generate
     from stages.synthesis.presets import get_preset
+    from stages.synthesis.variants import get_variant
 
     config = get_preset(args.preset)
-    options = {"phone_only": args.phone_only, "phone_yaw_deg": args.phone_yaw_deg, "phone_pitch_deg": args.phone_pitch_deg}
+    options = {"phone_only": args.phone_only, "phone_yaw_deg": args.phone_yaw_deg, "phone_pitch_deg": args.phone_pitch_deg,
+               "variant": args.variant}
     config = replace(config, **{k: v for k, v in options.items() if v is not None and v is not False})
+    get_variant(config.variant)  # an unknown name fails here, before any subject is drawn
     ids = generate(config, args.subjects, args.seed, Path(args.out), progress=not args.quiet, workers=args.workers)
     print(f"wrote {len(ids)} subject(s) to {Path(args.out) / 'captures'} (truth in {Path(args.out) / 'ground_truth'})")
     return 0
@@ -145,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phone burst head turn: camera yaw uniform in +-DEG around the face (default 18)")
     p.add_argument("--phone-pitch-deg", type=float, metavar="DEG",
                    help="phone burst head turn: camera pitch uniform in +-DEG (default 10)")
+    p.add_argument("--variant", metavar="NAME",
+                   help="generator variant, 'default' or 'alt': 'alt' changes IR shading, sensor noise, headset slip, identity distribution and keypoint errors (docs/synthetic-data.md)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("validate", help="check a capture folder; exit status 1 lists the problems")

@@ -5,6 +5,11 @@ frame rate, scores SPEC §5.1 (no ground truth), and, when a ground-truth folder
 SPEC §5.2 against the synthetic truth. Results go to a Delta metrics table, one commit per
 (label_source, label_round), so every computation is a readable version.
 
+With a truth folder (or ``MetricsJob.trivial``), the two trivial labellers of
+``stages/metrics_trivial.py`` are written as label tables for the same subjects and
+recordings and scored the same way into a metrics table of their own, and
+:func:`format_summary` prints them beside the result (docs/metrics.md §6).
+
 The labelled rig (whose inner-lip gap Mouth Closure uses, and which poses the labels for
 the expression-mesh error) is the subject's rig from ``rig_dir/<subject>.npz`` when a rig
 folder is given (a missing file is an error), else the subject's true rig
@@ -26,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from pipeline.errors import ConfigError
 from pipeline.storage_options import sibling_url
@@ -36,17 +42,22 @@ from stages.metrics import (
     MetricsSummary,
     RecordingLabels,
     RecordingMetrics,
+    active_frames,
+    active_mae,
     aggregate,
+    amplitude_ratio,
     blendshape_mae,
     expression_mesh_error,
     gaze_error,
     head_pose_error,
+    mesh_error_on_frames,
     mesh_error_vertices,
     metrics_rows,
     recording_metrics,
     recordings_from_label_table,
 )
-from stages.metrics_common import segment_field
+from stages.metrics_common import STATUS_OK, segment_field
+from stages.metrics_trivial import TRIVIAL_SOURCES, trivial_label_table
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable
@@ -69,6 +80,14 @@ class MetricsJob:
         run_id: recorded with every metrics row.
         storage_options: object-store options of ``labels`` and ``out``
             (pipeline/storage_options.py); captures, truth and rigs are local folders.
+        trivial: also write the two trivial labellers (stages/metrics_trivial.py) for the
+            scored subjects and recordings and score them the same way, beside the
+            result; None = when ``truth`` is given.
+        trivial_labels: label table URI of the trivial labellers; empty =
+            ``<out>/../trivial_labels``.
+        trivial_metrics: metrics table URI of the trivial labellers (a table of its own,
+            so the result's metrics table gets one commit per scored group); empty =
+            ``<out>/../trivial_metrics``.
     """
 
     labels: str
@@ -81,6 +100,9 @@ class MetricsJob:
     version: int = -1
     run_id: str = "metrics"
     storage_options: Mapping[str, Any] | None = None
+    trivial: bool | None = None
+    trivial_labels: str = ""
+    trivial_metrics: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,32 +183,98 @@ def score_recording(
     ))
     if truth_dir is not None and (truth_dir / "hmc" / f"{labels.recording_id}.npz").is_file():
         mesh_rig = _need_rig(rig, labels, "the expression-mesh error")
-        results.update(_ground_truth_metrics(labels, b, definition, mesh_rig, truth_dir))
+        results.update(_ground_truth_metrics(labels, b, definition, mesh_rig, truth_dir, recording.segments))
     return RecordingMetrics(labels.subject_id, labels.recording_id, results)
 
 
-def _ground_truth_metrics(labels, b, definition, rig, truth_dir: Path) -> dict:
+def _usable(labels: RecordingLabels, *columns: np.ndarray | None) -> np.ndarray:
+    """(T,) bool: status ok (or no status) and every given column finite."""
+    ok = np.ones(labels.frame_index.size, bool) if labels.status is None else labels.status == STATUS_OK
+    for c in columns:
+        ok &= np.all(np.isfinite(c), axis=1)
+    return ok
+
+
+def _ground_truth_metrics(labels, b, definition, rig, truth_dir: Path, segments) -> dict:
+    """SPEC §5.2 over the labelled frames (status ok, finite values); b in rig order."""
     from stages.synthesis.truth import SubjectTruth
 
     truth = SubjectTruth.open(truth_dir)
     t = truth.hmc(labels.recording_id)
     rows = np.searchsorted(t["frame_index"], labels.frame_index)
-    if not np.array_equal(t["frame_index"][rows], labels.frame_index):
+    if not np.array_equal(t["frame_index"][np.minimum(rows, len(t["frame_index"]) - 1)], labels.frame_index):
         raise ConfigError(f"{truth_dir}: frames of {labels.recording_id} differ from the labels")
-    b_true = t["b"][rows]
-    out = blendshape_mae(b, b_true, definition.blendshape_names, exclude=set(definition.eye_following)).as_results()
-    out.update(expression_mesh_error(
-        b, b_true, rig.pose, truth.rig.pose, vertex_mask=mesh_error_vertices(rig.model),
-    ).as_results())
+    names, follow = definition.blendshape_names, set(definition.eye_following)
+    use = _usable(labels, b)
+    b, b_true, frames = b[use], t["b"][rows[use]], labels.frame_index[use]
+    out = blendshape_mae(b, b_true, names, exclude=follow).as_results()
+    out.update(active_mae(b, b_true, names, exclude=follow).as_results())
+    out.update(amplitude_ratio(b, b_true, names, frames, segments, exclude=follow).as_results())
+    mesh = expression_mesh_error(b, b_true, rig.pose, truth.rig.pose, vertex_mask=mesh_error_vertices(rig.model))
+    out.update(mesh.as_results())
+    out.update(mesh_error_on_frames(mesh, active_frames(b_true, names, exclude=follow)))
     if labels.head_q is not None and labels.head_t is not None:
-        out.update(head_pose_error(labels.head_q, labels.head_t, t["head_quat"][rows], t["head_t"][rows]).as_results())
+        use = _usable(labels, labels.head_q, labels.head_t)
+        out.update(head_pose_error(labels.head_q[use], labels.head_t[use], t["head_quat"][rows[use]],
+                                   t["head_t"][rows[use]]).as_results())
     if labels.gaze is not None:
-        out.update(gaze_error(labels.gaze, t["gaze"][rows]).as_results())
+        use = _usable(labels, labels.gaze)
+        out.update(gaze_error(labels.gaze[use], t["gaze"][rows[use]]).as_results())
     return out
 
 
-def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> dict[tuple[str, int], MetricsSummary]:
-    """Scores the label table; returns {(label_source, label_round): summary}."""
+class MetricsSummaries(dict):
+    """{(label_source, label_round): MetricsSummary} of the scored label table.
+
+    A plain dict of the result's groups, so callers that unpack it are unaffected, plus
+    ``trivial``: {trivial labeller's source: MetricsSummary} of the trivial labellers
+    scored on the same subjects and recordings (empty when they were not scored).
+    """
+
+    def __init__(self, summaries: Mapping[tuple[str, int], MetricsSummary],
+                 trivial: Mapping[str, MetricsSummary] | None = None) -> None:
+        super().__init__(summaries)
+        self.trivial: dict[str, MetricsSummary] = dict(trivial or {})
+
+
+def _score_table(table, job: MetricsJob, definition: RigDefinition, rig_for) -> list[RecordingMetrics]:
+    """Scores every recording of label rows (one source and round)."""
+    recs = []
+    for labels in recordings_from_label_table(table):
+        capture = Capture.open(Path(job.captures) / labels.subject_id)
+        truth_dir = Path(job.truth) / labels.subject_id if job.truth else None
+        recs.append(score_recording(labels, capture, definition, rig_for(labels.subject_id), truth_dir))
+    return recs
+
+
+def _write_metrics(uri: str, recs, source: str, rnd: int, job: MetricsJob, now) -> MetricsSummary:
+    """One commit replacing the (source, round) rows of a metrics table; the summary."""
+    rows = metrics_rows(recs, label_source=source, label_round=rnd, run_id=job.run_id, computed_at=now)
+    delta.replace_rows(uri, rows, {"label_source": source, "label_round": rnd}, storage_options=job.storage_options)
+    return aggregate(recs)
+
+
+def _score_trivial(recordings: Mapping[str, list[str]], job: MetricsJob, definition: RigDefinition,
+                   rig_for, out_uri: str, now) -> dict[str, MetricsSummary]:
+    """Writes the trivial labellers' label tables for ``{subject: recordings}`` and scores them."""
+    from pipeline import __version__
+
+    labels_uri = job.trivial_labels or sibling_url(out_uri, "trivial_labels")
+    metrics_uri = job.trivial_metrics or sibling_url(out_uri, "trivial_metrics")
+    table = LabelTable(labels_uri, job.storage_options)
+    out = {}
+    for source in TRIVIAL_SOURCES:
+        for subject, recs in sorted(recordings.items()):
+            capture = Capture.open(Path(job.captures) / subject)
+            table.write_subject_round(trivial_label_table(
+                source, capture, definition, pipeline_version=__version__, run_id=job.run_id, recordings=recs))
+        rows = table.read(subject_id=sorted(recordings), label_source=source)
+        out[source] = _write_metrics(metrics_uri, _score_table(rows, job, definition, rig_for), source, 0, job, now)
+    return out
+
+
+def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> MetricsSummaries:
+    """Scores the label table, and beside it the trivial labellers (see ``MetricsJob.trivial``)."""
     definition = definition or load_default_rig_definition()
     table = LabelTable(job.labels, job.storage_options).read(version=None if job.version < 0 else job.version)
     if table.num_rows == 0:
@@ -195,38 +283,46 @@ def run_metrics(job: MetricsJob, definition: RigDefinition | None = None) -> dic
     groups = [g for g in groups if (not job.label_source or g[0] == job.label_source) and (job.label_round < 0 or g[1] == job.label_round)]
     out_uri = job.out or sibling_url(job.labels, "metrics")
     summaries = {}
+    scored: dict[str, set[str]] = {}
     now = dt.datetime.now(dt.UTC)
     rig_for = _rig_provider(job)
     for source, rnd in groups:
-        import pyarrow.compute as pc
-
         part = table.filter(pc.and_(pc.equal(table["label_source"], source), pc.equal(table["label_round"], rnd)))
-        recs = []
-        for labels in recordings_from_label_table(part):
-            capture = Capture.open(Path(job.captures) / labels.subject_id)
-            truth_dir = Path(job.truth) / labels.subject_id if job.truth else None
-            recs.append(score_recording(labels, capture, definition, rig_for(labels.subject_id), truth_dir))
-        summary = aggregate(recs)
-        rows = metrics_rows(recs, label_source=source, label_round=rnd, run_id=job.run_id, computed_at=now)
-        delta.replace_rows(out_uri, rows, {"label_source": source, "label_round": rnd},
-                           storage_options=job.storage_options)
-        summaries[(source, rnd)] = summary
-    return summaries
+        recs = _score_table(part, job, definition, rig_for)
+        for r in recs:
+            scored.setdefault(r.subject_id, set()).add(r.recording_id)
+        summaries[(source, rnd)] = _write_metrics(out_uri, recs, source, rnd, job, now)
+    trivial = {}
+    if (bool(job.truth) if job.trivial is None else job.trivial) and scored:
+        recordings = {s: sorted(r) for s, r in scored.items()}
+        trivial = _score_trivial(recordings, job, definition, rig_for, out_uri, now)
+    return MetricsSummaries(summaries, trivial)
 
 
-def format_summary(summaries: dict[tuple[str, int], MetricsSummary]) -> str:
-    """A plain-text table: dataset level, then each subject, SPEC §5.1 metrics first."""
+def _value(summary: MetricsSummary, metric: str) -> str:
+    agg = summary.dataset.get(metric)
+    return "n/a" if agg is None or agg.value is None else f"{agg.value:.4f}"
+
+
+def format_summary(summaries: Mapping[tuple[str, int], MetricsSummary]) -> str:
+    """A plain-text table: dataset level, then each subject, SPEC §5.1 metrics first.
+
+    With trivial labellers (:class:`MetricsSummaries`), their dataset values stand in
+    columns beside the result's, so the result reads against both.
+    """
+    trivial = getattr(summaries, "trivial", {})
     lines = []
     for (source, rnd), s in summaries.items():
         names = [m for m in s.dataset if "/" not in m]
         lines.append(f"{source} round {rnd}: {len(s.subjects)} subject(s), {len(s.recordings)} recording(s)")
         width = max(len(n) for n in names)
+        if trivial:
+            head = "".join(f"  {t:>13}" for t in trivial)
+            lines.append(f"  {'metric':<{width}}  {'value':>8}{head}   per subject")
         for m in names:
-            agg = s.dataset[m]
-            value = "n/a" if agg.value is None else f"{agg.value:.4f}"
+            beside = "".join(f"  {_value(t, m):>13}" for t in trivial.values())
             per_subject = "  ".join(
                 f"{sid}={'n/a' if v[m].value is None else f'{v[m].value:.3f}'}" for sid, v in s.subjects.items()
             )
-            lines.append(f"  {m:<{width}}  {value:>8}   {per_subject}")
+            lines.append(f"  {m:<{width}}  {_value(s, m):>8}{beside}   {per_subject}")
     return "\n".join(lines)
-

@@ -9,12 +9,16 @@
 - ``phone/<prompt>.npz``: per frame, camera pose and 2D landmarks (478 MediaPipe, 68);
 - ``hmc/<recording>.npz``: per frame ``b``, gaze, head pose; per camera 2D landmarks.
 Everything is a function of (preset, seed, subject index): the same inputs give
-byte-identical files.
+byte-identical files. The subject and the phone frames draw from one random stream,
+the HMC recordings from the same stream (a stream of their own for ``phone_only``);
+the simulated detector's keypoints and the sensor's fixed pattern have streams of their
+own, so changing their figures changes nothing else.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,20 +31,27 @@ from rigs.definition import RigDefinition, load_default_rig_definition
 from rigs.face_model import FaceModel, load_ict_face_model
 from rigs.geometry import quat_from_rotation
 from rigs.raycast import Scene
-from stages.synthesis.hmc import IrRenderer, default_hmc_rig, rig_cameras
+from stages.synthesis.hmc import default_hmc_rig, rig_cameras
+from stages.synthesis.ir import IrRenderer
+from stages.synthesis.keypoints import KeypointDetector, detect_keypoints, draw_bias
 from stages.synthesis.performance import Timeline, hmc_timeline, perform_prompt
 from stages.synthesis.phone import PhoneShot, phone_camera, render_phone
 from stages.synthesis.presets import PHONE_ONLY_HMC, SynthConfig
 from stages.synthesis.subject import SyntheticSubject, make_subject
 from stages.synthesis.texture import load_default_texture
+from stages.synthesis.variants import get_variant
 from storage.capture_files import atomic_write_bytes, encode_npz
 from storage.capture_types import PhoneIntrinsics
 from storage.capture_writer import CaptureWriter
 
-#: Detector noise of the simulated external HMC keypoints, pixels at 400 px.
-KEYPOINT_NOISE_PX = 1.0
 #: A landmark is visible when the first hit along its ray is within this of it, metres.
 VISIBILITY_TOL_M = 0.002
+#: The HMC landmarks: iris (10) + Multi-PIE 68, as indices into :func:`landmark_points`.
+HMC_LANDMARK_IDS = np.r_[np.arange(468, 478), 478 + np.arange(68)]
+#: Sub-streams of a subject's seed (besides the main stream [seed, index]).
+HMC_STREAM, KEYPOINT_STREAM, SENSOR_PATTERN_STREAM = 1, 2, 3
+#: Frames whose PNG files may wait for the writer thread.
+PENDING_FRAMES = 4
 
 
 def subject_id_for(seed: int, index: int) -> str:
@@ -56,13 +67,51 @@ def landmark_points(subject: SyntheticSubject, vertices: np.ndarray) -> np.ndarr
 
 def project_visible(scene: Scene, camera: Camera, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pixels (p, 2) of points and whether each is visible (not occluded, in front, in image)."""
-    pix, z = camera.project(points)
-    direction = points - camera.t_world_from_camera
-    dist = np.linalg.norm(direction, axis=1)
-    hit = scene.cast(np.broadcast_to(camera.t_world_from_camera, points.shape).astype(np.float64), direction / dist[:, None])
-    inside = (pix[:, 0] >= -0.5) & (pix[:, 0] <= camera.width - 0.5) & (pix[:, 1] >= -0.5) & (pix[:, 1] <= camera.height - 0.5)
+    pix, visible = project_visible_cameras(scene, [camera], points)
+    return pix[0], visible[0]
+
+
+def project_visible_cameras(scene: Scene, cameras: list[Camera], points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (C, p, 2) float32 of points in each camera and whether each is visible there.
+
+    Visible: in front of the camera, inside the image, and the first hit of the ray from
+    the camera centre toward the point is the point itself (within :data:`VISIBILITY_TOL_M`).
+    One ray cast serves all cameras.
+    """
+    projected = [cam.project(points) for cam in cameras]
+    pix = np.stack([p for p, _ in projected])
+    z = np.stack([z for _, z in projected])
+    centres = np.stack([np.broadcast_to(cam.t_world_from_camera, points.shape) for cam in cameras]).astype(np.float64)
+    direction = points[None] - centres
+    dist = np.linalg.norm(direction, axis=-1)
+    hit = scene.cast(centres, direction / dist[..., None])
+    sizes = np.array([[cam.width, cam.height] for cam in cameras], float)[:, None, :]
+    inside = ((pix >= -0.5) & (pix <= sizes - 0.5)).all(-1)
     visible = (z > 0) & inside & (hit["t"] >= dist - VISIBILITY_TOL_M)
     return pix.astype(np.float32), visible
+
+
+@dataclass(frozen=True, eq=False)
+class SimulatedDetector:
+    """The simulated external keypoint detector of a subject.
+
+    Attributes:
+        model: its error model.
+        bias: per embedded camera, (P, 2) fixed offsets in pixels.
+        rng: its random stream.
+    """
+
+    model: KeypointDetector
+    bias: dict[str, np.ndarray]
+    rng: np.random.Generator
+
+    @classmethod
+    def for_subject(cls, model: KeypointDetector, cameras: dict[str, Camera], rng: np.random.Generator) -> SimulatedDetector:
+        """Draws the subject's per-(camera, point) biases for the embedded cameras."""
+        names = [c for c in cameras if not c.startswith("gt_")]  # an external detector runs on the embedded cameras only
+        width = cameras[names[0]].width
+        bias = draw_bias(model, rng, len(names), len(HMC_LANDMARK_IDS), width)
+        return cls(model, dict(zip(names, bias, strict=True)), rng)
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -95,12 +144,15 @@ def generate_subject(
     """Synthesizes subject ``index`` of ``seed`` under ``out``. Returns its subject id."""
     model = model or load_ict_face_model()
     definition = definition or load_default_rig_definition()
+    variant = get_variant(config.variant)
     texture = load_default_texture()
     rng = np.random.default_rng([seed, index])
     sid = subject_id_for(seed, index)
+    style = variant.identity
     subject = make_subject(
         sid, rng, model, definition,
-        identity_std=config.identity_std, detail_mm=config.detail_mm, rig_variation=config.rig_variation,
+        identity_std=config.identity_std * style.scale, detail_mm=config.detail_mm * style.detail_scale,
+        rig_variation=config.rig_variation, identity_skew=style.skew, detail_bumps=style.detail_bumps,
     )
     capture_dir, truth_dir = Path(out) / "captures" / sid, Path(out) / "ground_truth" / sid
     writer = CaptureWriter(capture_dir, sid)
@@ -110,12 +162,12 @@ def generate_subject(
     timelines = []
     for r in range(config.hmc_recordings):
         picks = [peak_pool[(r * config.hmc_peaks_per_recording + k) % len(peak_pool)] for k in range(config.hmc_peaks_per_recording)]
-        timelines.append(hmc_timeline(definition, rng, picks, config.script, fps=config.fps, wink_eye=("left", "right")[r % 2]))
+        timelines.append(hmc_timeline(definition, rng, picks, config.script, fps=config.fps, wink_eye=("left", "right")[r % 2], slip=variant.slip))
     hmc_rng = rng
     if config.phone_only:  # the full timelines above were drawn only to keep the phone part's random stream
-        hmc_rng = np.random.default_rng([seed, index, 1])
+        hmc_rng = np.random.default_rng([seed, index, HMC_STREAM])
         hmc_rig = default_hmc_rig(PHONE_ONLY_HMC["size"], PHONE_ONLY_HMC["fps"])
-        timelines = [hmc_timeline(definition, hmc_rng, peak_pool[: PHONE_ONLY_HMC["peaks"]], PHONE_ONLY_HMC["script"], fps=PHONE_ONLY_HMC["fps"])]
+        timelines = [hmc_timeline(definition, hmc_rng, peak_pool[: PHONE_ONLY_HMC["peaks"]], PHONE_ONLY_HMC["script"], fps=PHONE_ONLY_HMC["fps"], slip=variant.slip)]
     total = len(prompts) * config.phone_frames_per_prompt + sum(len(t.b) for t in timelines)
     bar = progress_bar(total, sid, "frame", enabled=progress, leave=False)
 
@@ -128,12 +180,15 @@ def generate_subject(
     _write_npz(truth_dir / "expressions.npz", prompts=np.array(prompts), b=np.stack(expr_b), gaze=np.stack(expr_gaze), vertices=np.stack(expr_verts).astype(np.float32))
 
     writer.write_rig(hmc_rig)
-    renderer = IrRenderer(rig_cameras(hmc_rig), texture, model.triangles)
+    cameras = rig_cameras(hmc_rig)
+    renderer = IrRenderer(cameras, texture, model.triangles, variant.shading, variant.noise,
+                          pattern_rng=np.random.default_rng([seed, index, SENSOR_PATTERN_STREAM]))
+    detector = SimulatedDetector.for_subject(variant.keypoints, cameras, np.random.default_rng([seed, index, KEYPOINT_STREAM]))
     recordings = []
     for r, timeline in enumerate(timelines):
         name = f"rec{r:03d}"
         recordings.append(name)
-        _write_recording(writer, truth_dir, name, subject, timeline, renderer, hmc_rng, bar)
+        _write_recording(writer, truth_dir, name, subject, timeline, renderer, hmc_rng, bar, detector)
     bar.close()
 
     _write_subject_truth(truth_dir, config, seed, index, subject)
@@ -213,32 +268,42 @@ def _write_phone_burst(writer, truth_dir, prompt, frames: list[PhoneTruthFrame],
     )
 
 
-def _write_recording(writer, truth_dir, name, subject, timeline: Timeline, renderer: IrRenderer, rng, bar) -> None:
+def _write_frame_images(writer: CaptureWriter, recording: str, index: int, images: dict[str, np.ndarray]) -> None:
+    for cam_name, image in images.items():
+        writer.write_hmc_frame(recording, cam_name, index, image)
+
+
+def _write_recording(
+    writer, truth_dir, name, subject, timeline: Timeline, renderer: IrRenderer, rng, bar, detector: SimulatedDetector,
+) -> None:
     cams = renderer.cameras
     n_frames = len(timeline.b)
     rot = Rotation.from_rotvec(timeline.head_rotvec)
-    lm_ids = np.r_[np.arange(468, 478), 478 + np.arange(68)]  # iris (10) + Multi-PIE 68
-    lm2d = {c: np.zeros((n_frames, len(lm_ids), 2), np.float32) for c in cams}
-    vis = {c: np.zeros((n_frames, len(lm_ids)), bool) for c in cams}
-    for i in range(n_frames):
-        head_verts = subject.rig.pose(timeline.b[i], timeline.gaze[i])
-        verts = rot[i].apply(head_verts) + timeline.head_t[i]
-        images, scene = renderer.render(verts.astype(np.float32), rng)
-        points = landmark_points(subject, verts)[lm_ids]
-        for cam_name, image in images.items():
-            writer.write_hmc_frame(name, cam_name, i, image)
-            lm2d[cam_name][i], vis[cam_name][i] = project_visible(scene, cams[cam_name], points)
-        bar.update(1)
+    lm_ids = HMC_LANDMARK_IDS
+    lm2d = np.zeros((len(cams), n_frames, len(lm_ids), 2), np.float32)
+    vis = np.zeros((len(cams), n_frames, len(lm_ids)), bool)
+    # PNG encoding (OpenCV releases the GIL) runs on a second thread while the next frame renders.
+    with ThreadPoolExecutor(1) as png_thread:
+        pending: list[Future] = []
+        for i in range(n_frames):
+            head_verts = subject.rig.pose(timeline.b[i], timeline.gaze[i])
+            verts = rot[i].apply(head_verts) + timeline.head_t[i]
+            images, scene = renderer.render(verts.astype(np.float32), rng)
+            points = landmark_points(subject, verts)[lm_ids]
+            lm2d[:, i], vis[:, i] = project_visible_cameras(scene, list(cams.values()), points)
+            pending.append(png_thread.submit(_write_frame_images, writer, name, i, images))
+            while len(pending) > PENDING_FRAMES:
+                pending.pop(0).result()
+            bar.update(1)
+        for future in pending:
+            future.result()
     for cam_name in cams:
         writer.write_timestamps(name, cam_name, timeline.timestamps_ns)
     writer.write_segments(name, timeline.segments)
-    for cam_name, cam in cams.items():
-        if cam_name.startswith("gt_"):
-            continue  # an external detector runs on the embedded cameras only
-        noise = rng.normal(size=lm2d[cam_name].shape) * KEYPOINT_NOISE_PX * cam.width / 400
-        points = np.where(vis[cam_name][..., None], lm2d[cam_name] + noise, np.nan)
-        conf = np.where(vis[cam_name], rng.uniform(0.7, 1.0, vis[cam_name].shape), 0.0)
-        writer.write_keypoints(name, cam_name, points, conf)
+    for c, (cam_name, cam) in enumerate(cams.items()):
+        if cam_name in detector.bias:
+            points, conf = detect_keypoints(lm2d[c], vis[c], detector.bias[cam_name], cam.width, cam.height, detector.model, detector.rng)
+            writer.write_keypoints(name, cam_name, points, conf)
     quat = quat_from_rotation(rot)  # (w, x, y, z), w >= 0
     names = np.array(list(cams))
     _write_npz(
@@ -246,7 +311,7 @@ def _write_recording(writer, truth_dir, name, subject, timeline: Timeline, rende
         frame_index=np.arange(n_frames, dtype=np.int32), timestamp_ns=timeline.timestamps_ns,
         b=timeline.b, gaze=timeline.gaze, head_quat=quat.astype(np.float32), head_t=timeline.head_t.astype(np.float32),
         cameras=names, landmark_ids=lm_ids.astype(np.int32),
-        landmarks_2d=np.stack([lm2d[c] for c in names]), visible=np.stack([vis[c] for c in names]),
+        landmarks_2d=lm2d, visible=vis,
     )
 
 
@@ -258,17 +323,17 @@ def _write_subject_truth(truth_dir: Path, config: SynthConfig, seed: int, index:
         "rig_name": rig.definition.name, "rig_version": rig.definition.version,
         "tint": [round(float(x), 6) for x in subject.tint],
         "landmarks": "478 MediaPipe (embedding) then 68 Multi-PIE; HMC files keep iris (468-477) and the 68",
-        **_non_default_phone_options(config),
+        **_non_default_options(config),
     })
     _write_npz(truth_dir / "identity.npz", identity=subject.identity.astype(np.float32), detail=subject.detail, neutral=rig.neutral, shape_gain=subject.shape_gain.astype(np.float32))
     rig.save(truth_dir / "rig.npz")
 
 
-def _non_default_phone_options(config: SynthConfig) -> dict:
-    """The phone options that differ from their defaults (absent by default: the default
+def _non_default_options(config: SynthConfig) -> dict:
+    """The phone and variant options that differ from their defaults (absent by default: the default
     subject's truth stays byte-identical)."""
     default = SynthConfig(name=config.name)
-    names = ("phone_yaw_deg", "phone_pitch_deg", "phone_only")
+    names = ("phone_yaw_deg", "phone_pitch_deg", "phone_only", "variant")
     return {n: getattr(config, n) for n in names if getattr(config, n) != getattr(default, n)}
 
 

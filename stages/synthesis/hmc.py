@@ -5,9 +5,7 @@ t = 0); headset slip moves the head away from it. Five embedded cameras (2 eye, 
 1 glabella) sit close to the face at oblique angles, as on a consumer headset; five
 ground-truth cameras (2 eye, 2 boom, 1 glabella) see the face more frontally (REFA Fig. 1-2).
 
-IR shading: each camera carries a co-located near-IR LED, so brightness falls with the
-square of the distance and with the angle to the surface normal; skin is bright and even
-in near-IR, the pupil dark; then vignetting, read and shot noise, 8-bit quantisation.
+The IR images of these cameras are formed in :mod:`stages.synthesis.ir`.
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from rigs.camera import Camera
-from rigs.raycast import Scene, make_gbuffer, vertex_normals
-from stages.synthesis.texture import PhotoTexture
 from storage.capture_types import HmcCamera, HmcRig
 
 HMC_SIZE = 400
@@ -65,55 +61,3 @@ def rig_cameras(rig: HmcRig) -> dict[str, Camera]:
         )
         for c in rig.cameras
     }
-
-
-class IrRenderer:
-    """Renders all rig cameras of a frame; caches each camera's pixel rays."""
-
-    def __init__(self, cameras: dict[str, Camera], texture: PhotoTexture, triangles: np.ndarray):
-        self.cameras = cameras
-        self.texture = texture
-        self.triangles = triangles
-        self._rays = {name: cam.pixel_rays() for name, cam in cameras.items()}
-        self._vignette = {}
-        for name, cam in cameras.items():
-            d = self._rays[name][1] @ cam.R_world_from_camera  # camera-frame directions
-            self._vignette[name] = (d[..., 2] ** 4).astype(np.float32)
-
-    def render(
-        self, vertices: np.ndarray, rng: np.random.Generator | None
-    ) -> tuple[dict[str, np.ndarray], Scene]:
-        """IR images (uint8, H x W) of posed ``vertices`` (headset frame), and the scene.
-
-        ``rng=None`` renders without sensor noise (used to check alignment in tests).
-        """
-        scene = Scene(vertices, self.triangles)
-        normals = vertex_normals(vertices, self.triangles)
-        images = {}
-        for name, cam in self.cameras.items():
-            origins, dirs = self._rays[name]
-            g = make_gbuffer(cam, origins, dirs, scene.cast(origins, dirs))
-            t = g.distance
-            n = g.interpolate(self.triangles, normals)
-            n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-9)
-            albedo = ir_albedo(self.texture.albedo(g, self.triangles))
-            cos = np.clip(-(n * dirs).sum(-1), 0, 1)
-            dist = np.where(g.hit, t, 1.0)
-            radiance = albedo * (0.15 + 0.85 * cos) * (0.05 / dist) ** 2 * 0.8
-            radiance = radiance * self._vignette[name]
-            radiance = np.where(g.hit, radiance, 0.01)
-            noisy = radiance
-            if rng is not None:
-                noisy = radiance + rng.normal(size=radiance.shape) * np.sqrt(0.0004 + 0.004 * np.clip(radiance, 0, None))
-            images[name] = (np.clip(noisy, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype(np.uint8)
-        return images, scene
-
-
-def ir_albedo(rgb_albedo: np.ndarray) -> np.ndarray:
-    """(..., 3) linear RGB albedo -> (...) near-IR albedo.
-
-    Skin reflects near-IR strongly and evenly, so contrast is compressed (square root of
-    luminance) while the pupil, brows and mouth interior stay darker than skin.
-    """
-    lum = rgb_albedo @ np.array([0.3, 0.5, 0.2], np.float32)
-    return (0.1 + 0.85 * np.sqrt(np.clip(lum, 0, 1))).astype(np.float32)

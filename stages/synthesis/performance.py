@@ -17,8 +17,6 @@ from rigs.definition import RigDefinition
 from stages.synthesis.presets import ScriptTiming
 from storage.capture_types import Segment
 
-LOOK_SHAPES = {"eyeLookUp": (0, 1), "eyeLookDown": (0, -1), "eyeLookOut": (1, 0), "eyeLookIn": (-1, 0)}
-
 
 @dataclass(frozen=True, eq=False)
 class Timeline:
@@ -41,18 +39,31 @@ class Timeline:
     timestamps_ns: np.ndarray
 
 
+@dataclass(frozen=True)
+class HeadsetSlip:
+    """Head-in-headset motion of a recording: slow drift plus re-donning jumps.
+
+    Attributes:
+        drift_mm: standard deviation of the drift on each translation axis, mm.
+        drift_deg: standard deviation of the drift on each rotation-vector component, degrees.
+        drift_smoothing_s: sigma of the Gaussian low-pass that makes the drift slow, seconds.
+        jumps: re-donning jumps per recording; jump j falls uniformly in the (j + 1)-th of
+            ``jumps + 2`` equal parts of the recording (one jump: the middle third).
+        jump_mm: each jump is uniform in +-this on each translation axis, mm.
+        jump_deg: and uniform in +-this on each rotation-vector component, degrees.
+    """
+
+    drift_mm: float = 1.0
+    drift_deg: float = 0.5
+    drift_smoothing_s: float = 3.0
+    jumps: int = 1
+    jump_mm: float = 3.0
+    jump_deg: float = 1.5
+
+
 def gaze_for_prior(definition: RigDefinition, prior: dict[str, float]) -> np.ndarray:
     """(4,) gaze that produces the eye-following part of an art prior."""
-    gaze = np.zeros(4)
-    for name, value in prior.items():
-        for stem, (yaw_sign, pitch_sign) in LOOK_SHAPES.items():
-            if name.startswith(stem):
-                eye = 0 if name.endswith("_L") else 1
-                # "out" is +yaw for the left eye and -yaw for the right (see RigDefinition).
-                side = 1 if eye == 0 else -1
-                gaze[2 * eye] += yaw_sign * side * value * definition.gaze_theta_max
-                gaze[2 * eye + 1] += pitch_sign * value * definition.gaze_theta_max
-    return gaze
+    return definition.gaze_from_eye_following([prior.get(n, 0.0) for n in definition.eye_following])
 
 
 def perform_prompt(definition: RigDefinition, prompt: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +127,7 @@ def hmc_timeline(
     *,
     fps: float = 30.0,
     wink_eye: str = "left",
+    slip: HeadsetSlip = HeadsetSlip(),
 ) -> Timeline:
     """A recording following the capture script, with its segment annotations."""
     f = lambda seconds: max(1, round(seconds * fps))  # noqa: E731
@@ -183,7 +195,7 @@ def hmc_timeline(
 
     gaze = gaze_target + _saccades(rng, total, fps)
     b = _finish(definition, b, gaze)
-    rotvec, trans = _headset_slip(rng, total, fps)
+    rotvec, trans = _headset_slip(rng, total, fps, slip)
     timestamps = (np.arange(total) * (1e9 / fps)).astype(np.int64) + int(rng.integers(0, 10**9))
     return Timeline(b.astype(np.float32), gaze.astype(np.float32), rotvec, trans, tuple(segments), timestamps)
 
@@ -223,12 +235,15 @@ def _saccades(rng: np.random.Generator, n: int, fps: float) -> np.ndarray:
     return np.c_[gaze[:, 0] - vergence, gaze[:, 1], gaze[:, 0] + vergence, gaze[:, 1]]
 
 
-def _headset_slip(rng: np.random.Generator, n: int, fps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Head-in-headset motion: slow drift (~1 mm, ~0.5 deg) and one re-donning jump."""
-    drift_t = _smooth_noise(rng, n, 3, cutoff_frames=3 * fps) * 0.001
-    drift_r = _smooth_noise(rng, n, 3, cutoff_frames=3 * fps) * np.deg2rad(0.5)
-    jump_at = int(rng.integers(n // 3, max(n // 3 + 1, 2 * n // 3)))
-    jump_t = rng.uniform(-1, 1, 3) * 0.003
-    jump_r = rng.uniform(-1, 1, 3) * np.deg2rad(1.5)
-    step = (np.arange(n) >= jump_at)[:, None]
-    return drift_r + step * jump_r, drift_t + step * jump_t
+def _headset_slip(rng: np.random.Generator, n: int, fps: float, slip: HeadsetSlip) -> tuple[np.ndarray, np.ndarray]:
+    """(rotation vectors (n, 3) radians, translations (n, 3) metres) of the head in the headset."""
+    drift_t = _smooth_noise(rng, n, 3, cutoff_frames=slip.drift_smoothing_s * fps) * (slip.drift_mm * 1e-3)
+    drift_r = _smooth_noise(rng, n, 3, cutoff_frames=slip.drift_smoothing_s * fps) * np.deg2rad(slip.drift_deg)
+    parts = slip.jumps + 2
+    for j in range(slip.jumps):
+        lo = (j + 1) * n // parts
+        jump_at = int(rng.integers(lo, max(lo + 1, (j + 2) * n // parts)))
+        step = (np.arange(n) >= jump_at)[:, None]
+        drift_t = drift_t + step * rng.uniform(-1, 1, 3) * (slip.jump_mm * 1e-3)
+        drift_r = drift_r + step * rng.uniform(-1, 1, 3) * np.deg2rad(slip.jump_deg)
+    return drift_r, drift_t

@@ -52,6 +52,9 @@ class SynthConfig:
         phone_only: write the phone part in full but, in place of the HMC recordings, one
             minimal recording (:data:`PHONE_ONLY_HMC`) that keeps the capture valid. The
             phone frames and the subject are byte-identical to the full subject's.
+        variant: generator variant (:data:`stages.synthesis.variants.VARIANTS`): "default",
+            or "alt", whose IR shading, sensor noise, headset slip, identity distribution
+            and keypoint errors differ (docs/synthetic-data.md).
     """
 
     name: str
@@ -71,6 +74,7 @@ class SynthConfig:
     phone_yaw_deg: float = 18.0
     phone_pitch_deg: float = 10.0
     phone_only: bool = False
+    variant: str = "default"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

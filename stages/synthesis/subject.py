@@ -88,19 +88,26 @@ def make_subject(
     detail_mm: float = 1.5,
     rig_variation: float = 0.2,
     personal: PersonalRigConfig | None = None,
+    identity_skew: float = 0.0,
+    detail_bumps: int = 16,
 ) -> SyntheticSubject:
     """Draws a subject: identity from the model prior, detail, and a true personal rig.
 
     ``rig_variation`` is the per-shape gain range of the personal rig
     (:attr:`PersonalRigConfig.gain`); ``personal`` sets the rest of its style (default:
-    :class:`PersonalRigConfig`'s documented magnitudes).
+    :class:`PersonalRigConfig`'s documented magnitudes). ``identity_skew`` s != 0 bends
+    each standard-normal draw z to z + s (z^2 - 1) / 2 (zero mean, skewed) before the
+    scaling; ``detail_bumps`` is the number of Gaussian bumps of the detail field.
     """
     identity = rng.normal(0.0, identity_std, len(model.identity_basis))
+    if identity_skew:
+        z = identity / identity_std
+        identity = identity_std * (z + identity_skew * (z**2 - 1) / 2)
     base = model.identity_shape(identity)
     deformable = ~np.isin(model.vertex_part, [model.part_names.index(p) for p in RIGID_PARTS])
     normals = vertex_normals(base, model.triangles)
     detail = np.zeros_like(base)
-    field = smooth_field(base, rng, bumps=16, radius=(0.008, 0.025))
+    field = smooth_field(base, rng, bumps=detail_bumps, radius=(0.008, 0.025))
     detail[deformable] = (detail_mm * 1e-3 * field[:, None] * normals)[deformable]
     neutral = base + detail
 

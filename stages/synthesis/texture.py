@@ -34,6 +34,8 @@ PART_ALBEDO = {
     "eyeball_left": (0.88, 0.86, 0.84),
     "eyeball_right": (0.88, 0.86, 0.84),
 }
+#: Row length of the 2-D layout a list of points is sampled in (OpenCV's map size limit).
+REMAP_ROW = 1024
 IRIS_ALBEDO = (0.30, 0.19, 0.11)
 PUPIL_ALBEDO = (0.02, 0.02, 0.02)
 IRIS_ANGLE = np.deg2rad(31.0)
@@ -57,26 +59,47 @@ class PhotoTexture:
     vertex_albedo: np.ndarray
 
     @cached_property
-    def _photo_linear(self) -> np.ndarray:
+    def photo_linear(self) -> np.ndarray:
+        """(H, W, 3) float32 linear RGB of the photo."""
         return (self.photo.astype(np.float32) / 255.0) ** 2.2
 
     @cached_property
-    def _vertex_attributes(self) -> np.ndarray:
+    def vertex_attributes(self) -> np.ndarray:
+        """(n, 6) float32 per-vertex [photo x, photo y, photo weight, fallback albedo r, g, b]."""
         attrs = np.concatenate([self.vertex_uv, self.vertex_weight[:, None], self.vertex_albedo], 1)
         return attrs.astype(np.float32)
 
     def albedo(self, gbuf: GBuffer, triangles: np.ndarray, tint: np.ndarray | None = None) -> np.ndarray:
         """(H, W, 3) float32 linear albedo of every pixel that hit the mesh (0 elsewhere)."""
-        import cv2
-
-        px = gbuf.interpolate(triangles, self._vertex_attributes)
-        sampled = cv2.remap(self._photo_linear, px[..., 0], px[..., 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        px = gbuf.interpolate(triangles, self.vertex_attributes)
         w = px[..., 2:3]
-        out = w * sampled + (1 - w) * px[..., 3:6]
+        out = w * sample_image(self.photo_linear, px[..., 0], px[..., 1]) + (1 - w) * px[..., 3:6]
         if tint is not None:
             out = out * np.asarray(tint, np.float32)
         out[~gbuf.hit] = 0
         return out
+
+
+def sample_image(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``image`` (H, W[, C]) float32 at pixel coordinates ``x``, ``y``.
+
+    Args:
+        x, y: (H', W') float32 maps, or (p,) lists (sampled in a folded 2-D layout, since
+            OpenCV's maps must be under 32767 on a side). Outside the image the border repeats.
+
+    Returns:
+        (H', W'[, C]) or (p[, C]) float32.
+    """
+    import cv2
+
+    if x.ndim != 1:
+        return cv2.remap(image, x, y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    rows = -(-len(x) // REMAP_ROW)
+    maps = np.zeros((2, rows * REMAP_ROW), np.float32)
+    maps[0, : len(x)], maps[1, : len(x)] = x, y
+    maps = maps.reshape(2, rows, REMAP_ROW)
+    out = cv2.remap(image, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(rows * REMAP_ROW, *image.shape[2:])[: len(x)]
 
 
 def _part_albedo(model: FaceModel, skin: np.ndarray) -> np.ndarray:
