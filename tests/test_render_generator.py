@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from rigs.camera import rig_cameras
 from rigs.face_model import load_ict_face_model
 from rigs.raycast import Scene
 from rigs.render import (
@@ -30,7 +31,7 @@ from rigs.render import (
 from rigs.rig import BlendshapeRig
 from rigs.uv_raster import model_uv_raster, part_triangles
 from stages.fit_solve import single_thread
-from stages.synthesis.hmc import IrRenderer, default_hmc_rig, rig_cameras
+from stages.synthesis.hmc import IrRenderer, default_hmc_rig
 from stages.synthesis.texture import load_default_texture
 from stages.texture import ATLAS_PARTS
 

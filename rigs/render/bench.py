@@ -27,11 +27,12 @@ def _timed(fn, device: str) -> tuple[object, float, float]:
 
 def measure(size: int, frames: int, device: str = "cpu", repeats: int = 3) -> dict[str, float]:
     """Per-frame wall and CPU seconds of each pass, best of ``repeats``, at ``size`` px."""
+    from rigs.camera import rig_cameras
     from rigs.face_model import load_ict_face_model
     from rigs.render import AppearanceModel, HmcRenderer, RigState
     from rigs.render.losses import masked_l2
     from rigs.rig import BlendshapeRig
-    from stages.synthesis.hmc import default_hmc_rig, rig_cameras
+    from stages.synthesis.hmc import default_hmc_rig
 
     model = load_ict_face_model()
     rig = BlendshapeRig.generic(model)
