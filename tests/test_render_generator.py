@@ -31,7 +31,8 @@ from rigs.render import (
 from rigs.rig import BlendshapeRig
 from rigs.uv_raster import model_uv_raster, part_triangles
 from stages.fit_solve import single_thread
-from stages.synthesis.hmc import IrRenderer, default_hmc_rig
+from stages.synthesis.hmc import default_hmc_rig
+from stages.synthesis.ir import IrRenderer
 from stages.synthesis.texture import load_default_texture
 from stages.texture import ATLAS_PARTS
 
