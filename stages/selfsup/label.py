@@ -92,14 +92,22 @@ def build_energy(capture: Any, personal: BlendshapeRig, texture: Any, names: tup
                   np.full(len(names), width / cfg.resolution, np.float32), weights)
 
 
-def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig) -> list[float]:
-    """Light and camera response on neutral-window frames, the rig at rest (nominal donning)."""
+def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, flat_seed: bool = False
+                           ) -> list[float]:
+    """Light and camera response on neutral-window frames, the rig at rest (nominal donning).
+
+    With a flat albedo seed (no phone texture) the seed's exponent and offset are held:
+    a constant seed cannot tell them from the camera gain, and L-BFGS diverged along that
+    null direction (overflow in the line search, measured on the tiny subject).
+    """
+    from rigs.render.appearance import ALBEDO_MAP
+
     rows = neutral_frames(pool, cfg.appearance_frames)
     data = frame_data(pool.images[rows], pool.usability[rows], None, None)
     valid = data.usable[:, :, None, None].expand_as(data.images)
     rest = RigState.rest(len(rows), energy.renderer.rig.size)
     return fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid,
-                          AppearanceFitConfig(steps=cfg.appearance_steps))
+                          AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ()))
 
 
 def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
@@ -116,7 +124,7 @@ def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Self
     module = torch.nn.ModuleDict({"network": net, "appearance": energy.appearance})
     if checkpoint is None or checkpoint.load() is None:  # a resumed run has its appearance
         with timed(timings, "appearance_s"), deterministic():
-            fit_initial_appearance(energy, pool, cfg)
+            fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None)
     mirrored = pool.clips[0].mirrored
 
     def step_loss(idx: np.ndarray):
