@@ -5,6 +5,7 @@ See :mod:`stages.selfsup.stage` for the steps, the config and the artifact.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -106,8 +107,16 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
     data = frame_data(pool.images[rows], pool.usability[rows], None, None)
     valid = data.usable[:, :, None, None].expand_as(data.images)
     rest = RigState.rest(len(rows), energy.renderer.rig.size)
-    return fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid,
-                          AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ()))
+    config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ())
+    snapshot = {k: v.clone() for k, v in energy.appearance.state_dict().items()}
+    try:
+        return fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid, config)
+    except RuntimeError:
+        # L-BFGS's line search can overflow on a poorly constrained direction (seen on the
+        # tiny subject at 48 px): keep the closed-form start and let training refine it.
+        energy.appearance.load_state_dict(snapshot)
+        return fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid,
+                              dataclasses.replace(config, steps=0))
 
 
 def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
