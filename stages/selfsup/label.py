@@ -109,14 +109,20 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
     rest = RigState.rest(len(rows), energy.renderer.rig.size)
     config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ())
     snapshot = {k: v.clone() for k, v in energy.appearance.state_dict().items()}
-    try:
-        return fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid, config)
-    except RuntimeError:
-        # L-BFGS's line search can overflow on a poorly constrained direction (seen on the
-        # tiny subject at 48 px): keep the closed-form start and let training refine it.
+    # The full fit, else its closed-form start, else the generic start: L-BFGS's line search
+    # can overflow on a poorly constrained direction, and the log-linear start came out
+    # non-finite on the tiny subject with a flat seed (both measured); training refines it.
+    attempts = (config, dataclasses.replace(config, steps=0), dataclasses.replace(config, steps=0, initialise=False))
+    for attempt in attempts:
         energy.appearance.load_state_dict(snapshot)
-        return fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid,
-                              dataclasses.replace(config, steps=0))
+        try:
+            history = fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid, attempt)
+        except RuntimeError:
+            continue
+        if all(bool(torch.isfinite(v).all()) for v in energy.appearance.state_dict().values()):
+            return history
+    energy.appearance.load_state_dict(snapshot)
+    return []
 
 
 def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
