@@ -62,11 +62,12 @@ def bench_hmc_slice(frames: int, out: Path, variant: str = "default") -> dict:
     import numpy as np
 
     from pipeline.progress import progress_bar
+    from rigs.camera import rig_cameras
     from rigs.definition import load_default_rig_definition
     from rigs.face_model import load_ict_face_model
     from rigs.rig import BlendshapeRig
     from stages.synthesis.generate import SimulatedDetector, _write_recording
-    from stages.synthesis.hmc import default_hmc_rig, rig_cameras
+    from stages.synthesis.hmc import default_hmc_rig
     from stages.synthesis.ir import IrRenderer
     from stages.synthesis.performance import hmc_timeline
     from stages.synthesis.subject import SyntheticSubject

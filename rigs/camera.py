@@ -188,3 +188,17 @@ class Camera:
             )
         d = d @ self.R_world_from_camera.T
         return np.broadcast_to(self.t_world_from_camera, d.shape).copy(), d
+
+
+def rig_cameras(rig) -> dict[str, Camera]:
+    """A headset rig's cameras as :class:`Camera` in the headset frame, by name.
+
+    Args:
+        rig: a :class:`storage.capture_types.HmcRig` (any object whose ``cameras`` carry
+            name, intrinsics, distortion, R/t_headset_from_camera and model).
+    """
+    return {
+        c.name: Camera(c.intrinsics, np.asarray(c.distortion), np.asarray(c.R_headset_from_camera),
+                       np.asarray(c.t_headset_from_camera), c.model)
+        for c in rig.cameras
+    }

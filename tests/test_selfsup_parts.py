@@ -16,17 +16,18 @@ from tests.capture_factory import make_capture
 
 
 def test_clip_downsamples_scales_keypoints_and_flags_a_black_camera(tmp_path):
-    made = make_capture(tmp_path, hmc_size=(32, 32), n_frames=4, keypoints=("eye_left", "mouth_left"))
+    made = make_capture(tmp_path, hmc_size=(32, 32), n_frames=6, keypoints=("eye_left", "mouth_left"))
     # Camera eye_left goes black in frame 2.
     made.layout.hmc_frame(made.recording, "eye_left", 2).write_bytes(
         encode_png(np.zeros((32, 32), np.uint8), "mono"))
     rec = Capture.open(made.root).recording(made.recording)
     clip = load_clip(rec, ["eye_left", "mouth_left", "glabella"], 16, FrameCheck(dark_mean=6.0))
 
-    assert clip.images.shape == (4, 3, 16, 16)
+    assert clip.images.shape == (6, 3, 16, 16)
     expect = made.frames["mouth_left"][1].reshape(16, 2, 16, 2).mean((1, 3))
     np.testing.assert_allclose(clip.images[1, 1], expect, atol=0.51)  # area mean, rounded
-    assert clip.usability[2, 0] == DARK and (clip.usability[[0, 1, 3]] == USABLE).all()
+    assert clip.usability[2, 0] == DARK and (clip.usability[[0, 1, 3, 4, 5]] == USABLE).all()
+    assert clip.segments == made.segments
     assert clip.frame_reasons()[2] == "eye_left dark" and clip.frame_reasons()[0] == ""
 
     pts, conf = made.keypoints["mouth_left"]

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_face_model import PhoneFrame, detection_errors, preset_frames
-from rigs.camera import Camera
+from rigs.camera import Camera, rig_cameras
 from rigs.face_model import load_ict_face_model
 from rigs.rig import BlendshapeRig
 from stages.synthesis.generate import (
     generate_subject,
     landmark_points,
 )
-from stages.synthesis.hmc import rig_cameras
 from stages.synthesis.phone import (
     DEPTH_NOISE_K,
     FLYING_PIXEL_RATE,

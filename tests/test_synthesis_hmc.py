@@ -10,12 +10,13 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
+from rigs.camera import rig_cameras
 from rigs.definition import load_default_rig_definition
 from rigs.face_model import load_ict_face_model
 from rigs.raycast import Scene, make_gbuffer, vertex_normals
 from rigs.rig import BlendshapeRig
 from stages.synthesis.generate import HMC_LANDMARK_IDS, generate_subject
-from stages.synthesis.hmc import default_hmc_rig, rig_cameras
+from stages.synthesis.hmc import default_hmc_rig
 from stages.synthesis.ir import IrRenderer, SensorNoise, ir_albedo
 from stages.synthesis.keypoints import KeypointDetector, detect_keypoints, draw_bias, near_border
 from stages.synthesis.performance import hmc_timeline

@@ -45,7 +45,7 @@ def find_captures(source: str | Path) -> list[Path]:
 def label_subject(capture: str | Path, out: str, config: RunConfig | None = None, chain: Chain | None = None,
                   **run_options) -> RunSummary:
     """Runs the chain (default: the product's) on one subject's capture."""
-    return run_chain([Path(capture)], out, config or RunConfig(), chain=chain or default_chain(), **run_options)
+    return _run_and_export([Path(capture)], out, config or RunConfig(), chain or default_chain(), run_options)
 
 
 def backfill(source: str | Path, out: str, config: RunConfig | None = None, chain: Chain | None = None,
@@ -54,4 +54,15 @@ def backfill(source: str | Path, out: str, config: RunConfig | None = None, chai
     captures = find_captures(source)
     if not captures:
         raise ConfigError(f"{source}: no captures found")
-    return run_chain(captures, out, config or RunConfig(), chain=chain or default_chain(), **run_options)
+    return _run_and_export(captures, out, config or RunConfig(), chain or default_chain(), run_options)
+
+
+def _run_and_export(captures: list[Path], out: str, config: RunConfig, chain: Chain, run_options: dict) -> RunSummary:
+    """The chain, then its round-0 labels into the label table (when the chain labels)."""
+    from workflows.export import export_round0
+
+    summary = run_chain(captures, out, config, chain=chain, **run_options)
+    if any(st.name == "selfsup" for st in chain.stages):
+        export_round0(summary, config.pipeline_version, run_options.get("storage_options"),
+                      run_options.get("tables_uri"))
+    return summary

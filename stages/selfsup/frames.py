@@ -48,6 +48,7 @@ class HmcClip:
             keypoint files.
         keypoint_confidence: (T, C, P) float32 in [0, 1], 0 where missing; or None.
         usability: (T, C) uint8 codes USABLE, DARK, SATURATED.
+        segments: the recording's annotated segments.
     """
 
     recording: str
@@ -59,6 +60,7 @@ class HmcClip:
     keypoints: np.ndarray | None
     keypoint_confidence: np.ndarray | None
     usability: np.ndarray
+    segments: tuple = ()
 
     @property
     def frame_count(self) -> int:
@@ -136,7 +138,7 @@ def load_clip(
         recording=recording.name, cameras=tuple(cameras),
         mirrored=np.array([cam.mirrored for cam in cams]), images=images, scale=scale,
         timestamps_ns=np.asarray(recording.frame_timestamps_ns, np.int64),
-        keypoints=points, keypoint_confidence=conf, usability=usability,
+        keypoints=points, keypoint_confidence=conf, usability=usability, segments=tuple(recording.segments),
     )
 
 

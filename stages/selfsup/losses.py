@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from rigs.definition import RigDefinition
+from rigs.render.losses import masked_l2 as pixel_loss  # noqa: F401  (the energy's pixel term)
 
 
 @dataclass(frozen=True)
@@ -91,20 +92,6 @@ def keypoint_loss(
     else:
         rho = 0.5 * d2
     return (w * rho).sum() / w.sum().clamp_min(1e-6)
-
-
-def pixel_loss(rendered: torch.Tensor, observed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared intensity difference over masked pixels.
-
-    Args:
-        rendered, observed: (B, C, S, S) intensities in [0, 1].
-        mask: (B, C, S, S) weights in [0, 1]: the rendered face's coverage times the
-            camera's usability.
-
-    Returns:
-        () the masked mean; 0 when the mask is empty.
-    """
-    return (mask * (rendered - observed) ** 2).sum() / mask.sum().clamp_min(1.0)
 
 
 def sparsity_loss(b: torch.Tensor) -> torch.Tensor:

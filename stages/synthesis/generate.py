@@ -26,12 +26,12 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from pipeline.progress import progress_bar, track
-from rigs.camera import Camera
+from rigs.camera import Camera, rig_cameras
 from rigs.definition import RigDefinition, load_default_rig_definition
 from rigs.face_model import FaceModel, load_ict_face_model
 from rigs.geometry import quat_from_rotation
 from rigs.raycast import Scene
-from stages.synthesis.hmc import default_hmc_rig, rig_cameras
+from stages.synthesis.hmc import default_hmc_rig
 from stages.synthesis.ir import IrRenderer
 from stages.synthesis.keypoints import KeypointDetector, detect_keypoints, draw_bias
 from stages.synthesis.performance import Timeline, hmc_timeline, perform_prompt

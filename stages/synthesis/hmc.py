@@ -52,12 +52,3 @@ def default_hmc_rig(size: int = HMC_SIZE, fps: float = 30.0) -> HmcRig:
     return HmcRig(rig_version=RIG_VERSION, fps=float(fps), cameras=tuple(cameras))
 
 
-def rig_cameras(rig: HmcRig) -> dict[str, Camera]:
-    """The rig's cameras as :class:`rigs.camera.Camera` in the headset frame."""
-    return {
-        c.name: Camera(
-            c.intrinsics, np.asarray(c.distortion),
-            np.asarray(c.R_headset_from_camera), np.asarray(c.t_headset_from_camera), c.model,
-        )
-        for c in rig.cameras
-    }

@@ -1,0 +1,208 @@
+"""The ``selfsup`` stage function: build the energy, fit appearance, train, infer.
+
+See :mod:`stages.selfsup.stage` for the steps, the config and the artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import config_section
+from pipeline.progress import LogProgress
+from rigs.camera import rig_cameras
+from rigs.render import AppearanceFitConfig, AppearanceModel, HmcRenderer, RigState, fit_appearance
+from rigs.rig import BlendshapeRig
+from stages.selfsup.energy import Energy, EnergyWeights, frame_data
+from stages.selfsup.frames import network_input
+from stages.selfsup.keypoints import keypoint_layout
+from stages.selfsup.losses import full_blendshapes
+from stages.selfsup.network import StateNetwork
+from stages.selfsup.stage import (
+    FramePool,
+    SelfSupConfig,
+    SelfSupLabels,
+    _network_config,
+    _torch_threads,
+    frame_status,
+    load_pool,
+    neutral_frames,
+    timed,
+)
+from stages.selfsup.training import CheckpointStore, TrainConfig, deterministic, train
+
+
+def selfsup_capture(capture: Any, texture: Any, rig: Any, config: Any = None,
+                    checkpoint: CheckpointStore | None = None) -> Any:
+    """Stage ``selfsup``: round-0 labels of every HMC frame of the subject.
+
+    Args:
+        capture: the capture folder (the engine's ``"capture"`` input) or an opened Capture.
+        texture: the ``texture`` stage's artifact (the albedo seed).
+        rig: the ``rig`` stage's artifact (the personal rig that is rendered).
+        config: the engine's config view declaring ``selfsup``, or a :class:`SelfSupConfig`.
+        checkpoint: the engine's checkpoint of this unit (training resumes from it).
+
+    Returns:
+        ``SelfSupLabels.to_output()``.
+    """
+    from stages.rigging import RiggedSubject
+    from stages.texture import UvTexture
+    from storage.capture import Capture
+
+    cap = Capture.of(capture)
+    cfg = config_section(config, "selfsup", SelfSupConfig)
+    labels = label_subject(cap, RiggedSubject.from_output(rig).result.rig, UvTexture.from_output(texture),
+                           cfg, checkpoint)
+    return labels.to_output()
+
+
+def build_energy(capture: Any, personal: BlendshapeRig, texture: Any, names: tuple[str, ...],
+                 cfg: SelfSupConfig) -> Energy:
+    """The subject's renderer (model resolution), seeded appearance, keypoint layout and weights.
+
+    ``texture`` is the texture stage's :class:`~stages.texture.UvTexture` (the albedo seed),
+    or None for a flat seed.
+    """
+    from rigs.uv_raster import part_triangles
+    from stages.texture import ATLAS_PARTS
+
+    width = capture.rig.camera(names[0]).intrinsics.width
+    renderer = HmcRenderer.from_rig(personal, rig_cameras(capture.rig), scale=cfg.resolution / width, names=names)
+    model = personal.model
+    in_atlas = np.zeros(len(model.triangles), bool)
+    in_atlas[part_triangles(model, ATLAS_PARTS[texture.atlas if texture is not None else "head"])] = True
+    if texture is not None:
+        rgb, weight = texture.image(linear=True)
+        res = cfg.albedo_resolution if texture.resolution % cfg.albedo_resolution == 0 else None
+        appearance = AppearanceModel.from_texture(names, rgb, weight, in_atlas, model.n_vertices, resolution=res)
+    else:  # no phone texture: a flat seed, the albedo is then the fitted residual alone
+        tiles = max(1, int(np.ceil(float(np.asarray(model.uv)[:, 0].max()) - 1e-6)))
+        h = cfg.albedo_resolution
+        appearance = AppearanceModel(names, np.full((h, tiles * h), 0.5, np.float32), np.zeros((h, tiles * h), np.float32),
+                                     in_atlas, model.n_vertices)
+    layout = keypoint_layout(cfg.keypoint_layout, model) if cfg.keypoints else None
+    weights = EnergyWeights(pixel=cfg.pixel_weight, keypoint=cfg.keypoint_weight if cfg.keypoints else 0.0,
+                            keypoint_huber_px=cfg.keypoint_huber_px, sparsity=cfg.sparsity_weight,
+                            constraint=cfg.constraint_weight)
+    return Energy(renderer, appearance, personal.definition, layout,
+                  np.full(len(names), width / cfg.resolution, np.float32), weights)
+
+
+def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, flat_seed: bool = False
+                           ) -> list[float]:
+    """Light and camera response on neutral-window frames, the rig at rest (nominal donning).
+
+    With a flat albedo seed (no phone texture) the seed's exponent and offset are held:
+    a constant seed cannot tell them from the camera gain, and L-BFGS diverged along that
+    null direction (overflow in the line search, measured on the tiny subject).
+    """
+    from rigs.render.appearance import ALBEDO_MAP
+
+    rows = neutral_frames(pool, cfg.appearance_frames)
+    data = frame_data(pool.images[rows], pool.usability[rows], None, None)
+    valid = data.usable[:, :, None, None].expand_as(data.images)
+    rest = RigState.rest(len(rows), energy.renderer.rig.size)
+    config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ())
+    snapshot = {k: v.clone() for k, v in energy.appearance.state_dict().items()}
+    # The full fit, else its closed-form start, else the generic start: L-BFGS's line search
+    # can overflow on a poorly constrained direction, and the log-linear start came out
+    # non-finite on the tiny subject with a flat seed (both measured); training refines it.
+    attempts = (config, dataclasses.replace(config, steps=0), dataclasses.replace(config, steps=0, initialise=False))
+    for attempt in attempts:
+        energy.appearance.load_state_dict(snapshot)
+        try:
+            history = fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid, attempt)
+        except RuntimeError:
+            continue
+        if all(bool(torch.isfinite(v).all()) for v in energy.appearance.state_dict().values()):
+            return history
+    energy.appearance.load_state_dict(snapshot)
+    return []
+
+
+def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
+                  checkpoint: CheckpointStore | None = None, verbose: bool = True) -> SelfSupLabels:
+    """Trains the subject's network through the renderer and labels every frame."""
+    _torch_threads()
+    timings: dict[str, float] = {}
+    with timed(timings, "read_s"):
+        names, pool = load_pool(capture, cfg)
+    energy = build_energy(capture, personal, texture, names, cfg)
+    definition = personal.definition
+    torch.manual_seed(cfg.seed)
+    net = StateNetwork(len(names), len(definition.regressed), _network_config(cfg))
+    module = torch.nn.ModuleDict({"network": net, "appearance": energy.appearance})
+    if checkpoint is None or checkpoint.load() is None:  # a resumed run has its appearance
+        with timed(timings, "appearance_s"), deterministic():
+            fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None)
+    mirrored = pool.clips[0].mirrored
+
+    def step_loss(idx: np.ndarray):
+        idx = np.sort(idx)
+        data = frame_data(pool.images[idx], pool.usability[idx], _take(pool.keypoints, idx),
+                          _take(pool.confidence, idx), cfg.keypoints)
+        out = net(network_input(pool.images[idx], mirrored))
+        terms = energy(out.b, out.gaze, out.rotation, out.translation, data)
+        return terms.total, terms.scalars()
+
+    schedule = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                           checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
+                           warmup_steps=min(50, cfg.steps // 10))
+    bar = LogProgress(cfg.steps, f"{capture.subject_id} selfsup training", "step", sys.stderr, every_s=30.0)
+    with timed(timings, "train_s"):
+        history = train(module, step_loss, len(pool), schedule, checkpoint,
+                        progress=(lambda done, _t: bar.update(1)) if verbose else None)
+    bar.close()
+    with timed(timings, "infer_s"):
+        labels = infer(net, energy, pool, names, cfg, capture.subject_id)
+    labels.history, labels.timings = history.terms, timings
+    return labels
+
+
+def _take(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a[idx]
+
+
+def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, ...], cfg: SelfSupConfig,
+          subject_id: str) -> SelfSupLabels:
+    """Labels, residuals, confidence and status of every frame of the pool."""
+    from scipy.spatial.transform import Rotation
+
+    from rigs.geometry import quat_from_rotation
+
+    net.eval()
+    definition = energy.definition
+    mirrored = pool.clips[0].mirrored
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "gaze", "R", "t", "rms", "kp")}
+    with torch.no_grad():
+        for start in range(0, len(pool), cfg.inference_batch):
+            idx = np.arange(start, min(start + cfg.inference_batch, len(pool)))
+            data = frame_data(pool.images[idx], pool.usability[idx], _take(pool.keypoints, idx),
+                              _take(pool.confidence, idx), cfg.keypoints)
+            out = net(network_input(pool.images[idx], mirrored))
+            terms = energy(out.b, out.gaze, out.rotation, out.translation, data)
+            parts["b"].append(full_blendshapes(out.b, out.gaze, definition, energy.index).numpy())
+            for key, value in (("gaze", out.gaze), ("R", out.rotation), ("t", out.translation),
+                               ("rms", terms.frame_pixel_rms), ("kp", terms.frame_keypoint_px)):
+                parts[key].append(value.numpy())
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    status, reason = frame_status(pool.usability, names, cfg.min_usable_cameras)
+    usable_fraction = (pool.usability == 0).mean(1)
+    rms = cat["rms"]
+    typical = float(np.median(rms[status == "ok"])) if (status == "ok").any() else float(np.median(rms))
+    confidence = usable_fraction * np.clip(typical / np.maximum(rms, 1e-9), 0.0, 1.0)
+    return SelfSupLabels(
+        subject_id=subject_id, blendshape_names=definition.blendshape_names, rig_version=definition.version,
+        recordings=tuple(c.recording for c in pool.clips), frame_counts=tuple(c.frame_count for c in pool.clips),
+        frame_index=np.concatenate([np.arange(c.frame_count, dtype=np.int32) for c in pool.clips]),
+        timestamp_ns=np.concatenate([c.timestamps_ns for c in pool.clips]),
+        b=cat["b"].astype(np.float32), gaze=cat["gaze"].astype(np.float32),
+        head_quat=quat_from_rotation(Rotation.from_matrix(cat["R"].astype(np.float64))).astype(np.float32),
+        head_t=cat["t"].astype(np.float32), confidence=confidence.astype(np.float32),
+        residual_photometric=rms.astype(np.float32), residual_keypoint_px=cat["kp"].astype(np.float32),
+        status=status, reason=reason, cameras=names)

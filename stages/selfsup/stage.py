@@ -1,0 +1,304 @@
+"""Stage ``selfsup``: per-subject self-supervised labelling of every HMC frame (round 0).
+
+REFA section 6.2 and SPEC §3 item 5: a small network maps the subject's HMC views of a
+frame to the rig's state (b, gaze, R, t); the differentiable renderer draws that state
+into the calibrated cameras with the subject's estimated IR appearance, and the energy of
+:mod:`stages.selfsup.energy` trains the network and the appearance together. Then the
+network labels every frame. Steps:
+
+1. read every recording at model resolution, marking dark or saturated camera images;
+2. seed the appearance from the phone texture and fit its light and camera response on
+   frames of the neutral windows, with the rig at rest (the nominal donning);
+3. train network + appearance with Adam (checkpointed: a killed unit resumes);
+4. infer every frame: labels, pixel and keypoint residuals, confidence and status.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError, StageError
+from stages.selfsup.frames import USABLE, FrameCheck, HmcClip, load_clip
+from stages.selfsup.network import NetworkConfig
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SelfSupConfig:
+    """The ``selfsup`` section of the run config."""
+
+    cameras: Literal["all", "embedded"] = "all"
+    """Which rig cameras the network sees and the energy renders: every camera, or only
+    the consumer headset's embedded ones."""
+    resolution: int = 64
+    """Model resolution, pixels per side: frames are area-downsampled to it and rendered at
+    it. The rig's cameras must share one image size. >= 16."""
+    keypoints: bool = True
+    """Use the capture's detector keypoints (where a recording has them)."""
+    keypoint_layout: str = "iris10+multipie68"
+    """What the detector's points are on the template (stages.selfsup.keypoints.LAYOUTS)."""
+    pixel_weight: float = 1000.0
+    """Weight of the masked pixel l2."""
+    keypoint_weight: float = 0.05
+    """Weight of the keypoint term (per 0.5 stored px^2)."""
+    keypoint_huber_px: float = 6.0
+    """Keypoint errors beyond this many stored pixels count linearly."""
+    sparsity_weight: float = 0.02
+    """Weight of the l1 sparsity of b."""
+    constraint_weight: float = 1.0
+    """Weight of the rig definition's constraints."""
+    steps: int = 1500
+    """Adam steps of the network and appearance. >= 1."""
+    batch_size: int = 8
+    """Frames per step. >= 1."""
+    learning_rate: float = 1e-3
+    """Peak Adam learning rate (warm-up, then cosine decay to 5 %)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints."""
+    seed: int = 0
+    """Seeds the network's weights and the batches."""
+    network_width: int = 16
+    """Channels of the network's first block (x2 per block, 4 blocks). A multiple of 4."""
+    appearance_frames: int = 12
+    """Neutral-window frames the appearance is first fitted on."""
+    appearance_steps: int = 150
+    """Adam steps of that first appearance fit."""
+    albedo_resolution: int = 128
+    """Texels per UV tile side of the fitted albedo map (a divisor of the texture's)."""
+    dark_mean: float = 6.0
+    """A camera image whose mean intensity (0-255) is below this is not used (dark)."""
+    min_usable_cameras: int = 2
+    """A frame with fewer usable cameras is labelled but ``rejected``."""
+    inference_batch: int = 32
+    """Frames per inference batch."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("cameras", self.cameras in ("all", "embedded")), ("resolution", self.resolution >= 16),
+            ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1),
+            ("network_width", self.network_width >= 4 and self.network_width % 4 == 0),
+            ("min_usable_cameras", self.min_usable_cameras >= 1),
+            ("weights", min(self.pixel_weight, self.keypoint_weight, self.sparsity_weight,
+                            self.constraint_weight) >= 0),
+        )
+        bad = [name for name, ok in checks if not ok]
+        if bad:
+            raise ConfigError(f"invalid selfsup config: {', '.join(bad)}")
+
+
+@dataclass
+class SelfSupLabels:
+    """The ``selfsup`` artifact: round-0 labels of every frame of every recording.
+
+    Frames of all recordings are stacked (N rows); ``recordings`` and ``frame_counts``
+    say which rows belong to which.
+
+    Attributes:
+        subject_id: the subject.
+        blendshape_names: (K_all,) every rig shape, rig order (eye-following ones derived
+            from gaze, SPEC §3).
+        rig_version: the rig definition's version.
+        recordings / frame_counts: the recordings in row order and their lengths.
+        frame_index / timestamp_ns: (N,) per row.
+        b: (N, K_all) float32; gaze: (N, 4); head_quat: (N, 4) (w, x, y, z), w >= 0;
+        head_t: (N, 3) metres.
+        confidence, residual_photometric (rms intensity in [0, 1]), residual_keypoint_px
+            (mean stored pixels, NaN without keypoints): (N,) float32.
+        status: (N,) "ok" / "rejected"; reason: (N,) "" or why.
+        cameras: the cameras used.
+        history: training loss terms per step (name -> list).
+        timings: seconds per phase.
+    """
+
+    subject_id: str
+    blendshape_names: tuple[str, ...]
+    rig_version: str
+    recordings: tuple[str, ...]
+    frame_counts: tuple[int, ...]
+    frame_index: np.ndarray
+    timestamp_ns: np.ndarray
+    b: np.ndarray
+    gaze: np.ndarray
+    head_quat: np.ndarray
+    head_t: np.ndarray
+    confidence: np.ndarray
+    residual_photometric: np.ndarray
+    residual_keypoint_px: np.ndarray
+    status: np.ndarray
+    reason: np.ndarray
+    cameras: tuple[str, ...]
+    history: dict[str, list[float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    _ARRAYS = ("frame_index", "timestamp_ns", "b", "gaze", "head_quat", "head_t", "confidence",
+               "residual_photometric", "residual_keypoint_px", "status", "reason")
+
+    def to_output(self) -> Any:
+        from pipeline.serialize import StageOutput
+
+        arrays = {k: np.asarray(getattr(self, k)) for k in self._ARRAYS}
+        arrays["status"] = arrays["status"].astype("U16")
+        arrays["reason"] = arrays["reason"].astype("U")
+        return StageOutput(arrays=arrays, meta={
+            "format": FORMAT, "subject_id": self.subject_id, "blendshape_names": list(self.blendshape_names),
+            "rig_version": self.rig_version, "recordings": list(self.recordings),
+            "frame_counts": list(self.frame_counts), "cameras": list(self.cameras),
+            "history": self.history, "timings": self.timings})
+
+    @classmethod
+    def from_output(cls, output: Any) -> SelfSupLabels:
+        meta, arrays = output.meta, output.arrays
+        if meta.get("format") != FORMAT:
+            raise StageError(f"selfsup artifact format {meta.get('format')!r}, expected {FORMAT}")
+        missing = sorted(set(cls._ARRAYS) - set(arrays))
+        if missing:
+            raise StageError(f"selfsup artifact lacks arrays {missing}")
+        return cls(
+            subject_id=meta["subject_id"], blendshape_names=tuple(meta["blendshape_names"]),
+            rig_version=meta["rig_version"], recordings=tuple(meta["recordings"]),
+            frame_counts=tuple(meta["frame_counts"]), cameras=tuple(meta["cameras"]),
+            history=dict(meta.get("history", {})), timings=dict(meta.get("timings", {})),
+            **{k: np.asarray(arrays[k]) for k in cls._ARRAYS})
+
+    def rows(self, recording: str) -> slice:
+        """The row range of ``recording``."""
+        i = self.recordings.index(recording)
+        start = int(sum(self.frame_counts[:i]))
+        return slice(start, start + self.frame_counts[i])
+
+    def label_table(self, *, run_id: str, pipeline_version: str) -> Any:
+        """The labels as rows of the label table (SPEC §4): source self_supervision, round 0."""
+        import pyarrow as pa
+
+        from storage.label_table import labels_to_arrow
+
+        parts = []
+        for rec in self.recordings:
+            s = self.rows(rec)
+            parts.append(labels_to_arrow(
+                self.subject_id, rec, self.frame_index[s], self.timestamp_ns[s], self.b[s], self.gaze[s],
+                self.head_quat[s], self.head_t[s], blendshape_names=self.blendshape_names,
+                confidence=self.confidence[s], residual_keypoint_px=self.residual_keypoint_px[s],
+                residual_photometric=self.residual_photometric[s], status=self.status[s],
+                failure_reason=[r or None for r in self.reason[s]], label_source="self_supervision",
+                label_round=0, pipeline_version=pipeline_version, rig_version=self.rig_version, run_id=run_id))
+        return pa.concat_tables(parts)
+
+
+@dataclass
+class FramePool:
+    """Every recording's clip stacked into one pool of N frames (model resolution)."""
+
+    clips: list[HmcClip]
+    images: np.ndarray
+    usability: np.ndarray
+    keypoints: np.ndarray | None
+    confidence: np.ndarray | None
+
+    @classmethod
+    def of(cls, clips: list[HmcClip]) -> FramePool:
+        images = np.concatenate([c.images for c in clips])
+        usability = np.concatenate([c.usability for c in clips])
+        kp = conf = None
+        if any(c.keypoints is not None for c in clips):
+            sizes = {c.keypoints.shape[2] for c in clips if c.keypoints is not None}
+            if len(sizes) > 1:
+                raise StageError(f"recordings' keypoint counts differ: {sorted(sizes)}")
+            p = sizes.pop()
+            kp = np.concatenate([c.keypoints if c.keypoints is not None
+                                 else np.full((c.frame_count, len(c.cameras), p, 2), np.nan, np.float32) for c in clips])
+            conf = np.concatenate([c.keypoint_confidence if c.keypoint_confidence is not None
+                                   else np.zeros((c.frame_count, len(c.cameras), p), np.float32) for c in clips])
+        return cls(clips, images, usability, kp, conf)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def frame_status(usability: np.ndarray, cameras: tuple[str, ...], min_usable: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: ("ok" or "rejected", reason) from the (N, C) usability codes.
+
+    A frame with at least ``min_usable`` usable cameras is ``ok``; its reason names any
+    camera that was not used ("degraded: eye_left dark"). Fewer makes it ``rejected``.
+    """
+    from stages.selfsup.frames import DARK
+
+    status = np.full(len(usability), "ok", dtype="U16")
+    reason = np.full(len(usability), "", dtype=object)
+    for i, row in enumerate(usability):
+        bad = [f"{cam} {'dark' if code == DARK else 'saturated'}" for cam, code in zip(cameras, row, strict=True)
+               if code != USABLE]
+        if not bad:
+            continue
+        usable = len(cameras) - len(bad)
+        if usable < min_usable:
+            status[i] = "rejected"
+            reason[i] = f"{usable} usable camera(s), need {min_usable}: " + "; ".join(bad)
+        else:
+            reason[i] = "degraded: " + "; ".join(bad)
+    return status, reason.astype("U")
+
+
+def camera_names(rig: Any, which: str) -> tuple[str, ...]:
+    """The rig's cameras the labeller uses (rig order)."""
+    cams = rig.cameras if which == "all" else rig.embedded
+    names = tuple(c.name for c in cams)
+    if not names:
+        raise StageError(f"the headset rig has no {which} cameras")
+    sizes = {c.intrinsics.size for c in cams}
+    if len(sizes) != 1:
+        raise StageError(f"the labeller renders cameras of one image size; the rig's differ: {sorted(sizes)}")
+    return names
+
+
+def _network_config(cfg: SelfSupConfig) -> NetworkConfig:
+    return NetworkConfig(width=cfg.network_width)
+
+
+def load_pool(capture: Any, cfg: SelfSupConfig, progress=None) -> tuple[tuple[str, ...], FramePool]:
+    """The cameras used and every recording's frames (raises StageError without recordings)."""
+    names = camera_names(capture.rig, cfg.cameras)
+    if not capture.recordings:
+        raise StageError(f"{capture.root}: no HMC recording to label")
+    clips = [load_clip(capture.recording(r), names, cfg.resolution, FrameCheck(dark_mean=cfg.dark_mean), progress)
+             for r in capture.recordings]
+    return names, FramePool.of(clips)
+
+
+def neutral_frames(pool: FramePool, count: int) -> np.ndarray:
+    """Up to ``count`` pool rows from neutral windows (evenly spread), else the first frames."""
+    rows, offset = [], 0
+    for clip in pool.clips:
+        for seg in clip.segments:
+            if seg.kind == "neutral":
+                rows.extend(range(offset + seg.start, offset + seg.end))
+        offset += clip.frame_count
+    usable = pool.usability.min(1) == USABLE
+    rows = [r for r in rows if usable[r]] or [r for r in range(len(pool)) if usable[r]] or list(range(len(pool)))
+    pick = np.linspace(0, len(rows) - 1, min(count, len(rows))).round().astype(int)
+    return np.asarray(rows)[pick]
+
+
+def timed(timings: dict[str, float], name: str):
+    """Context manager adding the block's wall seconds to ``timings[name]``."""
+    class _T:
+        def __enter__(self):
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - self.t0
+    return _T()
+
+
+def _torch_threads() -> None:
+    import os
+
+    cores = int(os.environ.get("PGT_STAGE_CORES", "0") or 0)
+    if cores > 0:
+        torch.set_num_threads(cores)

@@ -1,0 +1,105 @@
+"""The selfsup stage on the tiny subject: labels beat the all-zero labeller, a resumed run
+equals an uninterrupted one, and bad frames get a status instead of a crash.
+
+The true personal rig stands in for the rig stage's (the phone chain is tested elsewhere)
+and no phone texture is given (a flat albedo seed), so the test isolates the network,
+the renderer and the energy.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from stages.selfsup.label import label_subject
+from stages.selfsup.stage import SelfSupConfig, SelfSupLabels
+from stages.synthesis.truth import SubjectTruth
+from storage.capture import Capture
+from storage.label_table import validate_label_table
+from storage.png_io import encode_png
+
+#: Small enough for a test (about a minute of CPU); the benchmark runs the default.
+SMALL = SelfSupConfig(resolution=32, steps=24, batch_size=4, appearance_steps=30, appearance_frames=6,
+                      network_width=8, checkpoint_every=8, inference_batch=64)
+
+
+@pytest.fixture(scope="module")
+def truth_rig(tiny_subject):
+    return SubjectTruth.open(tiny_subject[1]).rig
+
+
+@pytest.fixture(scope="module")
+def labelled(tiny_subject, truth_rig) -> SelfSupLabels:
+    return label_subject(Capture.open(tiny_subject[0]), truth_rig, None, SMALL, verbose=False)
+
+
+def test_labels_cover_every_frame_and_write_valid_label_rows(labelled, tiny_subject):
+    cap = Capture.open(tiny_subject[0])
+    assert labelled.recordings == cap.recordings
+    assert sum(labelled.frame_counts) == sum(cap.recording(r).frame_count for r in cap.recordings)
+    assert ((labelled.b >= 0) & (labelled.b <= 1)).all()
+    np.testing.assert_allclose(np.linalg.norm(labelled.head_quat, axis=1), 1, atol=1e-5)
+    assert (labelled.status == "ok").all() and np.isfinite(labelled.residual_photometric).all()
+    table = validate_label_table(labelled.label_table(run_id="r0", pipeline_version="test"))
+    assert table.num_rows == len(labelled.b)
+    assert set(table.column("label_source").to_pylist()) == {"self_supervision"}
+    again = SelfSupLabels.from_output(labelled.to_output())
+    np.testing.assert_array_equal(again.b, labelled.b)
+
+
+def test_training_lowers_the_energy(labelled):
+    total = np.asarray(labelled.history["total"])
+    assert total[-6:].mean() < 0.8 * total[:4].mean()
+
+
+def test_a_killed_run_resumes_to_the_same_labels(tiny_subject, truth_rig, labelled, tmp_path):
+    from pipeline.artifacts import ArtifactStore
+
+    checkpoint = ArtifactStore(str(tmp_path)).checkpoint("selfsup", "k")
+
+    class Killed(Exception):
+        pass
+
+    saved = checkpoint.save
+
+    def save_then_die(data: bytes) -> None:
+        saved(data)
+        if _step_of(data) >= 16:
+            raise Killed
+
+    checkpoint.save = save_then_die
+    with pytest.raises(Killed):
+        label_subject(Capture.open(tiny_subject[0]), truth_rig, None, SMALL, checkpoint, verbose=False)
+    checkpoint.save = saved
+    resumed = label_subject(Capture.open(tiny_subject[0]), truth_rig, None, SMALL, checkpoint, verbose=False)
+    np.testing.assert_allclose(resumed.b, labelled.b, atol=1e-6)
+    np.testing.assert_allclose(resumed.head_t, labelled.head_t, atol=1e-7)
+
+
+def _step_of(data: bytes) -> int:
+    import io
+
+    import torch
+
+    return int(torch.load(io.BytesIO(data), weights_only=False)["step"])
+
+
+def test_a_black_camera_and_missing_keypoints_give_a_status_not_a_crash(tiny_subject, truth_rig, tmp_path):
+    capture = tmp_path / tiny_subject[0].name  # the folder name is the subject id
+    shutil.copytree(tiny_subject[0], capture)
+    cap = Capture.open(capture)
+    rec = cap.recording(cap.recordings[0])
+    size = rec.rig.camera("eye_left").intrinsics.size
+    black = encode_png(np.zeros((size[1], size[0]), np.uint8), "mono")
+    for i in (3, 4):
+        for cam in ("eye_left",) if i == 3 else rec.cameras:  # frame 4: every camera black
+            cap.layout.hmc_frame(rec.name, cam, i).write_bytes(black)
+    shutil.rmtree(rec.root / "keypoints")
+    cfg = SelfSupConfig(**{**SMALL.__dict__, "steps": 4, "appearance_steps": 4})
+    labels = label_subject(Capture.open(capture), truth_rig, None, cfg, verbose=False)
+    assert labels.status[3] == "ok" and labels.reason[3] == "degraded: eye_left dark"
+    assert labels.status[4] == "rejected" and "0 usable camera(s)" in labels.reason[4]
+    assert np.isnan(labels.residual_keypoint_px).all()  # no keypoint file: no keypoint term
+    assert labels.confidence[3] < labels.confidence[2]
