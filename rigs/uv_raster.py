@@ -140,27 +140,11 @@ def rasterize_uv(uv: np.ndarray, triangle_uv: np.ndarray, resolution: int, tiles
     ids = np.arange(len(tuv)) if triangle_ids is None else np.asarray(triangle_ids, np.int64)
     h, w = resolution, tiles * resolution
     corners = uv_to_texel(uv[tuv[ids]], resolution)  # (t, 3, 2)
-    a, e1, e2 = corners[:, 0], corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
-    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-    keep = np.abs(det) > 1e-12
-    ids, corners, a, e1, e2, det = ids[keep], corners[keep], a[keep], e1[keep], e2[keep], det[keep]
-    lo = np.clip(np.ceil(corners.min(1) - eps), 0, [w, h]).astype(np.int64)  # first texel centre
-    hi = np.clip(np.floor(corners.max(1) + eps), -1, [w - 1, h - 1]).astype(np.int64)  # last
-    size = np.maximum(hi - lo + 1, 0)  # (t, 2) bbox width, height in texels
-    count = size[:, 0] * size[:, 1]
-    # every candidate texel of every triangle's bounding box, flattened
-    owner = np.repeat(np.arange(len(ids)), count)
-    local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-    x = lo[owner, 0] + local % size[owner, 0]
-    y = lo[owner, 1] + local // size[owner, 0]
-    px, py = x - a[owner, 0], y - a[owner, 1]
-    b1 = (px * e2[owner, 1] - py * e2[owner, 0]) / det[owner]
-    b2 = (e1[owner, 0] * py - e1[owner, 1] * px) / det[owner]
-    bary = np.stack([1.0 - b1 - b2, b1, b2], 1)
+    kept, owner, texel, bary = triangle_pixels(corners, w, h, eps)
+    ids = ids[kept]
     depth = bary.min(1)
     inside = depth >= -eps
-    texel = (y * w + x)[inside]
-    owner, bary, depth = owner[inside], bary[inside], depth[inside]
+    texel, owner, bary, depth = texel[inside], owner[inside], bary[inside], depth[inside]
     # one triangle per texel: deepest inside first, then the lowest triangle id
     order = np.lexsort((ids[owner], -depth, texel))
     texel, owner, bary = texel[order], owner[order], bary[order]
@@ -168,6 +152,40 @@ def rasterize_uv(uv: np.ndarray, triangle_uv: np.ndarray, resolution: int, tiles
     bary = np.clip(bary[first], 0.0, None)
     bary /= bary.sum(1, keepdims=True)
     return UvRaster((h, w), int(resolution), texel[first], ids[owner[first]], bary.astype(np.float32))
+
+
+def triangle_pixels(corners: np.ndarray, w: int, h: int, eps: float = 0.0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every pixel centre of every triangle's bounding box, with its barycentrics.
+
+    Pixel centres sit at integer coordinates. Degenerate (zero-area) triangles are dropped.
+
+    Args:
+        corners: (t, 3, 2) float triangle corners in pixels.
+        w, h: image size.
+        eps: the bounding boxes grow by this many pixels.
+
+    Returns:
+        (kept (t',) indices of the non-degenerate triangles into ``corners``;
+        owner (q,) index into ``kept`` of each candidate; pixel (q,) flat index y * w + x;
+        bary (q, 3) float64 barycentrics, negative outside the triangle).
+    """
+    a, e1, e2 = corners[:, 0], corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    kept = np.flatnonzero(np.abs(det) > 1e-12)
+    corners, a, e1, e2, det = corners[kept], a[kept], e1[kept], e2[kept], det[kept]
+    lo = np.clip(np.ceil(corners.min(1) - eps), 0, [w, h]).astype(np.int64)  # first pixel centre
+    hi = np.clip(np.floor(corners.max(1) + eps), -1, [w - 1, h - 1]).astype(np.int64)  # last
+    size = np.maximum(hi - lo + 1, 0)  # (t, 2) bbox width, height in pixels
+    count = size[:, 0] * size[:, 1]
+    owner = np.repeat(np.arange(len(kept)), count)
+    local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+    x = lo[owner, 0] + local % size[owner, 0]
+    y = lo[owner, 1] + local // size[owner, 0]
+    px, py = x - a[owner, 0], y - a[owner, 1]
+    b1 = (px * e2[owner, 1] - py * e2[owner, 0]) / det[owner]
+    b2 = (e1[owner, 0] * py - e1[owner, 1] * px) / det[owner]
+    return kept, owner, y * w + x, np.stack([1.0 - b1 - b2, b1, b2], 1)
 
 
 def part_triangles(model, parts: tuple[str, ...]) -> np.ndarray:

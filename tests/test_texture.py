@@ -423,7 +423,7 @@ def test_vertex_colours_follow_the_true_albedo(baked) -> None:
     assert rgb.shape == (model.n_vertices, 3) and conf.shape == (model.n_vertices,)
     assert (conf[model.part_vertices("eyeball_left", "eyeball_right")] == 0).all()
     pt = load_default_texture()
-    photo, _ = sample_texture(pt._photo_linear, np.ones(pt.photo.shape[:2], np.float32), pt.vertex_uv)
+    photo, _ = sample_texture(pt.photo_linear, np.ones(pt.photo.shape[:2], np.float32), pt.vertex_uv)
     albedo = pt.vertex_weight[:, None] * photo + (1 - pt.vertex_weight[:, None]) * pt.vertex_albedo
     sel = (conf > 0) & (model.vertex_part == model.part_names.index("face"))
     assert sel.sum() > 3000

@@ -30,6 +30,7 @@ import torch
 
 from pipeline.errors import ModelError
 from rigs.render.cameras import CameraBatch
+from rigs.uv_raster import triangle_pixels
 
 
 def _check_finite(vertices: torch.Tensor) -> None:
@@ -96,24 +97,10 @@ class ZBufferBackend:
         pix, z = projected
         ids = np.flatnonzero((z[tris] > self.near).all(1))
         corners, inv_z = pix[tris[ids]], 1.0 / z[tris[ids]]  # (t, 3, 2), (t, 3)
-        a, e1, e2 = corners[:, 0], corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
-        det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-        keep = np.abs(det) > 1e-12
-        ids, corners, inv_z, a, e1, e2, det = (x[keep] for x in (ids, corners, inv_z, a, e1, e2, det))
-        lo = np.clip(np.ceil(corners.min(1)), 0, [w, h]).astype(np.int64)
-        hi = np.clip(np.floor(corners.max(1)), -1, [w - 1, h - 1]).astype(np.int64)
-        size = np.maximum(hi - lo + 1, 0)
-        count = size[:, 0] * size[:, 1]
-        owner = np.repeat(np.arange(len(ids)), count)
-        local = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
-        x = lo[owner, 0] + local % size[owner, 0]
-        y = lo[owner, 1] + local // size[owner, 0]
-        px, py = x - a[owner, 0], y - a[owner, 1]
-        b1 = (px * e2[owner, 1] - py * e2[owner, 0]) / det[owner]
-        b2 = (e1[owner, 0] * py - e1[owner, 1] * px) / det[owner]
-        bary = np.stack([1.0 - b1 - b2, b1, b2], 1)
+        kept, owner, pixel, bary = triangle_pixels(corners, w, h)
+        ids, inv_z = ids[kept], inv_z[kept]
         inside = bary.min(1) >= 0
-        owner, bary, pixel = owner[inside], bary[inside], (y * w + x)[inside]
+        owner, bary, pixel = owner[inside], bary[inside], pixel[inside]
         closeness = (bary * inv_z[owner]).sum(1)  # 1/z is affine in the pinhole image
         order = np.lexsort((ids[owner], -closeness, pixel))
         pixel, owner = pixel[order], owner[order]
