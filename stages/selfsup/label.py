@@ -93,9 +93,46 @@ def build_energy(capture: Any, personal: BlendshapeRig, texture: Any, names: tup
                   np.full(len(names), width / cfg.resolution, np.float32), weights)
 
 
-def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, flat_seed: bool = False
-                           ) -> list[float]:
-    """Light and camera response on neutral-window frames, the rig at rest (nominal donning).
+def estimate_donning(energy: Energy, pool: FramePool, rows: np.ndarray, steps: int = 200
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head pose (R (3, 3), t (3,)) shared by neutral frames ``rows``, from keypoints alone.
+
+    The head can sit centimetres from the nominal donning (the tiny synthetic subject:
+    16-22 mm, 5 degrees), where a render at rest misses the face; the keypoints reach it
+    without any appearance. Without keypoints the nominal donning (R = I, t = 0) is kept.
+    """
+    from rigs.render.posing import rotvec_to_matrix
+    from stages.selfsup.losses import keypoint_loss
+
+    eye, zero = torch.eye(3), torch.zeros(3)
+    if energy.layout is None or pool.keypoints is None:
+        return eye, zero
+    kp = torch.from_numpy(pool.keypoints[rows])
+    conf = torch.from_numpy(pool.confidence[rows]) * torch.from_numpy(pool.usability[rows] == 0)[..., None]
+    if float(conf.sum()) == 0:
+        return eye, zero
+    k = energy.renderer.rig.size
+    rest = energy.renderer.rig.expression(torch.zeros(len(rows), k))  # head frame
+    points = energy.layout.points(rest)
+    scale = energy.px_scale[None, :, None, None]
+    rotvec = torch.zeros(3, requires_grad=True)
+    t_mm = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [rotvec], "lr": 0.01}, {"params": [t_mm], "lr": 0.5}])
+    for _ in range(steps):
+        opt.zero_grad()
+        rot = rotvec_to_matrix(rotvec[None])[0]
+        posed = points @ rot.T + t_mm / 1000
+        pixels, _ = energy.renderer.project(posed)
+        loss = keypoint_loss(pixels * scale, kp * scale, conf, energy.weights.keypoint_huber_px)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return rotvec_to_matrix(rotvec[None])[0].detach(), (t_mm / 1000).detach()
+
+
+def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, flat_seed: bool = False,
+                           donning: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
+    """Light and camera response on neutral-window frames, the rig at rest at ``donning``.
 
     With a flat albedo seed (no phone texture) the seed's exponent and offset are held:
     a constant seed cannot tell them from the camera gain, and L-BFGS diverged along that
@@ -107,6 +144,9 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
     data = frame_data(pool.images[rows], pool.usability[rows], None, None)
     valid = data.usable[:, :, None, None].expand_as(data.images)
     rest = RigState.rest(len(rows), energy.renderer.rig.size)
+    if donning is not None:
+        rest = RigState(rest.b, rest.gaze, donning[0].expand(len(rows), 3, 3).clone(),
+                        donning[1].expand(len(rows), 3).clone())
     config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ())
     snapshot = {k: v.clone() for k, v in energy.appearance.state_dict().items()}
     # The full fit, else its closed-form start, else the generic start: L-BFGS's line search
@@ -137,9 +177,11 @@ def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Self
     torch.manual_seed(cfg.seed)
     net = StateNetwork(len(names), len(definition.regressed), _network_config(cfg))
     module = torch.nn.ModuleDict({"network": net, "appearance": energy.appearance})
+    with timed(timings, "donning_s"), deterministic():  # cheap and deterministic: a resume redoes it
+        r0, t0 = estimate_donning(energy, pool, neutral_frames(pool, cfg.appearance_frames))
     if checkpoint is None or checkpoint.load() is None:  # a resumed run has its appearance
         with timed(timings, "appearance_s"), deterministic():
-            fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None)
+            fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None, donning=(r0, t0))
     mirrored = pool.clips[0].mirrored
 
     def step_loss(idx: np.ndarray):
@@ -147,7 +189,7 @@ def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Self
         data = frame_data(pool.images[idx], pool.usability[idx], _take(pool.keypoints, idx),
                           _take(pool.confidence, idx), cfg.keypoints)
         out = net(network_input(pool.images[idx], mirrored))
-        terms = energy(out.b, out.gaze, out.rotation, out.translation, data)
+        terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data)
         return terms.total, terms.scalars()
 
     schedule = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
@@ -159,7 +201,7 @@ def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Self
                         progress=(lambda done, _t: bar.update(1)) if verbose else None)
     bar.close()
     with timed(timings, "infer_s"):
-        labels = infer(net, energy, pool, names, cfg, capture.subject_id)
+        labels = infer(net, energy, pool, names, cfg, capture.subject_id, (r0, t0))
     labels.history, labels.timings = history.terms, timings
     return labels
 
@@ -169,8 +211,11 @@ def _take(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
 
 
 def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, ...], cfg: SelfSupConfig,
-          subject_id: str) -> SelfSupLabels:
-    """Labels, residuals, confidence and status of every frame of the pool."""
+          subject_id: str, donning: tuple[torch.Tensor, torch.Tensor] = (torch.eye(3), torch.zeros(3))
+          ) -> SelfSupLabels:
+    """Labels, residuals, confidence and status of every frame of the pool (the network's
+    pose is relative to ``donning``, the recording's estimated head pose)."""
+    r0, t0 = donning
     from scipy.spatial.transform import Rotation
 
     from rigs.geometry import quat_from_rotation
@@ -185,9 +230,10 @@ def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, 
             data = frame_data(pool.images[idx], pool.usability[idx], _take(pool.keypoints, idx),
                               _take(pool.confidence, idx), cfg.keypoints)
             out = net(network_input(pool.images[idx], mirrored))
-            terms = energy(out.b, out.gaze, out.rotation, out.translation, data)
+            rotation, translation = out.rotation @ r0, t0 + out.translation
+            terms = energy(out.b, out.gaze, rotation, translation, data)
             parts["b"].append(full_blendshapes(out.b, out.gaze, definition, energy.index).numpy())
-            for key, value in (("gaze", out.gaze), ("R", out.rotation), ("t", out.translation),
+            for key, value in (("gaze", out.gaze), ("R", rotation), ("t", translation),
                                ("rms", terms.frame_pixel_rms), ("kp", terms.frame_keypoint_px)):
                 parts[key].append(value.numpy())
     cat = {k: np.concatenate(v) for k, v in parts.items()}
