@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StageError
-from stages.metrics_common import MetricResult, scalar_result, segments_of
+from stages.metrics_common import MetricResult, per_basis_results, scalar_result, segments_of
 from stages.metrics_gt import MeshError
 
 ACTIVE_MAE = "active_mae"
@@ -86,11 +86,8 @@ class ActiveMae:
 
     def as_results(self) -> dict[str, MetricResult]:
         """{"active_mae": ..., "active_mae/<name>": ...} for the metrics table."""
-        out = {ACTIVE_MAE: scalar_result(ACTIVE_MAE, self.mae, self.n_pairs)}
-        for name, v in self.per_basis.items():
-            key = f"{ACTIVE_MAE}/{name}"
-            out[key] = scalar_result(key, v, 0 if v is None else 1)
-        return out
+        return per_basis_results(ACTIVE_MAE, self.mae, self.n_pairs, self.per_basis,
+                                 {name: 0 if v is None else 1 for name, v in self.per_basis.items()})
 
 
 def active_mae(
@@ -147,11 +144,7 @@ class AmplitudeRatio:
 
     def as_results(self) -> dict[str, MetricResult]:
         """{"amplitude_ratio": median, "amplitude_ratio/<name>": ...} (n_items = bases, windows)."""
-        out = {AMPLITUDE_RATIO: scalar_result(AMPLITUDE_RATIO, self.median, len(self.per_basis))}
-        for name, v in self.per_basis.items():
-            key = f"{AMPLITUDE_RATIO}/{name}"
-            out[key] = scalar_result(key, v, self.n_windows[name])
-        return out
+        return per_basis_results(AMPLITUDE_RATIO, self.median, len(self.per_basis), self.per_basis, self.n_windows)
 
 
 def amplitude_ratio(

@@ -151,6 +151,17 @@ def scalar_result(name: str, value: float | None, n_items: int) -> MetricResult:
     return MetricResult(name, None if value is None else float(value), int(n_items))
 
 
+def per_basis_results(name: str, value: float | None, n_items: int,
+                      per_basis: Mapping[str, float | None], basis_items: Mapping[str, int]
+                      ) -> dict[str, MetricResult]:
+    """``{name: value, "name/<basis>": ...}`` for the metrics table: an overall number and
+    one per basis, each with how many items it averages over."""
+    out = {name: scalar_result(name, value, n_items)}
+    for basis, v in per_basis.items():
+        out[f"{name}/{basis}"] = scalar_result(f"{name}/{basis}", v, basis_items[basis])
+    return out
+
+
 def pass_fraction(
     name: str,
     n_items: int,

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.errors import StageError
 from rigs.geometry import rotation_from_quat
-from stages.metrics_common import MetricResult, scalar_result
+from stages.metrics_common import MetricResult, per_basis_results, scalar_result
 from stages.metrics_geometry import rigid_fit
 
 BLENDSHAPE_MAE = "blendshape_mae"
@@ -64,12 +64,8 @@ class BlendshapeMae:
 
     def as_results(self) -> dict[str, MetricResult]:
         """{"blendshape_mae": ..., "blendshape_mae/<name>": ...} for the metrics table."""
-        out = {BLENDSHAPE_MAE: scalar_result(BLENDSHAPE_MAE, self.mae,
-                                             self.n_frames * len(self.per_basis))}
-        for name, v in self.per_basis.items():
-            key = f"{BLENDSHAPE_MAE}/{name}"
-            out[key] = scalar_result(key, v, self.n_frames)
-        return out
+        return per_basis_results(BLENDSHAPE_MAE, self.mae, self.n_frames * len(self.per_basis), self.per_basis,
+                                 dict.fromkeys(self.per_basis, self.n_frames))
 
 
 def blendshape_mae(
