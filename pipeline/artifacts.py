@@ -167,6 +167,10 @@ class Checkpoint:
         except FileNotFoundError:
             return None
 
+    def exists(self) -> bool:
+        """Whether a blob was saved (without reading it)."""
+        return self.fs.exists(self.path)
+
     def save(self, data: bytes) -> None:
         """Replaces the blob; a kill during the write leaves the previous one."""
         self.fs.makedirs(self.path.rsplit("/", 1)[0], exist_ok=True)

@@ -334,18 +334,23 @@ def _check(model: DeformableModel, obs: Sequence[ScanObservation]) -> None:
 
 
 @contextmanager
-def single_thread() -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """Runs torch on ``n`` intra-op threads inside the block (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def single_thread():
     """Runs torch on one intra-op thread inside the block (restored after).
 
     The fit's tensors are small: extra threads only add synchronisation, and on a busy
     2-core machine torch's default 2 threads made a 3-scan fit 7x slower (62 s vs 8.6 s).
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def fit_scans(model: DeformableModel, observations: Sequence[ScanObservation], cfg: FitConfig | None = None) -> FitResult:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from rigs.render.posing import rotvec_to_matrix
-from stages.selfsup.energy import Energy, frame_data
+from stages.selfsup.energy import Energy
 from stages.selfsup.stage import FramePool
 
 
@@ -70,7 +70,7 @@ def fit_frame(energy: Energy, data, start: tuple[torch.Tensor, ...], steps: int,
         opt.step()
     with torch.no_grad():
         state = (b.clamp(0, 1).detach(), gaze.detach(), (rotvec_to_matrix(rotvec) @ r0).detach(), (t_mm / 1000).detach())
-        terms = energy(*state, data)
+        terms = energy(*state, data, residuals=True)
     return state, terms
 
 
@@ -81,18 +81,15 @@ def track(energy: Energy, pool: FramePool, cfg: BaselineConfig = BaselineConfig(
     import time
 
     rows = np.arange(len(pool)) if frames is None else np.asarray(frames)
-    starts = np.cumsum([0] + [c.frame_count for c in pool.clips])
+    starts = set(np.cumsum([0] + [c.frame_count for c in pool.clips]).tolist())
     k = len(energy.definition.regressed)
     rest = (torch.zeros(1, k), torch.zeros(1, 4), torch.eye(3)[None], torch.zeros(1, 3))
     out = {key: [] for key in ("b", "gaze", "R", "t", "rms", "kp")}
     state, previous = rest, None
     t0 = time.perf_counter()
     for row in rows:
-        first = previous is None or np.searchsorted(starts, row, "right") != np.searchsorted(starts, previous, "right") \
-            or row != previous + 1
-        data = frame_data(pool.images[[row]], pool.usability[[row]],
-                          None if pool.keypoints is None else pool.keypoints[[row]],
-                          None if pool.confidence is None else pool.confidence[[row]], cfg.use_keypoints)
+        first = previous is None or row != previous + 1 or row in starts  # a recording's first frame
+        data = pool.data(np.array([row]), cfg.use_keypoints)
         state, terms = fit_frame(energy, data, rest if first else state, cfg.first_steps if first else cfg.steps, cfg)
         for key, value in zip(("b", "gaze", "R", "t"), state, strict=True):
             out[key].append(value.numpy())

@@ -20,6 +20,7 @@ import torch
 
 from rigs.definition import RigDefinition
 from rigs.render import AppearanceModel, HmcRenderer, RigState
+from rigs.render.losses import masked_l2
 from stages.selfsup.frames import USABLE
 from stages.selfsup.keypoints import KeypointLayout
 from stages.selfsup.losses import (
@@ -27,7 +28,6 @@ from stages.selfsup.losses import (
     constraint_loss,
     full_blendshapes,
     keypoint_loss,
-    pixel_loss,
     sparsity_loss,
 )
 
@@ -69,15 +69,15 @@ class FrameData:
 
 @dataclass
 class EnergyTerms:
-    """The total and its parts, each () tensors; per-frame residuals for reporting."""
+    """The total and its parts, each () tensors; per-frame residuals (B,) when asked for."""
 
     total: torch.Tensor
     pixel: torch.Tensor
     keypoint: torch.Tensor
     sparsity: torch.Tensor
     constraint: torch.Tensor
-    frame_pixel_rms: torch.Tensor
-    frame_keypoint_px: torch.Tensor
+    frame_pixel_rms: torch.Tensor | None
+    frame_keypoint_px: torch.Tensor | None
 
     def scalars(self) -> dict[str, float]:
         return {k: float(getattr(self, k).detach()) for k in ("total", "pixel", "keypoint", "sparsity", "constraint")}
@@ -109,22 +109,26 @@ class Energy:
         return RigState(full_blendshapes(b, gaze, self.definition, self.index), gaze, rotation, translation)
 
     def __call__(self, b: torch.Tensor, gaze: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
-                 data: FrameData) -> EnergyTerms:
-        """The energy of B frames' states (regressed b, gaze, R, t) against ``data``."""
+                 data: FrameData, residuals: bool = False) -> EnergyTerms:
+        """The energy of B frames' states (regressed b, gaze, R, t) against ``data``; with
+        ``residuals`` also each frame's pixel rms and keypoint distance (for reporting)."""
         w = self.weights
         out = self.renderer.render(self.state(b, gaze, rotation, translation), self.appearance)
         mask = (out.mask & data.usable[:, :, None, None]).to(out.ir.dtype)
-        pixel = pixel_loss(out.ir, data.images, mask)
-        sq = (mask * (out.ir - data.images) ** 2).sum((1, 2, 3))
-        frame_rms = torch.sqrt(sq.detach() / mask.sum((1, 2, 3)).clamp_min(1.0))
-        zero = b.new_zeros(())
-        keypoint, frame_kp = zero, torch.full((b.shape[0],), float("nan"))
+        pixel = masked_l2(out.ir, data.images, mask)
+        frame_rms = frame_kp = None
+        if residuals:
+            sq = (mask * (out.ir.detach() - data.images) ** 2).sum((1, 2, 3))
+            frame_rms = torch.sqrt(sq / mask.sum((1, 2, 3)).clamp_min(1.0))
+            frame_kp = torch.full((b.shape[0],), float("nan"))
+        keypoint = b.new_zeros(())
         if self.layout is not None and data.keypoints is not None and w.keypoint > 0:
             pixels, _ = self.renderer.project(self.layout.points(out.vertices))
             scale = self.px_scale.to(pixels.dtype)[None, :, None, None]
             conf = data.confidence * data.usable[:, :, None].to(data.confidence.dtype)
             keypoint = keypoint_loss(pixels * scale, data.keypoints * scale, conf, w.keypoint_huber_px)
-            frame_kp = _frame_keypoint_px(pixels.detach() * scale, data.keypoints * scale, conf)
+            if residuals:
+                frame_kp = _frame_keypoint_px(pixels.detach() * scale, data.keypoints * scale, conf)
         sparsity = sparsity_loss(b)
         constraint = constraint_loss(b, self.index)
         total = w.pixel * pixel + w.keypoint * keypoint + w.sparsity * sparsity + w.constraint * constraint
@@ -142,9 +146,9 @@ def _frame_keypoint_px(pred: torch.Tensor, obs: torch.Tensor, conf: torch.Tensor
 
 
 def frame_data(images: np.ndarray, usability: np.ndarray, keypoints: np.ndarray | None,
-               confidence: np.ndarray | None, use_keypoints: bool = True) -> FrameData:
+               confidence: np.ndarray | None) -> FrameData:
     """:class:`FrameData` from a clip's arrays for some frames (uint8 images)."""
     kp = conf = None
-    if use_keypoints and keypoints is not None:
+    if keypoints is not None:
         kp, conf = torch.from_numpy(keypoints), torch.from_numpy(confidence)
     return FrameData(torch.from_numpy(images).float() / 255.0, torch.from_numpy(usability == USABLE), kp, conf)

@@ -19,7 +19,7 @@ from storage.capture import Recording
 
 #: Frame usability codes, one per (frame, camera).
 USABLE, DARK, SATURATED = 0, 1, 2
-_CODE_NAMES = {DARK: "dark", SATURATED: "saturated"}
+CODE_NAMES = {DARK: "dark", SATURATED: "saturated"}
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,12 @@ class HmcClip:
 
     def frame_reasons(self) -> list[str]:
         """Per frame, '' when every camera is usable, else e.g. 'mouth_left dark; glabella saturated'."""
-        reasons = []
-        for row in self.usability:
-            bad = [f"{cam} {_CODE_NAMES[int(c)]}" for cam, c in zip(self.cameras, row, strict=True) if c != USABLE]
-            reasons.append("; ".join(bad))
-        return reasons
+        return ["; ".join(unusable_cameras(row, self.cameras)) for row in self.usability]
+
+
+def unusable_cameras(codes: np.ndarray, cameras: Sequence[str]) -> list[str]:
+    """'<camera> dark' / '<camera> saturated' for each unusable camera of one frame's (C,) codes."""
+    return [f"{cam} {CODE_NAMES[int(c)]}" for cam, c in zip(cameras, codes, strict=True) if c != USABLE]
 
 
 def downsample(image: np.ndarray, size: int) -> np.ndarray:

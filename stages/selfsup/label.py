@@ -17,17 +17,17 @@ from pipeline.progress import LogProgress
 from rigs.camera import rig_cameras
 from rigs.render import AppearanceFitConfig, AppearanceModel, HmcRenderer, RigState, fit_appearance
 from rigs.rig import BlendshapeRig
-from stages.selfsup.energy import Energy, EnergyWeights, frame_data
+from stages.fit_solve import torch_threads
+from stages.parallel import available_cores
+from stages.selfsup.energy import Energy, EnergyWeights
 from stages.selfsup.frames import network_input
 from stages.selfsup.keypoints import keypoint_layout
 from stages.selfsup.losses import full_blendshapes
-from stages.selfsup.network import StateNetwork
+from stages.selfsup.network import NetworkConfig, StateNetwork
 from stages.selfsup.stage import (
     FramePool,
     SelfSupConfig,
     SelfSupLabels,
-    _network_config,
-    _torch_threads,
     frame_status,
     load_pool,
     neutral_frames,
@@ -107,13 +107,12 @@ def estimate_donning(energy: Energy, pool: FramePool, rows: np.ndarray, steps: i
     eye, zero = torch.eye(3), torch.zeros(3)
     if energy.layout is None or pool.keypoints is None:
         return eye, zero
-    kp = torch.from_numpy(pool.keypoints[rows])
-    conf = torch.from_numpy(pool.confidence[rows]) * torch.from_numpy(pool.usability[rows] == 0)[..., None]
+    data = pool.data(rows)
+    kp, conf = data.keypoints, data.confidence * data.usable[..., None]
     if float(conf.sum()) == 0:
         return eye, zero
     k = energy.renderer.rig.size
-    rest = energy.renderer.rig.expression(torch.zeros(len(rows), k))  # head frame
-    points = energy.layout.points(rest)
+    points = energy.layout.points(energy.renderer.rig.expression(torch.zeros(1, k)))  # (1, P, 3) head frame
     scale = energy.px_scale[None, :, None, None]
     rotvec = torch.zeros(3, requires_grad=True)
     t_mm = torch.zeros(3, requires_grad=True)
@@ -141,7 +140,7 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
     from rigs.render.appearance import ALBEDO_MAP
 
     rows = neutral_frames(pool, cfg.appearance_frames)
-    data = frame_data(pool.images[rows], pool.usability[rows], None, None)
+    data = pool.data(rows, keypoints=False)
     valid = data.usable[:, :, None, None].expand_as(data.images)
     rest = RigState.rest(len(rows), energy.renderer.rig.size)
     if donning is not None:
@@ -168,27 +167,29 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
 def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
                   checkpoint: CheckpointStore | None = None, verbose: bool = True) -> SelfSupLabels:
     """Trains the subject's network through the renderer and labels every frame."""
-    _torch_threads()
+    with torch_threads(available_cores()):
+        return _label_subject(capture, personal, texture, cfg, checkpoint, verbose)
+
+
+def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
+                   checkpoint: CheckpointStore | None, verbose: bool) -> SelfSupLabels:
     timings: dict[str, float] = {}
     with timed(timings, "read_s"):
         names, pool = load_pool(capture, cfg)
     energy = build_energy(capture, personal, texture, names, cfg)
     definition = personal.definition
     torch.manual_seed(cfg.seed)
-    net = StateNetwork(len(names), len(definition.regressed), _network_config(cfg))
+    net = StateNetwork(len(names), len(definition.regressed), NetworkConfig(width=cfg.network_width))
     module = torch.nn.ModuleDict({"network": net, "appearance": energy.appearance})
     with timed(timings, "donning_s"), deterministic():  # cheap and deterministic: a resume redoes it
         r0, t0 = estimate_donning(energy, pool, neutral_frames(pool, cfg.appearance_frames))
-    if checkpoint is None or checkpoint.load() is None:  # a resumed run has its appearance
+    if checkpoint is None or not checkpoint.exists():  # a resumed run has its appearance
         with timed(timings, "appearance_s"), deterministic():
             fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None, donning=(r0, t0))
-    mirrored = pool.clips[0].mirrored
-
     def step_loss(idx: np.ndarray):
         idx = np.sort(idx)
-        data = frame_data(pool.images[idx], pool.usability[idx], _take(pool.keypoints, idx),
-                          _take(pool.confidence, idx), cfg.keypoints)
-        out = net(network_input(pool.images[idx], mirrored))
+        data = pool.data(idx, cfg.keypoints)
+        out = net(network_input(pool.images[idx], pool.mirrored))
         terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data)
         return terms.total, terms.scalars()
 
@@ -206,10 +207,6 @@ def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Self
     return labels
 
 
-def _take(a: np.ndarray | None, idx: np.ndarray) -> np.ndarray | None:
-    return None if a is None else a[idx]
-
-
 def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, ...], cfg: SelfSupConfig,
           subject_id: str, donning: tuple[torch.Tensor, torch.Tensor] = (torch.eye(3), torch.zeros(3))
           ) -> SelfSupLabels:
@@ -222,16 +219,14 @@ def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, 
 
     net.eval()
     definition = energy.definition
-    mirrored = pool.clips[0].mirrored
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("b", "gaze", "R", "t", "rms", "kp")}
     with torch.no_grad():
         for start in range(0, len(pool), cfg.inference_batch):
             idx = np.arange(start, min(start + cfg.inference_batch, len(pool)))
-            data = frame_data(pool.images[idx], pool.usability[idx], _take(pool.keypoints, idx),
-                              _take(pool.confidence, idx), cfg.keypoints)
-            out = net(network_input(pool.images[idx], mirrored))
+            data = pool.data(idx, cfg.keypoints)
+            out = net(network_input(pool.images[idx], pool.mirrored))
             rotation, translation = out.rotation @ r0, t0 + out.translation
-            terms = energy(out.b, out.gaze, rotation, translation, data)
+            terms = energy(out.b, out.gaze, rotation, translation, data, residuals=True)
             parts["b"].append(full_blendshapes(out.b, out.gaze, definition, energy.index).numpy())
             for key, value in (("gaze", out.gaze), ("R", rotation), ("t", translation),
                                ("rms", terms.frame_pixel_rms), ("kp", terms.frame_keypoint_px)):

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from rigs.definition import RigDefinition
-from rigs.render.losses import masked_l2 as pixel_loss  # noqa: F401  (the energy's pixel term)
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from pipeline.errors import ConfigError, StageError
-from stages.selfsup.frames import USABLE, FrameCheck, HmcClip, load_clip
-from stages.selfsup.network import NetworkConfig
+from stages.selfsup.frames import USABLE, FrameCheck, HmcClip, load_clip, unusable_cameras
 
 FORMAT = 1
 
@@ -220,6 +218,19 @@ class FramePool:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def mirrored(self) -> np.ndarray:
+        """(C,) cameras flipped at network input (every clip has the same cameras)."""
+        return self.clips[0].mirrored
+
+    def data(self, rows: np.ndarray, keypoints: bool = True) -> Any:
+        """The :class:`stages.selfsup.energy.FrameData` of pool ``rows`` (keypoints optional)."""
+        from stages.selfsup.energy import frame_data
+
+        use = keypoints and self.keypoints is not None
+        return frame_data(self.images[rows], self.usability[rows], self.keypoints[rows] if use else None,
+                          self.confidence[rows] if use else None)
+
 
 def frame_status(usability: np.ndarray, cameras: tuple[str, ...], min_usable: int) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: ("ok" or "rejected", reason) from the (N, C) usability codes.
@@ -227,13 +238,10 @@ def frame_status(usability: np.ndarray, cameras: tuple[str, ...], min_usable: in
     A frame with at least ``min_usable`` usable cameras is ``ok``; its reason names any
     camera that was not used ("degraded: eye_left dark"). Fewer makes it ``rejected``.
     """
-    from stages.selfsup.frames import DARK
-
     status = np.full(len(usability), "ok", dtype="U16")
     reason = np.full(len(usability), "", dtype=object)
     for i, row in enumerate(usability):
-        bad = [f"{cam} {'dark' if code == DARK else 'saturated'}" for cam, code in zip(cameras, row, strict=True)
-               if code != USABLE]
+        bad = unusable_cameras(row, cameras)
         if not bad:
             continue
         usable = len(cameras) - len(bad)
@@ -255,10 +263,6 @@ def camera_names(rig: Any, which: str) -> tuple[str, ...]:
     if len(sizes) != 1:
         raise StageError(f"the labeller renders cameras of one image size; the rig's differ: {sorted(sizes)}")
     return names
-
-
-def _network_config(cfg: SelfSupConfig) -> NetworkConfig:
-    return NetworkConfig(width=cfg.network_width)
 
 
 def load_pool(capture: Any, cfg: SelfSupConfig, progress=None) -> tuple[tuple[str, ...], FramePool]:
@@ -296,9 +300,3 @@ def timed(timings: dict[str, float], name: str):
     return _T()
 
 
-def _torch_threads() -> None:
-    import os
-
-    cores = int(os.environ.get("PGT_STAGE_CORES", "0") or 0)
-    if cores > 0:
-        torch.set_num_threads(cores)
