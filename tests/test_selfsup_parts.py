@@ -152,7 +152,8 @@ def test_keypoint_loss_weights_skips_missing_and_caps_outliers():
 
 def test_pixel_and_constraint_losses_on_known_values():
     from rigs.definition import load_default_rig_definition
-    from stages.selfsup.losses import RigIndex, constraint_loss, pixel_loss, sparsity_loss
+    from rigs.render.losses import masked_l2 as pixel_loss
+    from stages.selfsup.losses import RigIndex, constraint_loss, sparsity_loss
 
     r = torch.zeros(1, 1, 2, 2)
     o = torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]])
