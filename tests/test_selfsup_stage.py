@@ -49,10 +49,6 @@ def test_labels_cover_every_frame_and_write_valid_label_rows(labelled, tiny_subj
     np.testing.assert_array_equal(again.b, labelled.b)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect (docs/selfsup.md): without a phone texture the initial appearance fit fails on this "
-    "subject (L-BFGS overflow, then non-finite closed-form start), the generic appearance leaves a "
-    "pixel rms of 0.66 and 24 steps cannot lower the pixel-dominated energy by 20 %"))
 def test_training_lowers_the_energy(labelled):
     total = np.asarray(labelled.history["total"])
     assert total[-6:].mean() < 0.8 * total[:4].mean()

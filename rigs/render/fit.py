@@ -68,7 +68,8 @@ def fit_appearance(renderer: HmcRenderer, appearance: AppearanceModel, state: Ri
         config: the stages and their lengths.
 
     Returns:
-        The data loss (mean squared intensity error) at every evaluation.
+        The data loss (mean squared intensity error) at every evaluation; the last entry
+        is the loss at the returned parameters.
     """
     with torch.no_grad():
         vertices = renderer.rig(state)
@@ -76,7 +77,7 @@ def fit_appearance(renderer: HmcRenderer, appearance: AppearanceModel, state: Ri
     mask = s.mask if valid is None else s.mask & valid
     tris, cams = renderer.rig.triangles, renderer.cameras
     if config.initialise:
-        initialise_log_linear(appearance, s, cams, images)
+        initialise_log_linear(appearance, s, cams, images, fixed=config.fixed)
         _match_background(appearance, s, cams, images)
     history: list[float] = []
 
@@ -108,47 +109,71 @@ def fit_appearance(renderer: HmcRenderer, appearance: AppearanceModel, state: Ri
             for _ in range(config.albedo_steps):
                 opt.step(closure)
         lbfgs(free(*GLOBAL, *ALBEDO), config.refine_steps, True)
+    with torch.no_grad():  # the last closure call may be a rejected line-search trial
+        history.append(float(masked_l2(appearance(s, tris, cams), images, mask)))
     return history
 
 
 def initialise_log_linear(appearance: AppearanceModel, s: Surface, cameras: CameraBatch,
-                          images: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> None:
+                          images: torch.Tensor, lo: float = 0.02, hi: float = 0.98,
+                          fixed: Sequence[str] = ()) -> None:
     """Initial exponents and gains from a log-domain linear least squares.
 
     With the bias, ambient term, wrap and albedo offset at zero, the model's log intensity
     is linear in ``log gain_c``, ``g``, ``g p``, ``g e_a`` and ``g k_c`` given the
     per-pixel features ``log seed``, ``log cos``, ``log(d_ref / d)`` and ``log cos(theta)``.
-    Solved over the atlas hits observed strictly inside (lo, hi) (not clipped); the
-    results are clamped to physically sensible ranges. Sets log_gain, log_response,
-    log_falloff, log_albedo_exponent, off_axis; zeroes bias, albedo_offset, vignette.
+    Solved over the atlas hits observed strictly inside (lo, hi) (not clipped). The
+    exponents are then clamped to physically sensible ranges and the gains re-solved
+    with them held, so that a clamp never leaves a gain that belongs to other exponents
+    (an unclamped flat-seed solve gave log gain 39,000 on the tiny subject). The seed's
+    exponent is held where it is ``fixed`` or the seed is flat (a constant seed cannot
+    tell it from the gain). Sets log_gain, log_response, log_falloff, off_axis and (unless
+    held) log_albedo_exponent; zeroes bias, albedo_offset, vignette.
     """
     from rigs.render.appearance import D_REF
 
     with torch.no_grad():
         observed = images.reshape(-1)[s.index]
         index = appearance.camera_index(cameras)
-        light = cameras.centre[s.camera]
-        to_light = light - s.point
+        to_light = cameras.centre[s.camera] - s.point
         dist = to_light.norm(dim=-1)
         cos = (s.normal * to_light).sum(-1) / dist
         cos_axis = (s.ray * cameras.R[s.camera, :, 2]).sum(-1)
         seed = appearance.sample_map(s, appearance.albedo_seed)
         use = (appearance.in_atlas[s.triangle] & (observed > lo) & (observed < hi) & (cos > 0.05)
-               & (seed > 1e-3))
+               & (seed > 1e-3) & (cos_axis > 1e-3))
         if use.sum() < 100:
             return
-        cam = s.camera[use]
-        onehot = torch.nn.functional.one_hot(cam, len(cameras)).to(torch.float64)
-        x = torch.cat([onehot, torch.stack([seed[use].log(), cos[use].log(), (D_REF / dist[use]).log()], -1).double(),
-                       onehot * cos_axis[use].log().double()[:, None]], 1)
-        coef = torch.linalg.lstsq(x, observed[use].log().double()[:, None]).solution[:, 0]
         c = len(cameras)
-        g = float(coef[c + 1].clamp(0.2, 3.0))
-        appearance.log_response.fill_(np.log(g))
-        appearance.log_albedo_exponent.fill_(float(np.log(np.clip(float(coef[c]) / g, 0.1, 5.0))))
-        appearance.log_falloff.fill_(float(np.log(np.clip(float(coef[c + 2]) / g, 0.5, 4.0))))
-        appearance.off_axis[index] = (coef[c + 3:] / g).clamp(-2.0, 8.0).to(appearance.off_axis.dtype)
-        appearance.log_gain[index] = coef[:c].to(appearance.log_gain.dtype)
+        cam = s.camera[use]
+        log_seed, log_cos = seed[use].log().double(), cos[use].log().double()
+        log_near, log_axis = (D_REF / dist[use]).log().double(), cos_axis[use].log().double()
+        target = observed[use].log().double()
+        hold_seed = "log_albedo_exponent" in fixed or float(log_seed.std()) < 1e-6
+        e_a = float(appearance.log_albedo_exponent.exp())
+        # The response g multiplies the cosine's log (plus the seed's when its exponent is held).
+        shading = log_cos + e_a * log_seed if hold_seed else log_cos
+        onehot = torch.nn.functional.one_hot(cam, c).to(torch.float64)
+        columns = [onehot, shading[:, None], log_near[:, None], onehot * log_axis[:, None]]
+        if not hold_seed:
+            columns.append(log_seed[:, None])
+        coef = torch.linalg.lstsq(torch.cat(columns, 1), target[:, None], driver="gelsd").solution[:, 0]
+        g = float(np.clip(float(coef[c]), 0.2, 3.0))
+        p = float(np.clip(float(coef[c + 1]) / g, 0.5, 4.0))
+        k = (coef[c + 2:2 * c + 2] / g).clamp(-2.0, 8.0)
+        if not hold_seed:
+            e_a = float(np.clip(float(coef[2 * c + 2]) / g, 0.1, 5.0))
+            shading = log_cos + e_a * log_seed
+        # Each camera's gain given the clamped exponents: the mean log residual of its pixels.
+        residual = target - g * (shading + p * log_near + k[cam] * log_axis)
+        counts = torch.bincount(cam, minlength=c).double()
+        log_gain = torch.zeros(c, dtype=torch.float64).index_add_(0, cam, residual) / counts.clamp_min(1)
+        seen = counts > 0
+        appearance.log_response.fill_(float(np.log(g)))
+        appearance.log_falloff.fill_(float(np.log(p)))
+        appearance.log_albedo_exponent.fill_(float(np.log(e_a)))
+        appearance.off_axis[index[seen]] = k[seen].to(appearance.off_axis.dtype)
+        appearance.log_gain[index[seen]] = log_gain[seen].clamp(-10.0, 10.0).to(appearance.log_gain.dtype)
         appearance.bias.zero_()
         appearance.albedo_offset.zero_()
         appearance.vignette.zero_()

@@ -148,20 +148,21 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
                         donning[1].expand(len(rows), 3).clone())
     config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ())
     snapshot = {k: v.clone() for k, v in energy.appearance.state_dict().items()}
-    # The full fit, else its closed-form start, else the generic start: L-BFGS's line search
-    # can overflow on a poorly constrained direction, and the log-linear start came out
-    # non-finite on the tiny subject with a flat seed (both measured); training refines it.
+    # The full fit, its closed-form start alone, and the generic start: the lowest finite
+    # loss wins. L-BFGS's line search can overflow on a poorly constrained direction.
     attempts = (config, dataclasses.replace(config, steps=0), dataclasses.replace(config, steps=0, initialise=False))
+    best: tuple[float, list[float], dict[str, torch.Tensor]] | None = None
     for attempt in attempts:
         energy.appearance.load_state_dict(snapshot)
         try:
             history = fit_appearance(energy.renderer, energy.appearance, rest, data.images, valid, attempt)
         except RuntimeError:
             continue
-        if all(bool(torch.isfinite(v).all()) for v in energy.appearance.state_dict().values()):
-            return history
-    energy.appearance.load_state_dict(snapshot)
-    return []
+        final = history[-1]
+        if np.isfinite(final) and (best is None or final < best[0]):
+            best = (final, history, {k: v.clone() for k, v in energy.appearance.state_dict().items()})
+    energy.appearance.load_state_dict(snapshot if best is None else best[2])
+    return [] if best is None else best[1]
 
 
 def label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: SelfSupConfig,
