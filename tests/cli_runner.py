@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 
-from tests.conftest import QUICK_RIG_ITERATIONS
+from tests.conftest import QUICK_SETTINGS
 from workflows.cli import main
 
-#: ``pgt`` flags of a run whose ``rig`` stage stops early (see ``QUICK_RIG_ITERATIONS``).
-QUICK_RIG = ("--set", f"rig.max_iterations={QUICK_RIG_ITERATIONS}")
+#: ``pgt`` flags of a quick run (see ``QUICK_SETTINGS``).
+QUICK_RUN = tuple(flag for key, value in QUICK_SETTINGS.items() for flag in ("--set", f"{key}={value}"))
 
 
 def run_pgt(*args: str) -> str:

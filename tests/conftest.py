@@ -15,6 +15,23 @@ TINY_SEED = 11
 #: while the objective was lowest after 3 (0.0135 against 0.0162 at 19; 24 CPU-s, mean
 #: residuals the same to 0.005 mm).
 QUICK_RIG_ITERATIONS = 3
+#: Run options of those same tests (``--set`` form): the rig stops early and the
+#: self-supervision trains a few steps of a small network at low resolution (its labels'
+#: accuracy is tested in tests/test_selfsup_stage.py and measured by the benchmark).
+QUICK_SETTINGS = {
+    "rig.max_iterations": str(QUICK_RIG_ITERATIONS),
+    "selfsup.resolution": "24", "selfsup.steps": "4", "selfsup.batch_size": "2",
+    "selfsup.network_width": "4", "selfsup.appearance_frames": "3", "selfsup.appearance_steps": "4",
+    "selfsup.checkpoint_every": "2", "selfsup.inference_batch": "64",
+}
+
+
+def quick_config():
+    """The RunConfig of :data:`QUICK_SETTINGS`."""
+    from pipeline.config import with_overrides
+    from workflows.config import RunConfig
+
+    return with_overrides(RunConfig(), QUICK_SETTINGS)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import pytest
 
 from pipeline.errors import ConfigError
 from rigs.definition import load_default_rig_definition
-from rigs.example_rig import ExampleRigConfig
 from rigs.face_model import load_ict_face_model
 from rigs.rig import BlendshapeRig
 from stages.metrics import mesh_error_vertices
@@ -20,15 +19,14 @@ from stages.synthesis.truth import SubjectTruth
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import LabelTable, blendshape_matrix
-from tests.conftest import QUICK_RIG_ITERATIONS
+from tests.conftest import quick_config
 from tests.test_synthesis import EMBEDDING_MEDIAN_MM, _phone_camera
-from workflows.config import RunConfig
 from workflows.label import backfill, find_captures
 from workflows.metrics import MetricsJob, run_metrics, score_recording
 
 #: The chain with a rig stage that stops early (see ``tests/conftest.py``): these tests
 #: check the engine, the failure records and the landmarks, not the personal rig.
-CONFIG = RunConfig(rig=ExampleRigConfig(max_iterations=QUICK_RIG_ITERATIONS))
+CONFIG = quick_config()
 
 
 @pytest.fixture(scope="module")

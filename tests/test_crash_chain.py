@@ -19,23 +19,22 @@ import pytest
 
 from pipeline.artifacts import ArtifactStore
 from pipeline.runlog import read_stage_log
-from rigs.example_rig import ExampleRigConfig
 from storage import delta
-from tests.conftest import QUICK_RIG_ITERATIONS
-from workflows.config import RunConfig
+from tests.cli_runner import QUICK_RUN
+from tests.conftest import quick_config
 from workflows.label import backfill
 
 REPO = Path(__file__).resolve().parents[1]
-#: Kill points spread over the 16 units (2 subjects x 8 stages): early, middle and late;
+#: Kill points spread over the 18 units (2 subjects x 9 stages): early, middle and late;
 #: units finished by every run into the one output folder so far.
 KILL_AFTER_FINISHES = (2, 8, 13)
 #: Stages whose output bytes are reproducible. Fusion's Open3D ICP and Poisson reduce over
 #: threads, so its bytes differ between runs (docs/fusion.md), and so do those of the
 #: stages fed by it (fit, refine, texture); their keys must still match.
 BYTE_REPRODUCIBLE = {"validate", "landmarks", "face_mask"}
-#: The rig stage stops early (see ``tests/conftest.py``): the kills and the resume do not
-#: depend on how far it fits.
-CONFIG = RunConfig(rig=ExampleRigConfig(max_iterations=QUICK_RIG_ITERATIONS))
+#: The rig stage stops early and selfsup trains a few steps (``tests/conftest.py``): the
+#: kills and the resume do not depend on how far they fit.
+CONFIG = quick_config()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,7 @@ def _backfill_killed_after(captures: Path, out: Path, finishes: int, log: Path) 
     """``pgt backfill`` in a subprocess, SIGKILLed (its whole process group) once the stage
     log of ``out`` (every run so far) holds ``finishes`` finish events."""
     cmd = [sys.executable, "-m", "workflows.cli", "backfill", str(captures), "--out", str(out), "--workers", "1", "--quiet",
-           "--set", f"rig.max_iterations={QUICK_RIG_ITERATIONS}"]
+           *QUICK_RUN]
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=sink, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -105,7 +104,7 @@ def test_killed_backfills_resume_to_the_uninterrupted_result(captures, tmp_path)
     base = _run(captures, base_out)
     ref_artifacts, ref_rows = _artifacts(base_out), _landmark_rows(base_out)
     ref_failures = _failures(base_out, base.run_id)
-    assert len(ref_artifacts) == 16 and len(ref_rows) == 20 and len(ref_failures) == 1
+    assert len(ref_artifacts) == 18 and len(ref_rows) == 20 and len(ref_failures) == 1
 
     out = tmp_path / "killed"
     for k in KILL_AFTER_FINISHES:

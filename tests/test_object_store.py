@@ -30,7 +30,7 @@ from pipeline.storage_options import (
 from storage import delta
 from storage.capture import Capture
 from storage.label_table import PARTITION_COLUMN, LabelTable
-from tests.cli_runner import QUICK_RIG
+from tests.cli_runner import QUICK_RUN
 from tests.cli_runner import run_pgt as _pgt
 from workflows.chain import STAGES
 from workflows.metrics import MetricsJob, run_metrics
@@ -104,10 +104,10 @@ def s3_runs(s3, tiny_root, tmp_path_factory):
     captures = str(tiny_root / "captures")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        first = _pgt("backfill", captures, "--out", OUT, "--workers", "1", "--quiet", *QUICK_RIG,
+        first = _pgt("backfill", captures, "--out", OUT, "--workers", "1", "--quiet", *QUICK_RUN,
                      "--storage-option", f"endpoint_url={s3}")
         mp.setenv("AWS_ENDPOINT_URL", s3)
-        second = _pgt("backfill", captures, "--out", OUT, "--workers", "1", "--quiet", *QUICK_RIG)
+        second = _pgt("backfill", captures, "--out", OUT, "--workers", "1", "--quiet", *QUICK_RUN)
     return first, second, cwd
 
 

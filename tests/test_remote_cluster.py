@@ -18,7 +18,7 @@ import pytest
 from pipeline.artifacts import ArtifactStore
 from pipeline.runlog import read_stage_log
 from storage import delta
-from tests.cli_runner import QUICK_RIG
+from tests.cli_runner import QUICK_RUN
 from tests.cli_runner import run_pgt as _pgt
 from workflows.chain import STAGES
 
@@ -88,9 +88,9 @@ def test_backfill_through_a_separate_scheduler_matches_the_embedded_run(schedule
     address, worker = scheduler
     captures = str(tiny_root / "captures")
     remote, embedded = tmp_path / "remote", tmp_path / "embedded"
-    text = _pgt("backfill", captures, "--out", str(remote), "--scheduler", address, "--quiet", *QUICK_RIG)
+    text = _pgt("backfill", captures, "--out", str(remote), "--scheduler", address, "--quiet", *QUICK_RUN)
     assert f"done {len(STAGES)}, failed 0" in text, text
-    _pgt("backfill", captures, "--out", str(embedded), "--workers", "1", "--quiet", *QUICK_RIG)
+    _pgt("backfill", captures, "--out", str(embedded), "--workers", "1", "--quiet", *QUICK_RUN)
 
     # the work ran in the separately started worker (a child of its nanny), not here
     worker_pids = {p.pid for p in psutil.Process(worker.pid).children(recursive=True)}

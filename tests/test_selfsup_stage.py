@@ -103,3 +103,38 @@ def test_a_black_camera_and_missing_keypoints_give_a_status_not_a_crash(tiny_sub
     assert labels.status[4] == "rejected" and "0 usable camera(s)" in labels.reason[4]
     assert np.isnan(labels.residual_keypoint_px).all()  # no keypoint file: no keypoint term
     assert labels.confidence[3] < labels.confidence[2]
+
+
+def test_the_per_frame_baseline_beats_the_zero_labeller_inside_a_peak(tiny_subject, truth_rig):
+    """The baseline (no network) fits three frames of a peak window from the estimated
+    donning: its energy drops below the rest state's and its active coefficients come closer
+    to the truth than all zeros do."""
+    import torch
+
+    from stages.selfsup.baseline import BaselineConfig, track
+    from stages.selfsup.label import build_energy, estimate_donning, fit_initial_appearance
+    from stages.selfsup.stage import load_pool, neutral_frames
+
+    cap = Capture.open(tiny_subject[0])
+    cfg = SelfSupConfig(resolution=32, appearance_frames=6, appearance_steps=30)
+    names, pool = load_pool(cap, cfg)
+    energy = build_energy(cap, truth_rig, None, names, cfg)
+    donning = estimate_donning(energy, pool, neutral_frames(pool, 6))
+    fit_initial_appearance(energy, pool, cfg, flat_seed=True, donning=donning)
+    rec = cap.recording(cap.recordings[0])
+    peak = next(s for s in rec.segments if s.kind == "peak")
+    rows = np.arange(3) + (peak.start + peak.end) // 2 - 1
+    fitted = track(energy, pool, BaselineConfig(first_steps=60, steps=20), rows, donning)
+
+    definition = truth_rig.definition
+    regressed = definition.indices(list(definition.regressed))
+    true_b = SubjectTruth.open(tiny_subject[1]).hmc(rec.name)["b"][rows][:, regressed]
+    active = true_b >= 0.1
+    assert active.sum() >= 3
+    assert np.abs(fitted.b - true_b)[active].mean() < 0.8 * true_b[active].mean()
+    data = pool.data(rows)
+    k = len(regressed)
+    rest = energy(torch.zeros(3, k), torch.zeros(3, 4), donning[0].expand(3, 3, 3), donning[1].expand(3, 3), data)
+    fit = energy(torch.as_tensor(fitted.b), torch.as_tensor(fitted.gaze), torch.as_tensor(fitted.rotation),
+                 torch.as_tensor(fitted.translation), data)
+    assert float(fit.total) < 0.7 * float(rest.total)

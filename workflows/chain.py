@@ -15,6 +15,7 @@ from stages.fusion import fuse_capture
 from stages.landmarks import detect_landmarks_for_capture
 from stages.refine import refine_capture
 from stages.rigging import rig_capture
+from stages.selfsup.label import selfsup_capture
 from stages.texture import texture_capture
 from stages.validation import validate_capture_stage
 
@@ -66,6 +67,12 @@ STAGES: list[Stage] = [
         config_fields=("rig",), outputs=("rows",),
         description="personal 53-blendshape rig by example-based rigging of the refined expressions",
         library_versions=("scipy",),
+    ),
+    Stage(
+        name="selfsup", version="1", fn=selfsup_capture, inputs=("capture", "texture", "rig"),
+        config_fields=("selfsup",), resumable=True,
+        description="round-0 labels: per-subject network trained through the differentiable HMC renderer",
+        library_versions=("torch", "open3d"),
     ),
 ]
 

@@ -15,6 +15,7 @@ from stages.fit_config import FitConfig
 from stages.fusion import FusionConfig
 from stages.landmarks import LandmarksConfig
 from stages.refine import RefineConfig
+from stages.selfsup.stage import SelfSupConfig
 from stages.texture import TextureConfig
 from stages.validation import ValidateConfig
 
@@ -31,5 +32,6 @@ class RunConfig:
     refine: RefineConfig = field(default_factory=RefineConfig)
     texture: TextureConfig = field(default_factory=TextureConfig)
     rig: ExampleRigConfig = field(default_factory=ExampleRigConfig)
+    selfsup: SelfSupConfig = field(default_factory=SelfSupConfig)
     pipeline_version: str = __version__
     """Written into every label row."""

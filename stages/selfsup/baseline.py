@@ -75,15 +75,17 @@ def fit_frame(energy: Energy, data, start: tuple[torch.Tensor, ...], steps: int,
 
 
 def track(energy: Energy, pool: FramePool, cfg: BaselineConfig = BaselineConfig(), frames: np.ndarray | None = None,
-          ) -> BaselineStates:
+          donning: tuple[torch.Tensor, torch.Tensor] | None = None) -> BaselineStates:
     """Fits every frame of the pool (or ``frames``, pool rows) in order, warm-starting each
-    from the previous row of the same recording."""
+    from the previous row of the same recording; a recording's first frame starts at rest
+    at ``donning`` (R (3, 3), t (3,): the estimated head pose; the nominal one when None)."""
     import time
 
     rows = np.arange(len(pool)) if frames is None else np.asarray(frames)
     starts = set(np.cumsum([0] + [c.frame_count for c in pool.clips]).tolist())
     k = len(energy.definition.regressed)
-    rest = (torch.zeros(1, k), torch.zeros(1, 4), torch.eye(3)[None], torch.zeros(1, 3))
+    r0, t0 = donning if donning is not None else (torch.eye(3), torch.zeros(3))
+    rest = (torch.zeros(1, k), torch.zeros(1, 4), r0[None].clone(), t0[None].clone())
     out = {key: [] for key in ("b", "gaze", "R", "t", "rms", "kp")}
     state, previous = rest, None
     t0 = time.perf_counter()

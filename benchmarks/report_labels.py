@@ -1,0 +1,57 @@
+"""The round-0 labels' section of ``docs/benchmarks.md`` (from ``results/selfsup.json``)."""
+
+from __future__ import annotations
+
+#: (metric, target text, better) for the issue's targets; None = no target, reported only.
+TARGETS = (
+    ("active_mae", "<= 0.12", "low"), ("amplitude_ratio", ">= 0.85", "high"),
+    ("expression_mesh_error_active_mm", "<= 1.0 mm", "low"), ("head_rotation_error_deg", "<= 0.5", "low"),
+    ("head_translation_error_mm", "<= 1 mm", "low"), ("gaze_error_deg", "<= 2", "low"),
+    ("blendshape_mae", "", "low"), ("expression_mesh_error_mm", "", "low"),
+)
+#: SPEC §5.1 metrics: the target is "within 0.05 of the truth's own score".
+SEMANTIC = ("semantic_accuracy", "neutralness", "smoothness", "eye_closure", "mouth_closure")
+
+
+def _fmt(v: object) -> str:
+    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def selfsup_section(d: dict) -> list[str]:
+    from benchmarks.report import _table
+
+    lines = ["## Round-0 labels (self-supervision)", "",
+             f"`{d['command']}` on `{d['data']}`: every variant's labels scored by `pgt metrics` against the "
+             "truth, beside the two trivial labellers (all zeros; the art prior in peak windows) and the "
+             "truth's own §5.1 scores (the ceiling: performances are imperfect by design). "
+             f"Load average before the run {d['machine']['load_before']:.1f} (timings below are "
+             "inflated by it when it exceeds the 2 CPUs).", ""]
+    for subject, entry in d["subjects"].items():
+        variants = entry["variants"]
+        header = ["metric", "target", *variants, "trivial_zeros", "trivial_prior", "truth"]
+        rows = []
+        first = next(iter(variants.values()))["metrics"]
+        for metric, target, _ in TARGETS:
+            rows.append([metric, target or "-", *[_fmt(v["metrics"].get("self_supervision/0", {}).get(metric))
+                                                  for v in variants.values()],
+                         _fmt(first.get("trivial_zeros", {}).get(metric)), _fmt(first.get("trivial_prior", {}).get(metric)),
+                         "0"])
+        truth = d.get("truth", {}).get("ground_truth/0", {})
+        for metric in SEMANTIC:
+            rows.append([metric, f"within 0.05 of {_fmt(truth.get(metric))}",
+                         *[_fmt(v["metrics"].get("self_supervision/0", {}).get(metric)) for v in variants.values()],
+                         _fmt(first.get("trivial_zeros", {}).get(metric)), _fmt(first.get("trivial_prior", {}).get(metric)),
+                         _fmt(truth.get(metric))])
+        rows.append(["wall s (CPU s)", "<= 1200 (standard)",
+                     *[f"{v['wall_s']:.0f} ({v['cpu_s']:.0f})" for v in variants.values()], "", "", ""])
+        lines += [f"### {subject} ({entry['rig']}; {first and next(iter(variants.values()))['frames']} frames)", "",
+                  *_table(header, rows)]
+        if "baseline" in entry:
+            b = entry["baseline"]
+            lines += [f"Per-frame baseline on {b['frames']} frames around the first peak: "
+                      f"{b['baseline_fps']:.2f} frames/s ({b['baseline_cpu_s']:.0f} CPU-s); the network "
+                      f"{_fmt(b['cnn_inference_fps'])} frames/s at inference, {_fmt(b['cnn_fps_with_training'])} "
+                      "with its training amortised over the subject's frames.", "",
+                      *_table(["on those frames", "baseline", "network"],
+                              [[k, _fmt(b["baseline"][k]), _fmt(b["cnn"][k])] for k in b["cnn"]])]
+    return lines
