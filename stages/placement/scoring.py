@@ -164,7 +164,7 @@ class PopulationScores:
 def score_cameras(
     cameras: Sequence[Camera],
     population: Population,
-    config: ScoreConfig = ScoreConfig(),
+    config: ScoreConfig | None = None,
     proxies: Sequence[Mesh | None] | None = None,
 ) -> PopulationScores:
     """Scores headset-frame ``cameras`` over ``population``.
@@ -172,9 +172,10 @@ def score_cameras(
     Args:
         cameras: C cameras in the headset frame.
         population: the faces (poses, donning offsets).
-        config: scoring options.
+        config: scoring options (defaults without one).
         proxies: per camera, a headset proxy mesh (headset frame) or None.
     """
+    config = config or ScoreConfig()
     proxies = list(proxies) if proxies is not None else [None] * len(cameras)
     if len(proxies) != len(cameras):
         raise ConfigError(f"{len(proxies)} proxies for {len(cameras)} cameras")

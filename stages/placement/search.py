@@ -104,7 +104,7 @@ def weighted_score(camera: Camera, population: Population, weights: Mapping[str,
 
 
 def search_camera(start: Camera, population: Population, weights: Mapping[str, float],
-                  config: SearchConfig = SearchConfig(), score_config: ScoreConfig = ScoreConfig(),
+                  config: SearchConfig | None = None, score_config: ScoreConfig | None = None,
                   proxy: Mesh | None = None) -> SearchResult:
     """Maximises the weighted score of one camera over its feasible box and cone.
 
@@ -116,6 +116,7 @@ def search_camera(start: Camera, population: Population, weights: Mapping[str, f
     """
     from scipy.optimize import minimize
 
+    config, score_config = config or SearchConfig(), score_config or ScoreConfig()
     unknown = sorted(set(weights) - set(population.regions.names))
     if unknown or not weights:
         raise ConfigError(f"search weights must name regions of {population.regions.names}, got {sorted(weights)}")
