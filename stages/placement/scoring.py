@@ -109,6 +109,27 @@ def unoccluded(scene: Scene, origin: np.ndarray, points: np.ndarray, tolerance: 
     return ~(t < dist - tolerance)
 
 
+def point_visibility(camera: Camera, points: np.ndarray, normals: np.ndarray, scenes: Sequence[Scene] | None = None,
+                     proxy: Scene | None = None, tolerance: float = 1e-3) -> tuple[ViewTerms, np.ndarray]:
+    """One camera's view terms and visibility of T poses (what :func:`score_cameras` batches).
+
+    Args:
+        camera: the camera in the points' frame.
+        points, normals: (T, P, 3).
+        scenes: per pose, the occluding mesh's scene (None: no ray casting).
+        proxy: a further occluder's scene (same frame), or None.
+        tolerance: metres, see :func:`unoccluded`.
+
+    Returns:
+        (view terms, visible (T, P) bool).
+    """
+    terms = view_terms(camera, points, normals)
+    visible = (terms.in_view & terms.facing)[None]
+    if scenes is not None:
+        _apply_occlusion(visible, [camera], points, list(scenes), [proxy], tolerance)
+    return terms, visible[0]
+
+
 def region_means(values: np.ndarray, region: np.ndarray, n_regions: int) -> np.ndarray:
     """(..., P) per-point values -> (..., R) means over each region's points."""
     onehot = np.eye(n_regions)[region]  # (P, R)
