@@ -213,7 +213,8 @@ def test_cli_scores_and_compares_rigs(tmp_path):
     rigs = [str(PLACEMENT_DIR / f"{n}.json") for n in ("standard", "mouth_outward_1cm")]
     out = tmp_path / "placement"
     run_pgt("placement", *rigs, "--out", str(out), "--identities", "1", "--max-expressions", "2",
-            "--donnings", "1", "--samples", "8")
+            "--donnings", "1", "--samples", "8", "--search", "mouth_left", "--search-evaluations", "6",
+            "--search-identities", "1")
     result = json.loads((out / "placement.json").read_text())
     assert result["expressions"] == ["jaw_drop_max", "jaw_open_half"]
     targets = {r: {row["camera"]: row for row in result["rigs"][r]["targets"]} for r in result["rigs"]}
@@ -226,3 +227,9 @@ def test_cli_scores_and_compares_rigs(tmp_path):
     assert "standard: V occ" in comparison and "mouth_outward_1cm: M px" in comparison
     assert (out / "standard_heat.png").stat().st_size > 10_000
     assert "| eye_left | eye_L+brow_L |" in (out / "standard.md").read_text()
+    search = result["search"]  # the start rescored on the main faces = its target figures, weighted
+    mouth = targets["standard"]["mouth_left"]["mean"]
+    assert search["weights"] == {"lips": 1.0, "jaw": 1.0} and search["evaluations"] <= 7
+    assert search["scoring_faces"]["start"] == pytest.approx(mouth["v_occluded"] + 0.02 * mouth["motion"])
+    assert search["search_faces"]["best"] >= search["search_faces"]["start"]
+    assert "| scoring population |" in (out / "search.md").read_text()

@@ -147,6 +147,7 @@ def _cmd_placement(args: argparse.Namespace) -> int:
         search_camera=args.search or "",
         search=SearchConfig(box_mm=args.search_box_mm, cone_deg=args.search_cone_deg,
                             max_evaluations=args.search_evaluations, weights=_weights(args.weights or "")),
+        search_population=PopulationConfig(identities=args.search_identities, max_expressions=12, donnings=3, seed=1),
     )
     run_placement(job)
     return 0
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-box-mm", type=float, default=10.0, help="feasible box half-width per headset axis, mm")
     p.add_argument("--search-cone-deg", type=float, default=15.0, help="feasible cone half-angle around the start's axis, degrees")
     p.add_argument("--search-evaluations", type=int, default=60, help="most objective evaluations of the search")
+    p.add_argument("--search-identities", type=int, default=6,
+                   help="identities the search optimises over (x the first 12 expressions x 3 donnings, seed 1); the result is rescored on the main population")
     p.add_argument("--weights", metavar="REGION=W,...", help="search weights over regions (default: the camera's target regions, equally)")
     p.set_defaults(func=_cmd_placement)
     return parser

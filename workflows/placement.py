@@ -28,7 +28,7 @@ from stages.placement.population import Population, PopulationConfig
 from stages.placement.regions import template_regions
 from stages.placement.rigfile import PlacementRig, load_placement_rig
 from stages.placement.scoring import ScoreConfig, score_cameras
-from stages.placement.search import SearchConfig, search_camera, weighted_score
+from stages.placement.search import SearchConfig, search_camera, weighted_scores
 from stages.placement.tables import comparison_markdown, markdown, region_rows, target_rows
 
 
@@ -139,8 +139,8 @@ def _run_search(job: PlacementJob, rig: PlacementRig, model, definition, regions
     found = search_camera(cams[job.search_camera], faces, weights, job.search, job.scoring, rig.proxy_mesh())
     timing = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
     config = replace(job.search, weights=weights)
-    fresh = {label: weighted_score(cam, population, weights, config, job.scoring, rig.proxy_mesh())
-             for label, cam in (("start", found.start), ("best", found.best))}
+    start, best = weighted_scores([found.start, found.best], population, weights, config, job.scoring, rig.proxy_mesh())
+    fresh = {"start": start, "best": best}
     return {"camera": job.search_camera, "weights": weights, "config": asdict(config),
             "search_population": asdict(job.search_population), "evaluations": found.evaluations,
             "search_faces": {"start": found.start_score, "best": found.best_score},

@@ -15,7 +15,7 @@ with V_occ and M the population means of :mod:`stages.placement.scoring`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,14 +93,15 @@ def candidate(start: Camera, x: np.ndarray, config: SearchConfig) -> Camera:
     return Camera(start.intrinsics, start.distortion, rotation, position, start.model)
 
 
-def weighted_score(camera: Camera, population: Population, weights: Mapping[str, float],
-                   config: SearchConfig, score_config: ScoreConfig, proxy: Mesh | None = None) -> float:
-    """The search objective of one camera (module docstring)."""
+def weighted_scores(cameras: Sequence[Camera], population: Population, weights: Mapping[str, float],
+                    config: SearchConfig, score_config: ScoreConfig, proxy: Mesh | None = None) -> list[float]:
+    """The search objective (module docstring) of each camera, scored in one pass."""
     names = population.regions.names
     w = np.array([weights.get(n, 0.0) for n in names], float)
     w /= w.sum()
-    s = score_cameras([camera], population, score_config, [proxy])
-    return float(w @ s.v_occluded[0].mean((0, 1)) + config.motion_weight * (w @ s.motion[0].mean((0, 1))))
+    s = score_cameras(cameras, population, score_config, [proxy] * len(cameras))
+    return [float(w @ s.v_occluded[c].mean((0, 1)) + config.motion_weight * (w @ s.motion[c].mean((0, 1))))
+            for c in range(len(cameras))]
 
 
 def search_camera(start: Camera, population: Population, weights: Mapping[str, float],
@@ -123,7 +124,7 @@ def search_camera(start: Camera, population: Population, weights: Mapping[str, f
     history: list[float] = []
 
     def negative(x: np.ndarray) -> float:
-        history.append(weighted_score(candidate(start, x, config), population, weights, config, score_config, proxy))
+        history.append(weighted_scores([candidate(start, x, config)], population, weights, config, score_config, proxy)[0])
         return -history[-1]
 
     simplex = np.vstack([np.zeros(5), config.initial_step * np.eye(5)])
