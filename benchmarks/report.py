@@ -316,6 +316,20 @@ def rig_accuracy_section(d: dict) -> list[str]:
             *_table(["figure", "measured", "ratio", "target", ""], targets)]
 
 
+def placement_section(d: dict) -> list[str]:
+    row = [", ".join(d["rigs"]), d["cameras"], f"{d['identities']} x {d['expressions']} (+ neutral) x {d['donnings']}",
+           f"{d['posed_faces']:,}", f"{d['scored_views']:,}", d["sample_points"], f"{d['wall_s']:.0f}", f"{d['cpu_s']:.0f}",
+           f"{1e3 * d['cpu_s'] / d['posed_faces']:.1f}", f"{d['peak_rss_mb']:.0f}"]
+    return ["## Camera-placement scoring", "",
+            f"`{d['command']}`: `pgt placement`'s scoring (docs/camera-placement.md) with occlusion: every posed "
+            "face is ray-cast by every camera at every donning offset (one Open3D BVH per posed face, its rays "
+            "batched over cameras x donnings). CPU = process time (all threads) on the shared 2-CPU VM "
+            f"(1-minute load {d['load_1min_after']:.1f} at the end): read CPU seconds.", "",
+            *_table(["rigs", "cameras", "identities x expressions x donnings", "posed faces",
+                     "camera views scored", "sample points", "wall s", "CPU s", "CPU ms / posed face",
+                     "peak MiB"], [row])]
+
+
 def _rejected_prompts(message: str) -> str:
     """'passed', or the prompts a prior-contradiction message names."""
     if not message:
@@ -343,7 +357,7 @@ def main() -> None:
                           ("orchestration", orchestration_section), ("scaling", scaling_section),
                           ("label_table", label_table_section), ("phone_chain", phone_chain_section),
                           ("rigging_speed", rigging_speed_section), ("rig_accuracy", rig_accuracy_section),
-                          ("selfsup", selfsup_section)):
+                          ("selfsup", selfsup_section), ("placement", placement_section)):
         data = _load(name)
         lines += section(data) if data else [f"## {name}", "", "not measured yet", ""]
     PAGE.write_text("\n".join(lines).rstrip() + "\n")

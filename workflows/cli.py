@@ -116,6 +116,43 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(text: str) -> dict[str, float]:
+    """"lips=1,jaw=0.5" -> {"lips": 1.0, "jaw": 0.5}."""
+    from pipeline.errors import ConfigError
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value) if sep else 1.0
+        except ValueError as exc:
+            raise ConfigError(f"--weights expects REGION=NUMBER,..., got {item!r}") from exc
+    return out
+
+
+def _cmd_placement(args: argparse.Namespace) -> int:
+    from stages.placement.population import PopulationConfig
+    from stages.placement.scoring import ScoreConfig
+    from stages.placement.search import SearchConfig
+    from workflows.placement import PlacementJob, run_placement
+
+    job = PlacementJob(
+        rigs=args.rigs, out=args.out,
+        population=PopulationConfig(
+            identities=args.identities, expressions=args.expressions, max_expressions=args.max_expressions,
+            donnings=args.donnings, donning_translation_mm=args.donning_mm, donning_rotation_deg=args.donning_deg,
+            seed=args.seed),
+        scoring=ScoreConfig(occlusion=not args.no_occlusion),
+        samples_per_region=args.samples, pictures=not args.no_pictures,
+        search_camera=args.search or "",
+        search=SearchConfig(box_mm=args.search_box_mm, cone_deg=args.search_cone_deg,
+                            max_evaluations=args.search_evaluations, weights=_weights(args.weights or "")),
+        search_population=PopulationConfig(identities=args.search_identities, max_expressions=12, donnings=3, seed=1),
+    )
+    run_placement(job)
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from pipeline.config import config_options
     from workflows.config import RunConfig
@@ -194,6 +231,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, default=-1, help="only this label_round")
     storage_options.add_storage_option_argument(p)
     p.set_defaults(func=_cmd_metrics)
+    p = sub.add_parser("placement", help="score headset camera rigs over a population of faces (REFA visibility and range of motion); compare rigs; search a camera's pose")
+    p.add_argument("rigs", nargs="+", help="placement rig files: hmc rig.json plus an optional 'placement' object (rigs/data/placement/*.json; docs/camera-placement.md); the first is the comparison's reference")
+    p.add_argument("--out", required=True, help="output folder (tables, comparison, pictures, placement.json)")
+    p.add_argument("--identities", type=int, default=20, help="identities drawn from the face model's identity space (the first is the mean face)")
+    p.add_argument("--expressions", choices=("prompts", "blendshapes"), default="prompts",
+                   help="the prompts' art priors (59 expressions) or each blendshape alone at 1 (53)")
+    p.add_argument("--max-expressions", type=int, default=0, help="keep only the first N expressions (0 = all)")
+    p.add_argument("--donnings", type=int, default=5, help="donning offsets per face, the first nominal")
+    p.add_argument("--donning-mm", type=float, default=3.0, help="std of each axis of a donning translation, mm")
+    p.add_argument("--donning-deg", type=float, default=2.0, help="std of a donning's yaw, pitch and roll, degrees")
+    p.add_argument("--seed", type=int, default=0, help="seed of the identity and donning draws")
+    p.add_argument("--samples", type=int, default=64, help="sample points (keypoints) per region")
+    p.add_argument("--no-occlusion", action="store_true", help="skip ray casting (V occ then only checks field of view and facing)")
+    p.add_argument("--no-pictures", action="store_true", help="skip the heat-map pictures")
+    p.add_argument("--search", metavar="CAMERA", help="also search a better pose for this camera of the first rig")
+    p.add_argument("--search-box-mm", type=float, default=10.0, help="feasible box half-width per headset axis, mm")
+    p.add_argument("--search-cone-deg", type=float, default=15.0, help="feasible cone half-angle around the start's axis, degrees")
+    p.add_argument("--search-evaluations", type=int, default=60, help="most objective evaluations of the search")
+    p.add_argument("--search-identities", type=int, default=6,
+                   help="identities the search optimises over (x the first 12 expressions x 3 donnings, seed 1); the result is rescored on the main population")
+    p.add_argument("--weights", metavar="REGION=W,...", help="search weights over regions (default: the camera's target regions, equally)")
+    p.set_defaults(func=_cmd_placement)
     return parser
 
 
