@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -74,3 +75,32 @@ def build_dashboard_tables(synth: Path, out: Path, severities: dict[str, float] 
                            run_id="dashboard-test"))
     return {"labels": labels, "metrics": str(out / "tables" / "metrics"), "captures": str(synth / "captures"),
             "truth": str(synth / "ground_truth")}
+
+
+def run_validation(captures: Sequence[Path], out: Path) -> None:
+    """A real run of the chain's first stage (``validate``, shallow) in one thread: it
+    writes the run, plan and failure records the coverage and failure views read; a
+    capture folder without ``capture.json`` becomes a failure record."""
+    from dataclasses import replace
+
+    from pipeline.dag import run_chain
+    from pipeline.stage import Chain
+    from workflows.chain import STAGES
+    from workflows.config import RunConfig
+
+    config = RunConfig()
+    config = replace(config, validate=replace(config.validate, deep=False))
+    run_chain(list(captures), str(out), config, chain=Chain((STAGES[0],)), workers=1, processes=False,
+              progress=False, report=False)
+
+
+def dashboard_sources(synth: Path, out: Path, groups: Sequence[tuple[str, int]] = (STAND_IN, DISTILLED)) -> Any:
+    """DashboardSources of ``synth``: a validation run over its captures plus one broken
+    capture, and the stand-in's label and metrics tables."""
+    from workflows.dashboard.data import DashboardSources
+
+    broken = out / "broken-captures" / "synth-broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    run_validation([*sorted((synth / "captures").iterdir()), broken], out)
+    paths = build_dashboard_tables(synth, out, groups=groups)
+    return DashboardSources(out=str(out), **paths)

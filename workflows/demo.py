@@ -18,6 +18,8 @@ from pipeline.status import status
 from stages.synthesis.generate import generate
 from stages.synthesis.presets import get_preset
 from workflows.config import RunConfig
+from workflows.dashboard.data import DashboardSources
+from workflows.dashboard.report import build_report
 from workflows.label import backfill
 from workflows.metrics import MetricsJob, format_summary, run_metrics
 
@@ -40,8 +42,10 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, workers: int | None
     text = "\n".join(report)
     (out / "qa").mkdir(parents=True, exist_ok=True)
     (out / "qa" / "report.md").write_text(text + "\n")
+    build_report(DashboardSources(str(out / "run"), labels=str(synth / "ground_truth" / "labels"), metrics=str(out / "qa" / "metrics"),
+                                  captures=str(synth / "captures"), truth=str(synth / "ground_truth")), out / "qa" / "report.html")
     print(text)
-    print(f"\nrun folder {summary.run_dir}; QA report {out / 'qa' / 'report.md'}")
+    print(f"\nrun folder {summary.run_dir}; QA report {out / 'qa' / 'report.md'} and {out / 'qa' / 'report.html'}")
     return 0 if summary.ok else 1
 
 

@@ -9,7 +9,7 @@ of one recording are read on demand (:meth:`DashboardData.recording_frames`).
 Label sources are generic (source, round) groups. The truth (``ground_truth``, or
 ``truth``) and the trivial labellers (``trivial_*``) are references; "the product's
 labels" are the non-reference group with the highest round, the newest scored first
-on a tie (:func:`product_group`); with none, the dashboard shows the first group there is.
+on a tie (:func:`product_group`); with none, the dashboard shows the truth, else what is there.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def is_reference(source: str) -> bool:
 
 def product_group(groups: pd.DataFrame) -> Group | None:
     """The product's (source, round): the non-reference group with the highest round,
-    the newest ``computed_at`` first on a tie; else the first group; None when empty.
+    the newest ``computed_at`` first on a tie; else the truth; else a trivial labeller;
+    None when empty.
 
     Args:
         groups: rows of (label_source, label_round, computed_at).
@@ -90,7 +91,8 @@ def product_group(groups: pd.DataFrame) -> Group | None:
     if groups.empty:
         return None
     own = groups[~groups["label_source"].map(is_reference)]
-    pick = own if not own.empty else groups
+    truth = groups[groups["label_source"].isin(TRUTH_SOURCES)]
+    pick = own if not own.empty else truth if not truth.empty else groups
     pick = pick.sort_values(["label_round", "computed_at"], ascending=False)
     row = pick.iloc[0]
     return str(row["label_source"]), int(row["label_round"])

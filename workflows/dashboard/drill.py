@@ -51,6 +51,24 @@ def worst_frames(frames: FrameData, truth_b: np.ndarray | None, n: int) -> tuple
     return labels.frame_index[order], score[order], what
 
 
+def run_rig(run_out: Path, subject: str) -> Any:
+    """The personal rig of the newest run whose ``rig`` unit of ``subject`` is done, or None
+    (reads only that artifact)."""
+    import json
+
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.runlog import OutputLayout
+    from stages.rigging import RiggedSubject
+
+    for plan in sorted((run_out / "runs").glob("*/plan.json"), reverse=True):
+        for unit in json.loads(plan.read_text()):
+            if unit["stage"] == "rig" and unit["subject"] == subject and unit["state"] in ("done", "cached") \
+                    and unit["key"]:
+                output = ArtifactStore(OutputLayout(str(run_out)).artifacts).load("rig", unit["key"])
+                return RiggedSubject.from_output(output).result.rig
+    return None
+
+
 class FrameDrill:
     """Overlay pictures of any frame, with the rigs, captures and truth opened once.
 
@@ -77,14 +95,11 @@ class FrameDrill:
         from rigs.rig import BlendshapeRig
 
         try:
-            from stages.rigging import RiggedSubject
-            from workflows.phone_figures import find_outputs
-
-            _, _, outputs = find_outputs(Path(self.data.sources.out), subject)
-            if "rig" in outputs:
-                return SubjectRig(RiggedSubject.from_output(outputs["rig"]).result.rig, "run")
+            rig = run_rig(Path(self.data.sources.out), subject)
+            if rig is not None:
+                return SubjectRig(rig, "run")
         except (PgtError, OSError, ValueError, KeyError):
-            pass  # no run output for this subject: the truth's or the generic rig
+            pass  # no readable run output for this subject: the truth's or the generic rig
         truth = self.truth(subject)
         if truth is not None:
             return SubjectRig(truth.rig, "truth")

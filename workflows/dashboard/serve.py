@@ -55,10 +55,12 @@ class DashboardApp:
         self.tables = pn.Column(sizing_mode="stretch_width")
         self.select = pn.widgets.Select(name="Recording (worst first)", options=[], width=320)
         self.subject_pictures = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.pictures_button = pn.widgets.Button(name="Phone-chain pictures of this subject", width=320)
+        self.pictures_button.on_click(lambda event: self.show_pictures())
         self.recording = pn.Column(sizing_mode="stretch_width")
         self.status = pn.pane.HTML("", sizing_mode="stretch_width")
         self.tabs = pn.Tabs(("Dataset", self.dataset), ("Subjects", self.tables),
-                            ("Recording", pn.Column(self.select, self.recording, self.subject_pictures,
+                            ("Recording", pn.Column(self.select, self.recording, self.pictures_button, self.subject_pictures,
                                                     sizing_mode="stretch_width")),
                             sizing_mode="stretch_width", dynamic=False)
         self.select.param.watch(lambda event: self.show_recording(event.new), "value")
@@ -141,7 +143,12 @@ class DashboardApp:
         if len(view.worst_frames):
             show_frame(int(view.worst_frames[0]))
         self.recording.objects = [pn.pane.Bokeh(view.layout, sizing_mode="stretch_width")]
-        self.subject_pictures.object = pages.phone_pictures_html(self.data, subject)
+        self.subject_pictures.object = ""
+
+    def show_pictures(self) -> None:
+        """The phone-chain pictures of the shown subject (drawn on request: seconds each)."""
+        if self.select.value:
+            self.subject_pictures.object = pages.phone_pictures_html(self.data, self.select.value.split("/", 1)[0])
 
 
 def make_app(sources: DashboardSources, config: ServeConfig) -> Any:

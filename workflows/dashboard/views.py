@@ -156,19 +156,28 @@ def data_table(df: pd.DataFrame, name: str, height: int = 260, digits: int = 4) 
 
 def with_worst_metric(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Adds ``worst_metric`` (the metric where the row is furthest on the bad side of the
-    other rows, in standard deviations) and ``worst_z``; rows sorted worst first."""
+    other rows' mean, in spreads: :func:`spread_floor`) and ``worst_z``; rows sorted worst first."""
     metrics = [c for c in table.columns if c not in keys]
     if table.empty or not metrics:
         return table.assign(worst_metric=[], worst_z=[])
     bad = pd.DataFrame({m: [badness(m, v) if pd.notna(v) else np.nan for v in table[m]] for m in metrics})
-    spread = bad.std(ddof=0).replace(0, np.nan)
-    z = (bad - bad.mean()) / spread
+    z = (bad - bad.mean()) / pd.Series({m: spread_floor(m, bad[m]) for m in metrics})
     filled = z.fillna(-np.inf)
     worst = filled.idxmax(axis=1).where(np.isfinite(filled.max(axis=1)), "")
     out = table.assign(worst_metric=worst.to_numpy(), worst_z=filled.max(axis=1).replace(-np.inf, np.nan).to_numpy())
     lead = [k for k in keys]
     return out[[*lead, "worst_metric", "worst_z", *metrics]].sort_values("worst_z", ascending=False,
                                                                           na_position="last", ignore_index=True)
+
+
+def spread_floor(metric: str, badness_values: pd.Series) -> float:
+    """The spread a row's deviation is divided by: the standard deviation, but at least
+    0.05 for scores and ratios in [0, 1] and 10 % of the typical value for errors, so a
+    tiny difference among a few rows is not called an outlier."""
+    bounded = not lower_is_better(metric) or "ratio" in metric
+    floor = 0.05 if bounded else 0.1 * float(np.nanmedian(np.abs(badness_values))) if badness_values.notna().any() else 0.0
+    spread = float(badness_values.std(ddof=0)) if badness_values.notna().sum() > 1 else 0.0
+    return max(spread, floor) or np.nan
 
 
 def curves_figure(frames: Any, truth_b: np.ndarray | None, segments: Sequence[Any], title: str,
