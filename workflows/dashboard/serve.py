@@ -23,7 +23,7 @@ class ServeConfig:
     """How the dashboard is served.
 
     Attributes:
-        port: TCP port on 127.0.0.1 (0 = any free port).
+        port: TCP port on 127.0.0.1.
         refresh_s: seconds between checks of the tables' versions.
         page: the views' options.
         overlay: how drill-down pictures are drawn.
@@ -173,7 +173,8 @@ def serve(sources: DashboardSources, config: ServeConfig | None = None, *, block
 
     config = config or ServeConfig()
     return pn.serve({"/": lambda: make_app(sources, config)}, port=config.port, address="127.0.0.1",
-                    show=False, threaded=not block, title="hmc-pgt QA dashboard", websocket_origin="*",
+                    show=False, threaded=not block, title="hmc-pgt QA dashboard",
+                    websocket_origin=[f"127.0.0.1:{config.port}", f"localhost:{config.port}"],
                     start=True)
 
 
