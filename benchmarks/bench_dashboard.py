@@ -8,8 +8,8 @@ stand-in labeller's two rounds of tests/dashboard_data.py, scored by the real me
 - ``tiny x N``: the subjects of SYNTH_TINY (``pgt synth --preset tiny``), with the run
   output RUN_OUT of their backfill (coverage, phone pictures, personal rigs);
 - ``tiny x REPLICAS``: the same tables with every subject's label and metrics rows
-  replicated under new subject ids (``rep-0000``...; their captures are folders of links
-  to the originals with the id rewritten, their truth folders links), subject and dataset
+  replicated under new subject ids (``rep-0000``...; their captures are folders of hard
+  links to the originals with the id rewritten, their truth folders links), subject and dataset
   metrics re-averaged; generating 200 tiny subjects would take hours on this machine;
 - ``standard x N``: the subjects of SYNTH_STANDARD, no run output (``--phone-only``
   subjects: one minimal HMC recording each).
@@ -69,13 +69,15 @@ def replicate(sources, replicas: int, work: Path):
 
 
 def _link_capture(original: Path, folder: Path) -> None:
-    """A capture folder of links to ``original``'s parts, with its own subject id."""
+    """A capture folder of hard links to ``original``'s files, with its own subject id."""
     if folder.exists():
         return
     folder.mkdir()
-    for child in original.iterdir():
-        if child.name != "capture.json":
-            os.symlink(child, folder / child.name)
+    for child in original.iterdir():  # hard links: a capture refuses symlinks that leave it
+        if child.is_dir():
+            shutil.copytree(child, folder / child.name, copy_function=os.link)
+        elif child.name != "capture.json":
+            os.link(child, folder / child.name)
     manifest = json.loads((original / "capture.json").read_text())
     manifest["subject_id"] = folder.name
     (folder / "capture.json").write_text(json.dumps(manifest))

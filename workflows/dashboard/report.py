@@ -145,7 +145,7 @@ def build_report(sources: DashboardSources, path: str | Path, config: ReportConf
     recording_table = views.data_table(recordings, "recordings")
     phone = "".join(pages.phone_pictures_html(data, s) for s in subjects.get("subject_id", [])[: config.page.phone_subjects])
     note = Div(text="<p>Worst first: <code>worst_metric</code> is where the row is furthest on the bad side of the "
-                    "others (in standard deviations, <code>worst_z</code>). Click a column to sort, a row to open "
+                    "others (in spreads, <code>worst_z</code>; docs/qa-report.md). Click a column to sort, a row to open "
                     "its recording.</p>")
     tabs = Tabs(tabs=[
         TabPanel(title="Dataset", child=dataset),
