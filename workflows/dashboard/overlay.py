@@ -33,10 +33,10 @@ class OverlayConfig:
         jpeg_quality: JPEG quality of the encoded picture (the report embeds many).
     """
 
-    view_px: int = 160
+    view_px: int = 144
     max_points: int = 1500
     cameras: str = "embedded"
-    jpeg_quality: int = 85
+    jpeg_quality: int = 75
 
 
 @dataclass(frozen=True)

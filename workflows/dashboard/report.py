@@ -72,17 +72,18 @@ const hit = select.options.find(o => o === key || o.startsWith(key + "/"));
 if (hit) { select.value = hit; tabs.active = 2; }
 """
 _TAP_FRAME = """
+const frames = pics.data.frame;
 let best = 0;
 for (let k = 1; k < frames.length; k++) {
   if (Math.abs(frames[k] - cb_obj.x) < Math.abs(frames[best] - cb_obj.x)) { best = k; }
 }
-div.text = pics[best];
+div.text = pics.data.html[best];
 """
 _PICK_WORST = """
 const idx = src.selected.indices;
 if (idx.length === 0) { return; }
-const k = frames.indexOf(src.data.frame[idx[0]]);
-if (k >= 0) { div.text = pics[k]; }
+const k = Array.from(pics.data.frame).indexOf(src.data.frame[idx[0]]);
+if (k >= 0) { div.text = pics.data.html[k]; }
 """
 
 
@@ -97,16 +98,16 @@ def _wire_recording(view: pages.RecordingView, drill: FrameDrill, subject: str, 
                     sampled: int) -> int:
     """Pre-renders the recording's drill-down pictures and wires the tap and row clicks."""
     from bokeh.events import Tap
-    from bokeh.models import CustomJS
+    from bokeh.models import ColumnDataSource, CustomJS
 
     frames = _embedded_frames(view, sampled)
-    pics = [pages.overlay_html(drill, subject, recording, f, view.frames) for f in frames]
-    args = {"div": view.overlay, "frames": frames, "pics": pics}
+    html = [pages.overlay_html(drill, subject, recording, f, view.frames) for f in frames]
+    args = {"div": view.overlay, "pics": ColumnDataSource({"frame": frames, "html": html})}  # shared: embedded once
     view.curves.js_on_event(Tap, CustomJS(args=args, code=_TAP_FRAME))
     view.worst.source.selected.js_on_change("indices", CustomJS(args={**args, "src": view.worst.source},
                                                                 code=_PICK_WORST))
     if len(view.worst_frames):
-        view.overlay.text = pics[frames.index(int(view.worst_frames[0]))]
+        view.overlay.text = html[frames.index(int(view.worst_frames[0]))]
     return len(frames)
 
 
