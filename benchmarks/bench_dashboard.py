@@ -113,13 +113,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _best_subject(sources) -> str:
-    """The last subject of the worst-first table."""
+def _second_subject(sources) -> str:
+    """The second subject of the worst-first table (the first one's recording is shown
+    at load; rows far down a long table are not rendered until scrolled to)."""
     from workflows.dashboard import pages
     from workflows.dashboard.data import DashboardData
 
     data = DashboardData(sources)
-    return str(pages.subject_tables(data, data.product())[0]["subject_id"].iloc[-1])
+    subjects = pages.subject_tables(data, data.product())[0]["subject_id"]
+    return str(subjects.iloc[min(1, len(subjects) - 1)])
 
 
 def measure(name: str, sources, work: Path) -> dict:
@@ -145,7 +147,7 @@ def measure(name: str, sources, work: Path) -> dict:
             result["served_load_seconds"] = time.perf_counter() - start
             result["served_load_server_cpu_seconds"] = time.process_time() - cpu
             page.locator(".bk-tab", has_text="Subjects").click()
-            best = _best_subject(sources)  # not the one shown first: its recording opens now
+            best = _second_subject(sources)  # not the one shown first: its recording opens now
             start = time.perf_counter()
             page.locator(".slick-cell:visible", has_text=best).first.click()
             page.wait_for_selector(f".pgt-overlay figcaption:has-text('{best} / ')", timeout=300_000)
