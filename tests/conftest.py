@@ -70,3 +70,13 @@ def tiny_true_fusion(tiny_subject):
     landmarks = true_landmarks_output(cap, truth, {})
     scans = fuse_scans(cap, landmarks, refine_masks(cap, landmarks, FaceMaskConfig()), FusionConfig(poisson_depth=8))
     return cap, truth, landmarks, scans
+
+
+@pytest.fixture(scope="session")
+def dashboard_sources(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The QA dashboard's inputs on the tiny subject (tests/dashboard_data.py): a run of
+    the validate stage with one broken capture (a failure record), and label and metrics
+    tables holding the truth, the trivial labellers and a stand-in labeller's two rounds."""
+    from tests.dashboard_data import dashboard_sources
+
+    return dashboard_sources(tiny_root, tmp_path_factory.mktemp("dashboard"))

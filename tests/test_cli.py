@@ -41,5 +41,6 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path: Path):
     assert "mouth_closure" in report
     assert "| rig | 1 | 0 | 0 | 0 |" in report and "## Personal rig" in report
     assert (out / "qa" / "img" / "personal_rig.png").is_file()
+    assert "mouth_closure" in (out / "qa" / "report.html").read_text()  # the offline HTML report
     assert (out / "synthetic" / "ground_truth" / "labels" / "_delta_log").is_dir()
     assert list((out / "run" / "runs").glob("*/dask-report.html"))

@@ -153,6 +153,29 @@ def _cmd_placement(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from workflows.dashboard.report import report_from_args
+
+    return report_from_args(args)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from workflows.dashboard.serve import dashboard_from_args
+
+    return dashboard_from_args(args)
+
+
+def _add_dashboard_sources(p: argparse.ArgumentParser) -> None:
+    """The tables and folders the QA views read (docs/qa-report.md)."""
+    p.add_argument("out", help="output root of label/backfill (runs, artifacts, tables)")
+    p.add_argument("--labels", help="label table (default: OUT/tables/labels)")
+    p.add_argument("--metrics", help="metrics table of `pgt metrics` (default: beside the label table)")
+    p.add_argument("--trivial-metrics", help="the trivial labellers' metrics table (default: beside the metrics table)")
+    p.add_argument("--captures", help="folder of capture folders (segments, HMC images; default: the paths the run recorded)")
+    p.add_argument("--truth", help="synthetic ground_truth/ folder: true curves, true landmarks, phone pictures")
+    storage_options.add_storage_option_argument(p)
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from pipeline.config import config_options
     from workflows.config import RunConfig
@@ -253,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identities the search optimises over (x the first 12 expressions x 3 donnings, seed 1); the result is rescored on the main population")
     p.add_argument("--weights", metavar="REGION=W,...", help="search weights over regions (default: the camera's target regions, equally)")
     p.set_defaults(func=_cmd_placement)
+
+    p = sub.add_parser("report", help="write the QA report: one self-contained offline HTML file")
+    _add_dashboard_sources(p)
+    p.add_argument("--html", help="the HTML file to write (default: OUT/qa/report.html)")
+    p.add_argument("--max-recordings", type=int, default=12,
+                   help="recordings (worst first) whose curves and frame pictures are embedded")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("dashboard", help="serve the QA views on localhost; they refresh as the tables gain versions")
+    _add_dashboard_sources(p)
+    p.add_argument("--port", type=int, default=5006, help="port on 127.0.0.1")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between checks of the tables' versions")
+    p.set_defaults(func=_cmd_dashboard)
     return parser
 
 

@@ -24,6 +24,8 @@ from stages.selfsup.stage import SelfSupConfig
 from stages.synthesis.generate import generate
 from stages.synthesis.presets import get_preset
 from workflows.config import RunConfig
+from workflows.dashboard.data import DashboardSources
+from workflows.dashboard.report import build_report
 from workflows.label import backfill
 from workflows.metrics import MetricsJob, format_summary, run_metrics
 
@@ -45,15 +47,21 @@ def run_demo(out: Path, preset: str = "tiny", seed: int = 0, workers: int | None
         report += round0_section(out / "run", synth, out / "qa", summary.run_id)
     metrics = run_metrics(MetricsJob(
         labels=str(synth / "ground_truth" / "labels"), captures=str(synth / "captures"),
-        truth=str(synth / "ground_truth"), out=str(out / "qa" / "metrics"), run_id=summary.run_id,
+        truth=str(synth / "ground_truth"), out=str(out / "qa" / "truth" / "metrics"), run_id=summary.run_id,
     ))
     report += ["## Label metrics of the ground-truth table (the ceiling of the §5.1 scores)", "",
                "```", format_summary(metrics), "```"]
     text = "\n".join(report)
     (out / "qa").mkdir(parents=True, exist_ok=True)
     (out / "qa" / "report.md").write_text(text + "\n")
+    # The HTML report shows the round-0 labels when the chain made them, else the truth's table.
+    labelled = (out / "qa" / "metrics" / "_delta_log").is_dir()
+    build_report(DashboardSources(str(out / "run"), labels="" if labelled else str(synth / "ground_truth" / "labels"),
+                                  metrics=str(out / "qa" / ("metrics" if labelled else "truth/metrics")),
+                                  captures=str(synth / "captures"), truth=str(synth / "ground_truth")),
+                 out / "qa" / "report.html")
     print(text)
-    print(f"\nrun folder {summary.run_dir}; QA report {out / 'qa' / 'report.md'}")
+    print(f"\nrun folder {summary.run_dir}; QA report {out / 'qa' / 'report.md'} and {out / 'qa' / 'report.html'}")
     return 0 if summary.ok else 1
 
 
@@ -153,7 +161,7 @@ def round0_section(run_out: Path, synth: Path, qa: Path, run_id: str) -> list[st
     rig.save(qa / "rigs" / f"{sid}.npz")
     metrics = run_metrics(MetricsJob(
         labels=OutputLayout(str(run_out)).table("labels"), captures=str(synth / "captures"),
-        truth=str(synth / "ground_truth"), rig_dir=str(qa / "rigs"), out=str(qa / "round0_metrics"), run_id=run_id,
+        truth=str(synth / "ground_truth"), rig_dir=str(qa / "rigs"), out=str(qa / "metrics"), run_id=run_id,
     ))
     capture = Capture.open(capture_path)
     recording = labels.recordings[0]

@@ -1,0 +1,195 @@
+"""QA report and dashboard: build time, size and served page load (docs/qa-report.md).
+
+    python -m benchmarks.bench_dashboard --tiny SYNTH_TINY --run RUN_OUT --standard SYNTH_STANDARD \
+        --replicas 200 --work /tmp/bench-dashboard
+
+Cases (each label table holds the truth, the trivial labellers' metrics and the
+stand-in labeller's two rounds of tests/dashboard_data.py, scored by the real metrics job):
+- ``tiny x N``: the subjects of SYNTH_TINY (``pgt synth --preset tiny``), with the run
+  output RUN_OUT of their backfill (coverage, phone pictures, personal rigs);
+- ``tiny x REPLICAS``: the same tables with every subject's label and metrics rows
+  replicated under new subject ids (``rep-0000``...; their captures are folders of hard
+  links to the originals with the id rewritten, their truth folders links), subject and dataset
+  metrics re-averaged; generating 200 tiny subjects would take hours on this machine;
+- ``standard x N``: the subjects of SYNTH_STANDARD, no run output (``--phone-only``
+  subjects: one minimal HMC recording each).
+
+Per case: report build wall and CPU seconds, report bytes, and the served dashboard's
+page load in headless chromium (until the dataset table is shown) and the time to open
+the worst recording with its frame overlay (a click on the recordings table). Writes
+``benchmarks/results/dashboard.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+RESULT = Path(__file__).parent / "results" / "dashboard.json"
+
+
+def replicate(sources, replicas: int, work: Path):
+    """DashboardSources whose tables hold ``replicas`` subjects copied from ``sources``'s."""
+    from storage import delta
+    from storage.label_table import PARTITION_COLUMN
+    from workflows.dashboard.data import DashboardSources
+
+    labels = delta.read_rows(sources.labels_uri)
+    originals = sorted(set(labels.column("subject_id").to_pylist()))
+    ids = [f"rep-{i:04d}" for i in range(replicas)]
+    captures, truth = work / "captures", work / "ground_truth"
+    for folder in (captures, truth):
+        folder.mkdir(parents=True, exist_ok=True)
+    frames = labels.to_pandas()
+    parts = []
+    for i, sid in enumerate(ids):
+        src = originals[i % len(originals)]
+        part = frames[frames["subject_id"] == src].copy()
+        part["subject_id"] = part[PARTITION_COLUMN] = sid
+        parts.append(part)
+        _link_capture(Path(sources.captures) / src, captures / sid)
+        if not (truth / sid).exists():
+            os.symlink(Path(sources.truth) / src, truth / sid)
+    out = DashboardSources(out=str(work / "run"), labels=str(work / "tables" / "labels"), captures=str(captures),
+                           truth=str(truth))
+    table = pa.Table.from_pandas(pd.concat(parts, ignore_index=True), schema=labels.schema, preserve_index=False)
+    for lo in range(0, table.num_rows, 50_000):  # a few commits, as a backfill makes many
+        delta.append_rows(out.labels_uri, table.slice(lo, 50_000), partition_by=[PARTITION_COLUMN])
+    for src_uri, dst_uri in ((sources.metrics_uri, out.metrics_uri), (sources.trivial_metrics_uri, out.trivial_metrics_uri)):
+        _replicate_metrics(src_uri, dst_uri, originals, ids)
+    return out
+
+
+def _link_capture(original: Path, folder: Path) -> None:
+    """A capture folder of hard links to ``original``'s files, with its own subject id."""
+    if folder.exists():
+        return
+    folder.mkdir()
+    for child in original.iterdir():  # hard links: a capture refuses symlinks that leave it
+        if child.is_dir():
+            shutil.copytree(child, folder / child.name, copy_function=os.link)
+        elif child.name != "capture.json":
+            os.link(child, folder / child.name)
+    manifest = json.loads((original / "capture.json").read_text())
+    manifest["subject_id"] = folder.name
+    (folder / "capture.json").write_text(json.dumps(manifest))
+
+
+def _replicate_metrics(src_uri: str, dst_uri: str, originals: list[str], ids: list[str]) -> None:
+    """Recording rows copied per new id; subject and dataset rows re-averaged (as the job does)."""
+    from storage import delta
+
+    rows = delta.read_rows(src_uri)
+    schema, frame = rows.schema, rows.to_pandas()
+    for _, group in frame.groupby(["label_source", "label_round"]):
+        rec = group[group["level"] == "recording"]
+        copies = []
+        for i, sid in enumerate(ids):
+            part = rec[rec["subject_id"] == originals[i % len(originals)]].copy()
+            part["subject_id"] = sid
+            copies.append(part)
+        rec = pd.concat(copies, ignore_index=True)
+        subj = rec.groupby(["subject_id", "metric"], sort=False).agg(
+            value=("value", "mean"), n_items=("value", "count")).reset_index()
+        data = subj.groupby("metric", sort=False).agg(value=("value", "mean"), n_items=("value", "count")).reset_index()
+        const = {c: group[c].iloc[0] for c in ("label_source", "label_round", "run_id", "computed_at")}
+        out = pd.concat([rec, subj.assign(level="subject", recording_id=None),
+                         data.assign(level="dataset", subject_id=None, recording_id=None)], ignore_index=True)
+        out = out.assign(**const)[schema.names]
+        delta.append_rows(dst_uri, pa.Table.from_pandas(out, schema=schema, preserve_index=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _second_subject(sources) -> str:
+    """The second subject of the worst-first table (the first one's recording is shown
+    at load; rows far down a long table are not rendered until scrolled to)."""
+    from workflows.dashboard import pages
+    from workflows.dashboard.data import DashboardData
+
+    data = DashboardData(sources)
+    subjects = pages.subject_tables(data, data.product())[0]["subject_id"]
+    return str(subjects.iloc[min(1, len(subjects) - 1)])
+
+
+def measure(name: str, sources, work: Path) -> dict:
+    """Report build and served page timings of one case."""
+    from playwright.sync_api import sync_playwright
+
+    from workflows.dashboard.report import build_report
+    from workflows.dashboard.serve import ServeConfig, serve
+
+    cpu = time.process_time()
+    info = build_report(sources, work / f"{name}.html")
+    result = {"case": name, "report_seconds": info.seconds, "report_cpu_seconds": time.process_time() - cpu,
+              "report_bytes": info.size_bytes, "recordings_embedded": len(info.recordings), "frames_embedded": info.frames}
+    port = _free_port()
+    server = serve(sources, ServeConfig(port=port, refresh_s=60), block=False)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            cpu, start = time.process_time(), time.perf_counter()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("table.pgt-metrics", timeout=300_000)
+            result["served_load_seconds"] = time.perf_counter() - start
+            result["served_load_server_cpu_seconds"] = time.process_time() - cpu
+            page.locator(".bk-tab", has_text="Subjects").click()
+            best = _second_subject(sources)  # not the one shown first: its recording opens now
+            start = time.perf_counter()
+            page.locator(".slick-cell:visible", has_text=best).first.click()
+            page.wait_for_selector(f".pgt-overlay figcaption:has-text('{best} / ')", timeout=300_000)
+            result["served_open_recording_seconds"] = time.perf_counter() - start
+            browser.close()
+    finally:
+        server.stop()
+    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    from tests.dashboard_data import dashboard_sources
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", type=Path, required=True, help="pgt synth --preset tiny output")
+    parser.add_argument("--run", type=Path, help="output root of the tiny subjects' backfill")
+    parser.add_argument("--standard", type=Path, help="pgt synth --preset standard output")
+    parser.add_argument("--replicas", type=int, default=200)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-dashboard"))
+    args = parser.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    cases = []
+    tiny = dashboard_sources(args.tiny, args.work / "tiny")
+    if args.run:
+        from dataclasses import replace
+
+        tiny = replace(tiny, out=str(args.run))
+    n_tiny = len(list((args.tiny / "captures").iterdir()))
+    cases.append(measure(f"tiny x{n_tiny}", tiny, args.work))
+    cases.append(measure(f"tiny x{args.replicas} (replicated)", replicate(tiny, args.replicas, args.work / "rep"),
+                         args.work))
+    if args.standard:
+        standard = dashboard_sources(args.standard, args.work / "standard")
+        n = len(list((args.standard / "captures").iterdir()))
+        cases.append(measure(f"standard x{n} (phone-only)", standard, args.work))
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps({"command": "python -m benchmarks.bench_dashboard " + " ".join(
+        f"--{k} {v}" for k, v in vars(args).items() if v is not None), "machine": {"cpus": os.cpu_count()},
+        "cases": cases}, indent=1) + "\n")
+    print(f"wrote {RESULT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The QA dashboard's data access, drill-down geometry and offline report (no browser)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from storage import delta
+from tests.dashboard_data import DISTILLED, STAND_IN
+from workflows.dashboard.data import DashboardData, product_group
+from workflows.dashboard.views import with_worst_metric
+
+
+def _groups(*rows):
+    return pd.DataFrame(rows, columns=["label_source", "label_round", "computed_at"])
+
+
+def test_product_is_the_newest_non_reference_group_else_what_is_there():
+    t0, t1 = dt.datetime(2026, 1, 1), dt.datetime(2026, 2, 1)
+    both = _groups(("ground_truth", 0, t1), ("trivial_zeros", 0, t1), ("self_supervision", 0, t0),
+                   ("selfsup", 0, t1), ("distillation", 2, t0))
+    assert product_group(both) == ("distillation", 2)
+    assert product_group(both[both["label_source"] != "distillation"]) == ("selfsup", 0)  # newest on a tie
+    assert product_group(_groups(("ground_truth", 0, t0), ("trivial_prior", 0, t1))) == ("ground_truth", 0)
+    assert product_group(_groups()) is None
+
+
+def test_worst_metric_is_the_one_furthest_on_the_bad_side():
+    table = pd.DataFrame({"subject_id": ["a", "b", "c"], "semantic_accuracy": [0.9, 0.2, 0.8],
+                          "active_mae": [0.05, 0.06, 0.30], "amplitude_ratio": [1.0, 0.95, 1.0]})
+    out = with_worst_metric(table, ["subject_id"])
+    worst = dict(zip(out["subject_id"], out["worst_metric"], strict=True))
+    assert worst["b"] == "semantic_accuracy"  # low score is bad
+    assert worst["c"] == "active_mae"  # high error is bad
+    assert worst["a"] != "semantic_accuracy"
+
+
+def test_dataset_numbers_and_frames_come_from_the_tables(dashboard_sources):
+    data = DashboardData(dashboard_sources)
+    assert data.product() == DISTILLED
+    metrics = delta.read_rows(dashboard_sources.metrics_uri, filters={"level": "dataset"}).to_pandas()
+    shown = data.dataset_metrics()
+    for group in (STAND_IN, DISTILLED):
+        want = metrics[(metrics["label_source"] == group[0]) & (metrics["label_round"] == group[1])
+                       & ~metrics["metric"].str.contains("/")].set_index("metric")["value"]
+        got = shown[(shown["label_source"] == group[0]) & (shown["label_round"] == group[1])].set_index("metric")["value"]
+        pd.testing.assert_series_equal(got.sort_index(), want.sort_index(), check_names=False)
+    assert {"trivial_zeros", "trivial_prior", "ground_truth"} <= set(shown["label_source"])
+    trend = data.trend()
+    assert {STAND_IN, DISTILLED} <= set(zip(trend["label_source"], trend["label_round"], strict=True))
+    failures = data.failures()
+    assert list(failures["subject"]) == ["synth-broken"] and failures["message"].iloc[0]
+    cov = data.coverage().set_index(["stage", "state"])["subjects"]
+    assert cov[("validate", "done")] == 1 and cov[("validate", "failed")] == 1
+    subject = data.label_counts()["subject_id"].iloc[0]
+    frames = data.recording_frames(subject, "rec000", DISTILLED)
+    rows = delta.read_rows(dashboard_sources.labels_uri, filters={"subject_id": subject, "label_round": 1})
+    assert len(frames.labels.frame_index) == rows.num_rows and np.all(np.diff(frames.labels.frame_index) > 0)
+
+
+def test_overlay_poses_the_rig_where_the_truth_is(dashboard_sources):
+    """The drill-down's posed mesh of the true labels is the truth's mesh (same pose
+    composition: rig, gaze, head rotation then translation)."""
+    from stages.synthesis.truth import SubjectTruth
+    from workflows.dashboard.overlay import FramePose, posed_vertices
+
+    data = DashboardData(dashboard_sources)
+    subject = data.label_counts()["subject_id"].iloc[0]
+    truth = SubjectTruth.open(f"{dashboard_sources.truth}/{subject}")
+    t = truth.hmc("rec000")
+    frame = int(np.argmax(t["b"].max(axis=1)))
+    pose = FramePose(t["b"][frame], t["gaze"][frame], t["head_quat"][frame], t["head_t"][frame])
+    np.testing.assert_allclose(posed_vertices(truth.rig, pose), truth.hmc_vertices("rec000", frame), atol=1e-6)
+    moved = posed_vertices(truth.rig, FramePose(t["b"][frame], t["gaze"][frame], t["head_quat"][frame],
+                                                t["head_t"][frame] + 0.01))
+    assert np.abs(moved - truth.hmc_vertices("rec000", frame)).max() == pytest.approx(0.01, abs=1e-6)
+
+
+def test_report_command_writes_one_self_contained_file(dashboard_sources, tmp_path):
+    from workflows.cli import main
+
+    s, html = dashboard_sources, tmp_path / "report.html"
+    assert main(["report", s.out, "--labels", s.labels, "--captures", s.captures, "--truth", s.truth,
+                 "--html", str(html)]) == 0
+    page = html.read_text()
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=[\"']?(https?:)?//", page)  # nothing fetched
+    assert page.count("data:image/jpeg;base64,") >= 5  # frame overlays embedded
+    assert "distillation:1" in page and "(product)" in page
