@@ -123,14 +123,18 @@ def baseline_comparison(capture_dir: Path, truth, rig, texture, cfg, cnn_labels,
     infer_s = t.get("infer_s", float("nan")) / max(1, len(cnn_labels.b))
     total_s = sum(t.get(k, 0.0) for k in ("donning_s", "appearance_s", "train_s", "infer_s")) / max(1, len(cnn_labels.b))
 
-    def figures(b: np.ndarray) -> dict:
+    true_t = truth.hmc(rec.name)["head_t"][rows]
+    cnn_t = cnn_labels.head_t[cnn_labels.rows(rec.name)][rows]
+
+    def figures(b: np.ndarray, t: np.ndarray) -> dict:
         return {"blendshape_mae": float(np.abs(b - true_b).mean()),
-                "active_mae": active_mae(b, true_b, names_reg).value}
+                "active_mae": active_mae(b, true_b, names_reg).mae,
+                "head_translation_error_mm": float(np.linalg.norm(t - true_t, axis=1).mean() * 1000)}
 
     return {"frames": len(rows), "baseline_wall_s": wall, "baseline_cpu_s": cpu,
             "baseline_fps": len(rows) / wall, "cnn_inference_fps": 1.0 / infer_s if infer_s > 0 else None,
             "cnn_fps_with_training": 1.0 / total_s if total_s > 0 else None,
-            "baseline": figures(fitted.b), "cnn": figures(cnn_b)}
+            "baseline": figures(fitted.b, fitted.translation), "cnn": figures(cnn_b, cnn_t)}
 
 
 def main() -> None:
