@@ -167,6 +167,7 @@ def test_pixel_and_constraint_losses_on_known_values():
     a, c = idx.antagonistic[0]
     b[:, a], b[:, c] = 0.5, 0.4
     assert constraint_loss(b, idx).item() == pytest.approx(0.2)
+    assert sparsity_loss(b).item() == pytest.approx(0.9)  # per-frame l1, not a mean over bases
     b2 = torch.zeros(1, len(d.regressed))
     lo, hi = idx.at_most[0]
     b2[0, lo] = 0.3  # b[lo] <= b[hi] = 0 broken by 0.3

@@ -15,7 +15,7 @@ from stages.fusion import fuse_capture
 from stages.landmarks import detect_landmarks_for_capture
 from stages.refine import refine_capture
 from stages.rigging import rig_capture
-from stages.selfsup.label import selfsup_capture
+from stages.selfsup.stage import selfsup_capture
 from stages.texture import texture_capture
 from stages.validation import validate_capture_stage
 

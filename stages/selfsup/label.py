@@ -36,9 +36,10 @@ from stages.selfsup.stage import (
 from stages.selfsup.training import CheckpointStore, TrainConfig, deterministic, train
 
 
-def selfsup_capture(capture: Any, texture: Any, rig: Any, config: Any = None,
-                    checkpoint: CheckpointStore | None = None) -> Any:
-    """Stage ``selfsup``: round-0 labels of every HMC frame of the subject.
+def run_selfsup(capture: Any, texture: Any, rig: Any, config: Any = None,
+                checkpoint: CheckpointStore | None = None) -> Any:
+    """Body of stage ``selfsup`` (:func:`stages.selfsup.stage.selfsup_capture`): round-0 labels
+    of every HMC frame of the subject.
 
     Args:
         capture: the capture folder (the engine's ``"capture"`` input) or an opened Capture.

@@ -94,8 +94,13 @@ def keypoint_loss(
 
 
 def sparsity_loss(b: torch.Tensor) -> torch.Tensor:
-    """() mean l1 of the (B, K) weights (they are >= 0, so the mean itself)."""
-    return b.abs().mean()
+    """() the l1 norm of each frame's (K,) weights, averaged over the (B, K) batch's frames.
+
+    Summed over bases, not averaged: a mean over K would divide each basis's pull toward
+    zero by K (~45) and leave it far below the pixel term's, so spurious activations in
+    neutral frames would cost almost nothing.
+    """
+    return b.abs().sum(-1).mean()
 
 
 def constraint_loss(b: torch.Tensor, index: RigIndex) -> torch.Tensor:

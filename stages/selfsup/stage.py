@@ -232,6 +232,17 @@ class FramePool:
                           self.confidence[rows] if use else None)
 
 
+def selfsup_capture(capture: Any, texture: Any, rig: Any, config: Any = None, checkpoint: Any = None) -> Any:
+    """Stage ``selfsup`` as the chain lists it: round-0 labels of every HMC frame.
+
+    The body (:func:`stages.selfsup.label.run_selfsup`) is imported here, when the stage
+    runs, so that importing the chain (every backfill worker does) never loads torch.
+    """
+    from stages.selfsup.label import run_selfsup
+
+    return run_selfsup(capture, texture, rig, config, checkpoint)
+
+
 def frame_status(usability: np.ndarray, cameras: tuple[str, ...], min_usable: int) -> tuple[np.ndarray, np.ndarray]:
     """Per frame: ("ok" or "rejected", reason) from the (N, C) usability codes.
 
