@@ -91,6 +91,25 @@ def truth_ceiling(data: Path, subjects: list[str], work: Path) -> dict:
     return _summaries(m)
 
 
+def rig_floor(capture_dir: Path, data: Path, rig, work: Path) -> dict:
+    """The true labels scored through the labelling rig: what the rig's own error costs.
+
+    With the chain's personal rig, even perfect labels leave this expression-mesh error
+    (and, where its neutral mouth is open, a failed mouth closure); pose and gaze are exact.
+    """
+    from storage.label_table import LabelTable
+    from workflows.metrics import MetricsJob, run_metrics
+
+    subject = capture_dir.name
+    rows = LabelTable(str(data / "ground_truth" / "labels")).read(subject_id=subject)
+    (work / "rigs").mkdir(parents=True, exist_ok=True)
+    rig.save(work / "rigs" / f"{subject}.npz")
+    LabelTable(str(work / "labels")).write_subject_round(rows)
+    m = run_metrics(MetricsJob(labels=str(work / "labels"), captures=str(data / "captures"), truth=str(data / "ground_truth"),
+                               rig_dir=str(work / "rigs"), out=str(work / "metrics"), trivial=False))
+    return next(iter(_summaries(m).values()))
+
+
 def baseline_comparison(capture_dir: Path, truth, rig, texture, cfg, cnn_labels, frames: int) -> dict:
     """The per-frame baseline on ``frames`` consecutive frames around the first peak of the
     first recording, against the network's labels of the same frames."""
@@ -168,6 +187,8 @@ def main() -> None:
             truth = SubjectTruth.open(a.data / "ground_truth" / capture_dir.name)
             rig, texture, source = _personal(a.runs, capture_dir.name, truth)
             entry = {"rig": source, "variants": {}}
+            if source == "chain":
+                entry["rig_floor"] = rig_floor(capture_dir, a.data, rig, work / capture_dir.name / "rig_floor")
             for name in a.variants.split(","):
                 cfg = dataclasses.replace(base, **VARIANTS[name])
                 scored = label_and_score(capture_dir, a.data, cfg, rig, texture, work / capture_dir.name / name)

@@ -28,22 +28,25 @@ def selfsup_section(d: dict) -> list[str]:
              "inflated by it when it exceeds the 2 CPUs).", ""]
     for subject, entry in d["subjects"].items():
         variants = entry["variants"]
-        header = ["metric", "target", *variants, "trivial_zeros", "trivial_prior", "truth"]
+        floor = entry.get("rig_floor")
+        header = ["metric", "target", *variants, "trivial_zeros", "trivial_prior", "truth",
+                  *(["truth through the chain's rig"] if floor else [])]
         rows = []
         first = next(iter(variants.values()))["metrics"]
         for metric, target, _ in TARGETS:
             rows.append([metric, target or "-", *[_fmt(v["metrics"].get("self_supervision/0", {}).get(metric))
                                                   for v in variants.values()],
                          _fmt(first.get("trivial_zeros", {}).get(metric)), _fmt(first.get("trivial_prior", {}).get(metric)),
-                         "0"])
+                         "0", *([_fmt(floor.get(metric))] if floor else [])])
         truth = d.get("truth", {}).get("ground_truth/0", {})
         for metric in SEMANTIC:
             rows.append([metric, f"within 0.05 of {_fmt(truth.get(metric))}",
                          *[_fmt(v["metrics"].get("self_supervision/0", {}).get(metric)) for v in variants.values()],
                          _fmt(first.get("trivial_zeros", {}).get(metric)), _fmt(first.get("trivial_prior", {}).get(metric)),
-                         _fmt(truth.get(metric))])
+                         _fmt(truth.get(metric)), *([_fmt(floor.get(metric))] if floor else [])])
         rows.append(["wall s (CPU s)", "<= 1200 (standard)",
-                     *[f"{v['wall_s']:.0f} ({v['cpu_s']:.0f})" for v in variants.values()], "", "", ""])
+                     *[f"{v['wall_s']:.0f} ({v['cpu_s']:.0f})" for v in variants.values()], "", "", "",
+                     *([""] if floor else [])])
         lines += [f"### {subject} ({entry['rig']}; {first and next(iter(variants.values()))['frames']} frames)", "",
                   *_table(header, rows)]
         if "baseline" in entry:
