@@ -76,6 +76,7 @@ def label_and_score(capture_dir: Path, data: Path, cfg, rig, texture, work: Path
     metrics = run_metrics(MetricsJob(labels=str(work / "labels"), captures=str(data / "captures"),
                                      truth=str(data / "ground_truth"), rig_dir=str(rigs), out=str(work / "metrics")))
     return {"wall_s": wall, "cpu_s": cpu, "frames": int(len(labels.b)), "timings": labels.timings,
+            "diagnostics": labels.diagnostics,
             "metrics": _summaries(metrics), "labels": labels,
             "median_pixel_rms": float(np.median(labels.residual_photometric)),
             "median_keypoint_px": float(np.nanmedian(labels.residual_keypoint_px))

@@ -222,3 +222,35 @@ def test_keypoint_layout_matches_the_models_landmarks():
     np.testing.assert_allclose(got, want, atol=1e-12)
     with pytest.raises(ConfigError, match="unknown keypoint layout"):
         keypoint_layout("dlib5", model)
+
+
+def test_neutral_correction_moves_the_posed_rig_holds_the_eyeballs_and_prefers_smooth_fields():
+    from rigs.render import RigState, TorchRig
+    from rigs.render.correction import SCALE, NeutralCorrection, uniform_laplacian
+    from rigs.face_model import load_ict_face_model
+    from rigs.rig import BlendshapeRig
+
+    rig = BlendshapeRig.generic(load_ict_face_model())
+    model = rig.model
+    lap = uniform_laplacian(model.triangles, model.n_vertices)
+    ones = torch.ones(model.n_vertices, 3)
+    used = np.unique(model.triangles)
+    assert torch.sparse.mm(lap, ones)[used].abs().max().item() < 1e-5  # constants are smooth
+    eyes = np.concatenate(rig.eyeball_vertices)
+    correction = NeutralCorrection(model.triangles, model.n_vertices, eyes)
+    assert correction.prior().item() == 0.0
+    torch_rig = TorchRig(rig)
+    rest = RigState.rest(1, torch_rig.size)
+    before = torch_rig(rest)
+    torch_rig.correction = correction
+    with torch.no_grad():
+        correction.parameter[:, 2] = 0.1  # 1 mm along z everywhere but the eyeballs
+    moved = (torch_rig(rest) - before)[0]
+    assert torch.allclose(moved[eyes], torch.zeros(len(eyes), 3))
+    others = np.setdiff1d(np.arange(model.n_vertices), eyes)
+    assert torch.allclose(moved[others, 2], torch.full((len(others),), 0.1 * SCALE), atol=1e-7)
+    smooth = correction.prior().item()
+    with torch.no_grad():  # the same mean size, alternating in sign: much dearer
+        correction.parameter[:, 2] = 0.1 * torch.where(torch.arange(model.n_vertices) % 2 == 0, 1.0, -1.0)
+    assert correction.prior().item() > 10 * smooth
+    assert correction.summary()["neutral_correction_max_mm"] == pytest.approx(1.0, rel=1e-4)

@@ -112,6 +112,7 @@ class TorchRig(torch.nn.Module):
         self.register_buffer("eye_centres", torch.as_tensor(rig.eye_centres(), dtype=dtype))
         self.definition = rig.definition
         self.model = rig.model
+        self.correction = None  # a NeutralCorrection (rigs/render/correction.py) when learnt
 
     @property
     def size(self) -> int:
@@ -120,7 +121,8 @@ class TorchRig(torch.nn.Module):
 
     def expression(self, b: torch.Tensor, gaze: torch.Tensor | None = None) -> torch.Tensor:
         """(F, n, 3) head-frame vertices for b (F, K) and gaze (F, 4) (None: at rest)."""
-        verts = self.neutral + torch.einsum("fk,knc->fnc", b.to(self.deltas.dtype), self.deltas)
+        neutral = self.neutral if self.correction is None else self.neutral + self.correction.offset()
+        verts = neutral + torch.einsum("fk,knc->fnc", b.to(self.deltas.dtype), self.deltas)
         if gaze is None:
             return verts
         parts = []

@@ -48,6 +48,8 @@ class EnergyWeights:
     """The rig definition's at-most and antagonistic constraints."""
     appearance_prior: float = 1.0
     """The albedo residual's smoothness + confidence prior (AppearanceModel.prior_loss)."""
+    neutral_correction: float = 0.0
+    """The rig's neutral correction's prior (NeutralCorrection.prior), when it has one."""
 
 
 @dataclass
@@ -134,6 +136,9 @@ class Energy:
         total = w.pixel * pixel + w.keypoint * keypoint + w.sparsity * sparsity + w.constraint * constraint
         if w.appearance_prior > 0 and any(p.requires_grad for p in self.appearance.parameters()):
             total = total + w.appearance_prior * self.appearance.prior_loss()
+        correction = self.renderer.rig.correction
+        if correction is not None and correction.parameter.requires_grad:
+            total = total + w.neutral_correction * correction.prior()
         return EnergyTerms(total, pixel, keypoint, sparsity, constraint, frame_rms, frame_kp)
 
 

@@ -16,6 +16,7 @@ from pipeline.config import config_section
 from pipeline.progress import LogProgress
 from rigs.camera import rig_cameras
 from rigs.render import AppearanceFitConfig, AppearanceModel, HmcRenderer, RigState, fit_appearance
+from rigs.render.correction import NeutralCorrection
 from rigs.rig import BlendshapeRig
 from stages.fit_solve import torch_threads
 from stages.parallel import available_cores
@@ -89,7 +90,7 @@ def build_energy(capture: Any, personal: BlendshapeRig, texture: Any, names: tup
     layout = keypoint_layout(cfg.keypoint_layout, model) if cfg.keypoints else None
     weights = EnergyWeights(pixel=cfg.pixel_weight, keypoint=cfg.keypoint_weight if cfg.keypoints else 0.0,
                             keypoint_huber_px=cfg.keypoint_huber_px, sparsity=cfg.sparsity_weight,
-                            constraint=cfg.constraint_weight)
+                            constraint=cfg.constraint_weight, neutral_correction=cfg.neutral_correction_weight)
     return Energy(renderer, appearance, personal.definition, layout,
                   np.full(len(names), width / cfg.resolution, np.float32), weights)
 
@@ -188,6 +189,12 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
     if checkpoint is None or not checkpoint.exists():  # a resumed run has its appearance
         with timed(timings, "appearance_s"), deterministic():
             fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None, donning=(r0, t0))
+    if cfg.neutral_correction_weight > 0:  # learnt with the network, after the rest-pose fits
+        left, right = personal.eyeball_vertices
+        model = personal.model
+        correction = NeutralCorrection(model.triangles, model.n_vertices, np.concatenate([left, right]))
+        energy.renderer.rig.correction = module["neutral_correction"] = correction
+
     def step_loss(idx: np.ndarray):
         idx = np.sort(idx)
         data = pool.data(idx, cfg.keypoints)
@@ -206,6 +213,8 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
     with timed(timings, "infer_s"):
         labels = infer(net, energy, pool, names, cfg, capture.subject_id, (r0, t0))
     labels.history, labels.timings = history.terms, timings
+    if energy.renderer.rig.correction is not None:
+        labels.diagnostics = energy.renderer.rig.correction.summary()
     return labels
 
 

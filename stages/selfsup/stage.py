@@ -48,9 +48,13 @@ class SelfSupConfig:
     keypoint_huber_px: float = 6.0
     """Keypoint errors beyond this many stored pixels count linearly."""
     sparsity_weight: float = 0.02
-    """Weight of the l1 sparsity of b."""
+    """Weight of the l1 sparsity of b (each frame's l1 norm, averaged over frames)."""
     constraint_weight: float = 1.0
     """Weight of the rig definition's constraints."""
+    neutral_correction_weight: float = 0.0
+    """Weight of the prior of a smooth per-subject offset of the rig's neutral, learnt with
+    the network (rigs/render/correction.py): it takes the phone rig's constant misfit that
+    blendshapes would otherwise hold in every frame. 0 = no correction."""
     steps: int = 1500
     """Adam steps of the network and appearance. >= 1."""
     batch_size: int = 8
@@ -83,7 +87,7 @@ class SelfSupConfig:
             ("network_width", self.network_width >= 4 and self.network_width % 4 == 0),
             ("min_usable_cameras", self.min_usable_cameras >= 1),
             ("weights", min(self.pixel_weight, self.keypoint_weight, self.sparsity_weight,
-                            self.constraint_weight) >= 0),
+                            self.constraint_weight, self.neutral_correction_weight) >= 0),
         )
         bad = [name for name, ok in checks if not ok]
         if bad:
@@ -112,6 +116,7 @@ class SelfSupLabels:
         cameras: the cameras used.
         history: training loss terms per step (name -> list).
         timings: seconds per phase.
+        diagnostics: other figures of the run (e.g. the neutral correction's size in mm).
     """
 
     subject_id: str
@@ -133,6 +138,7 @@ class SelfSupLabels:
     cameras: tuple[str, ...]
     history: dict[str, list[float]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
     _ARRAYS = ("frame_index", "timestamp_ns", "b", "gaze", "head_quat", "head_t", "confidence",
                "residual_photometric", "residual_keypoint_px", "status", "reason")
@@ -147,7 +153,7 @@ class SelfSupLabels:
             "format": FORMAT, "subject_id": self.subject_id, "blendshape_names": list(self.blendshape_names),
             "rig_version": self.rig_version, "recordings": list(self.recordings),
             "frame_counts": list(self.frame_counts), "cameras": list(self.cameras),
-            "history": self.history, "timings": self.timings})
+            "history": self.history, "timings": self.timings, "diagnostics": self.diagnostics})
 
     @classmethod
     def from_output(cls, output: Any) -> SelfSupLabels:
@@ -162,6 +168,7 @@ class SelfSupLabels:
             rig_version=meta["rig_version"], recordings=tuple(meta["recordings"]),
             frame_counts=tuple(meta["frame_counts"]), cameras=tuple(meta["cameras"]),
             history=dict(meta.get("history", {})), timings=dict(meta.get("timings", {})),
+            diagnostics=dict(meta.get("diagnostics", {})),
             **{k: np.asarray(arrays[k]) for k in cls._ARRAYS})
 
     def rows(self, recording: str) -> slice:
