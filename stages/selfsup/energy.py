@@ -42,8 +42,8 @@ class EnergyWeights:
     """Keypoint term, per 0.5 px^2 of stored-image error; 0 ignores keypoints."""
     keypoint_huber_px: float = 6.0
     """Keypoint errors beyond this many stored pixels count linearly (detector outliers)."""
-    sparsity: float = 0.02
-    """l1 on the regressed weights."""
+    sparsity: float = 0.01
+    """l1 on the regressed weights (each frame's l1 norm, averaged over frames)."""
     constraint: float = 1.0
     """The rig definition's at-most and antagonistic constraints."""
     appearance_prior: float = 1.0

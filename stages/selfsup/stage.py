@@ -47,11 +47,11 @@ class SelfSupConfig:
     """Weight of the keypoint term (per 0.5 stored px^2)."""
     keypoint_huber_px: float = 6.0
     """Keypoint errors beyond this many stored pixels count linearly."""
-    sparsity_weight: float = 0.02
+    sparsity_weight: float = 0.01
     """Weight of the l1 sparsity of b (each frame's l1 norm, averaged over frames)."""
     constraint_weight: float = 1.0
     """Weight of the rig definition's constraints."""
-    neutral_correction_weight: float = 0.0
+    neutral_correction_weight: float = 0.02
     """Weight of the prior of a smooth per-subject offset of the rig's neutral, learnt with
     the network (rigs/render/correction.py): it takes the phone rig's constant misfit that
     blendshapes would otherwise hold in every frame. 0 = no correction."""
