@@ -225,9 +225,9 @@ def test_keypoint_layout_matches_the_models_landmarks():
 
 
 def test_neutral_correction_moves_the_posed_rig_holds_the_eyeballs_and_prefers_smooth_fields():
+    from rigs.face_model import load_ict_face_model
     from rigs.render import RigState, TorchRig
     from rigs.render.correction import SCALE, NeutralCorrection, uniform_laplacian
-    from rigs.face_model import load_ict_face_model
     from rigs.rig import BlendshapeRig
 
     rig = BlendshapeRig.generic(load_ict_face_model())
