@@ -11,11 +11,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from workflows.dashboard.overlay import tint
+
 #: Band colours of the segment kinds (SPEC §2.3), matplotlib names.
 SEGMENT_COLOURS = {"neutral": "tab:gray", "peak": "tab:orange", "blink": "tab:blue", "wink": "tab:cyan",
                    "mouth_closed": "tab:green", "speech": "tab:purple"}
-#: Tint of the rendered rig over the IR image (RGB) and its opacity.
-TINT, OPACITY = np.array([80, 255, 120], np.float32), 0.45
 
 
 def overlay_rows(capture: Any, labels: Any, rig: Any, rows: np.ndarray, max_side: int = 160) -> list[np.ndarray]:
@@ -57,11 +57,7 @@ def overlay_rows(capture: Any, labels: Any, rig: Any, rows: np.ndarray, max_side
         tiles = []
         for c, name in enumerate(names):
             ir = cv2.resize(rec.read_frame(name, frame), mask.shape[2:][::-1], interpolation=cv2.INTER_AREA)
-            rgb = np.repeat(ir[..., None], 3, -1).astype(np.float32)
-            shade = (0.35 + 0.65 * facing[i, c])[..., None] * TINT
-            m = mask[i, c]
-            rgb[m] = (1 - OPACITY) * rgb[m] + OPACITY * shade[m]
-            tiles.append(rgb.clip(0, 255).astype(np.uint8))
+            tiles.append(tint(np.repeat(ir[..., None], 3, -1), mask[i, c], facing[i, c]))
         pictures.append(np.hstack(tiles))
     return pictures
 

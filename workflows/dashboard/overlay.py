@@ -1,12 +1,13 @@
-"""Frame drill-down picture: the labelled rig projected over a frame's HMC views.
+"""Frame drill-down picture: the labelled rig drawn over a frame's HMC views.
 
-Not the differentiable renderer (rigs/render/): a point overlay is enough to see a wrong
-label and costs milliseconds. The rig posed by the frame's labels (blendshapes, gaze,
-head pose in the headset frame) is projected with each calibrated camera
-(rigs/camera.py, lens distortion included); the visible face vertices (normal toward
-the camera) are drawn green, the 68 landmark vertices yellow; with a truth folder, the
-true mesh's 68 landmarks are drawn magenta, so a label's error is the yellow-to-magenta
-offset. Views are the embedded cameras side by side, as stored (not mirrored).
+The rig posed by the frame's labels (blendshapes, gaze, head pose in the headset frame)
+is rendered into each calibrated camera by the HMC renderer (rigs/render/: ray-cast
+visibility, so what the face hides stays hidden; lens distortion included), shaded by how
+squarely each surface point faces the camera and tinted green over the IR image. The 68
+landmark vertices are drawn yellow; with a truth folder, the true mesh's 68 landmarks are
+drawn magenta, so a label's error is the yellow-to-magenta offset. Views are the embedded
+cameras side by side, as stored (not mirrored). ``OverlayConfig.shading = "points"`` draws
+the camera-facing face vertices as dots instead (no torch, milliseconds a frame).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import numpy as np
 MESH_RGB = (60, 220, 90)
 LANDMARK_RGB = (255, 220, 0)
 TRUTH_RGB = (255, 0, 255)
+#: Tint of the rendered rig over the IR image (RGB) and its opacity.
+TINT, OPACITY = np.array([80, 255, 120], np.float32), 0.45
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,15 @@ class OverlayConfig:
         max_points: face vertices drawn at most per view (a regular subsample).
         cameras: "embedded" (the consumer headset's), "gt" or "all".
         jpeg_quality: JPEG quality of the encoded picture (the report embeds many).
+        shading: "rendered" (the renderer's shaded, occlusion-correct rig) or "points"
+            (camera-facing face vertices as dots).
     """
 
     view_px: int = 144
     max_points: int = 1500
     cameras: str = "embedded"
     jpeg_quality: int = 75
+    shading: str = "rendered"
 
 
 @dataclass(frozen=True)
@@ -91,21 +97,68 @@ def _draw(img: np.ndarray, pixels: np.ndarray, rgb: tuple[int, int, int], radius
             img[v[ok], u[ok]] = rgb
 
 
+def tint(rgb: np.ndarray, mask: np.ndarray, facing: np.ndarray) -> np.ndarray:
+    """(h, w, 3) RGB with the rendered rig blended in where ``mask`` (h, w) is set, shaded
+    by ``facing`` (h, w) in [0, 1] (1 = the surface faces the camera squarely)."""
+    out = rgb.astype(np.float32)
+    shade = (0.35 + 0.65 * facing)[..., None] * TINT
+    out[mask] = (1 - OPACITY) * out[mask] + OPACITY * shade[mask]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def rendered_views(rig: Any, pose: FramePose, cameras: dict[str, Any], names: list[str],
+                   view_px: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mask, facing) per camera, each (h, w) at ``view_px`` high: the rig posed by
+    ``pose`` through the HMC renderer (visibility by ray casting)."""
+    import torch
+
+    from rigs.geometry import rotation_from_quat
+    from rigs.render import HmcRenderer, RigState, TorchRig
+    from rigs.render.cameras import CameraBatch
+
+    def finite(a: np.ndarray | None, default: np.ndarray) -> np.ndarray:
+        return default if a is None or not np.all(np.isfinite(a)) else np.asarray(a, np.float64)
+
+    rotation = rotation_from_quat(finite(pose.head_q, np.array([1.0, 0, 0, 0]))).as_matrix()
+    state = RigState(torch.as_tensor(np.nan_to_num(pose.b)[None], dtype=torch.float32),
+                     torch.as_tensor(finite(pose.gaze, np.zeros(4))[None], dtype=torch.float32),
+                     torch.as_tensor(rotation[None], dtype=torch.float32),
+                     torch.as_tensor(finite(pose.head_t, np.zeros(3))[None], dtype=torch.float32))
+    renderer = HmcRenderer(TorchRig(rig), CameraBatch.from_dict({names[0]: cameras[names[0]]}, 1.0, names[:1]))
+    views = []
+    with torch.no_grad():
+        for name in names:  # one camera at a time: the cameras may differ in size
+            batch = CameraBatch.from_dict(cameras, view_px / cameras[name].intrinsics.height, [name])
+            out = renderer.render(state, cameras=batch)
+            hits = out.surface
+            facing = hits.image((-(hits.normal * hits.ray).sum(-1)).abs().clamp(0, 1))
+            views.append((out.mask[0, 0].numpy(), facing[0, 0].numpy()))
+    return views
+
+
 def overlay_view(image: np.ndarray, camera: Any, vertices: np.ndarray, normals: np.ndarray,
                  face: np.ndarray, landmarks: np.ndarray, truth_landmarks: np.ndarray | None,
-                 config: OverlayConfig) -> np.ndarray:
-    """One camera's IR image (H, W) uint8 with the projection drawn: (h, w, 3) uint8 RGB,
-    scaled to ``config.view_px`` high."""
+                 config: OverlayConfig, shading: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """One camera's IR image (H, W) uint8 with the rig drawn: (h, w, 3) uint8 RGB, scaled to
+    ``config.view_px`` high. ``shading`` is the camera's rendered (mask, facing); without
+    it the camera-facing face vertices are drawn as dots."""
     import cv2
 
     scale = config.view_px / image.shape[0]
     rgb = cv2.resize(np.repeat(image[:, :, None], 3, 2), None, fx=scale, fy=scale,
                      interpolation=cv2.INTER_NEAREST)
-    toward = camera.t_world_from_camera - vertices[face]
-    seen = face[np.einsum("ij,ij->i", normals[face], toward) > 0]
-    seen = seen[:: max(1, len(seen) // config.max_points)]
-    for ids, colour, radius, verts in ((seen, MESH_RGB, 0, vertices), (landmarks, LANDMARK_RGB, 1, vertices)):
-        px, depth = camera.project(verts[ids])
+    if shading is not None:
+        size = (rgb.shape[1], rgb.shape[0])
+        mask = cv2.resize(shading[0].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        rgb = tint(rgb, mask, cv2.resize(shading[1].astype(np.float32), size, interpolation=cv2.INTER_LINEAR))
+        marks = ((landmarks, LANDMARK_RGB, 1),)
+    else:
+        toward = camera.t_world_from_camera - vertices[face]
+        seen = face[np.einsum("ij,ij->i", normals[face], toward) > 0]
+        seen = seen[:: max(1, len(seen) // config.max_points)]
+        marks = ((seen, MESH_RGB, 0), (landmarks, LANDMARK_RGB, 1))
+    for ids, colour, radius in marks:
+        px, depth = camera.project(vertices[ids])
         _draw(rgb, (px[depth > 0] + 0.5) * scale - 0.5, colour, radius)
     if truth_landmarks is not None:
         px, depth = camera.project(truth_landmarks)
@@ -141,8 +194,11 @@ def frame_overlay(recording: Any, frame: int, rig: Any, pose: FramePose,
     face = mesh_error_vertices(rig.model)
     marks = np.asarray(rig.model.landmarks68)
     true_marks = None if truth_vertices is None else np.asarray(truth_vertices)[marks]
-    views = [overlay_view(recording.read_frame(c.name, frame), cameras[c.name], vertices, normals, face,
-                          marks, true_marks, config) for c in chosen]
+    names = [c.name for c in chosen]
+    shading = (rendered_views(rig, pose, cameras, names, config.view_px) if config.shading == "rendered"
+               else [None] * len(names))
+    views = [overlay_view(recording.read_frame(name, frame), cameras[name], vertices, normals, face,
+                          marks, true_marks, config, shaded) for name, shaded in zip(names, shading, strict=True)]
     gap = np.full((views[0].shape[0], 4, 3), 255, np.uint8)
     row: list[np.ndarray] = []
     for v in views:

@@ -182,6 +182,6 @@ def overlay_html(drill: FrameDrill, subject: str, recording: str, frame: int, fr
         return f"<p>{subject}/{recording} frame {frame}: capture not found.</p>"
     origin = drill.rig(subject).origin
     caption = (f"{subject} / {recording} frame {frame}: labelled rig ({origin} rig) over the embedded HMC views; "
-               "green = visible face vertices, yellow = 68 landmarks"
+               "green = the rendered rig, yellow = its 68 landmarks"
                + (", magenta = true landmarks" if drill.truth(subject) is not None else ""))
     return views.image_html(picture, "image/jpeg", caption)
