@@ -11,7 +11,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from workflows.dashboard.overlay import tint
+from workflows.dashboard.overlay import mask_and_facing, tint
 
 #: Band colours of the segment kinds (SPEC §2.3), matplotlib names.
 SEGMENT_COLOURS = {"neutral": "tab:gray", "peak": "tab:orange", "blink": "tab:blue", "wink": "tab:cyan",
@@ -32,24 +32,20 @@ def overlay_rows(capture: Any, labels: Any, rig: Any, rows: np.ndarray, max_side
         (H, C * W, 3) uint8 RGB per row, cameras side by side.
     """
     import torch
-    from scipy.spatial.transform import Rotation
 
     from rigs.camera import rig_cameras
+    from rigs.geometry import rotation_from_quat
     from rigs.render import HmcRenderer, RigState
 
     names = labels.cameras
     width = capture.rig.camera(names[0]).intrinsics.width
     scale = min(1.0, max_side / width)
     renderer = HmcRenderer.from_rig(rig, rig_cameras(capture.rig), scale=scale, names=names)
-    quat = labels.head_quat[rows].astype(np.float64)  # (w, x, y, z)
-    rotation = Rotation.from_quat(quat[:, [1, 2, 3, 0]]).as_matrix()
+    rotation = rotation_from_quat(labels.head_quat[rows]).as_matrix()
     state = RigState(torch.as_tensor(labels.b[rows]), torch.as_tensor(labels.gaze[rows]),
                      torch.as_tensor(rotation, dtype=torch.float32), torch.as_tensor(labels.head_t[rows]))
     with torch.no_grad():
-        out = renderer.render(state)
-        hits = out.surface
-        facing = hits.image((-(hits.normal * hits.ray).sum(-1)).abs().clamp(0, 1)).numpy()
-    mask = out.mask.numpy()
+        mask, facing = mask_and_facing(renderer.render(state))
     pictures = []
     for i, row in enumerate(rows):
         recording, frame = _recording_frame(labels, int(row))

@@ -75,16 +75,6 @@ def posed_vertices(rig: Any, pose: FramePose) -> np.ndarray:
     return head
 
 
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """(n, 3) area-weighted unit vertex normals."""
-    v = vertices[triangles]
-    face = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
-    normals = np.zeros_like(vertices)
-    for k in range(3):
-        np.add.at(normals, triangles[:, k], face)
-    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
-
-
 def _draw(img: np.ndarray, pixels: np.ndarray, rgb: tuple[int, int, int], radius: int) -> None:
     """Draws filled squares of half-size ``radius`` at (P, 2) pixels inside the image."""
     h, w = img.shape[:2]
@@ -106,6 +96,14 @@ def tint(rgb: np.ndarray, mask: np.ndarray, facing: np.ndarray) -> np.ndarray:
     return out.clip(0, 255).astype(np.uint8)
 
 
+def mask_and_facing(out: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(F, C, h, w) bool mask and facing ratio in [0, 1] of a renderer's RenderOutput
+    (1 = the surface faces the camera squarely), as numpy."""
+    hits = out.surface
+    facing = hits.image((-(hits.normal * hits.ray).sum(-1)).abs().clamp(0, 1))
+    return out.mask.numpy(), facing.numpy()
+
+
 def rendered_views(rig: Any, pose: FramePose, cameras: dict[str, Any], names: list[str],
                    view_px: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(mask, facing) per camera, each (h, w) at ``view_px`` high: the rig posed by
@@ -124,39 +122,39 @@ def rendered_views(rig: Any, pose: FramePose, cameras: dict[str, Any], names: li
                      torch.as_tensor(finite(pose.gaze, np.zeros(4))[None], dtype=torch.float32),
                      torch.as_tensor(rotation[None], dtype=torch.float32),
                      torch.as_tensor(finite(pose.head_t, np.zeros(3))[None], dtype=torch.float32))
-    renderer = HmcRenderer(TorchRig(rig), CameraBatch.from_dict({names[0]: cameras[names[0]]}, 1.0, names[:1]))
+    # One camera at a time: the cameras may differ in size, so each is scaled on its own.
+    batches = [CameraBatch.from_dict(cameras, view_px / cameras[n].intrinsics.height, [n]) for n in names]
+    renderer = HmcRenderer(TorchRig(rig), batches[0])
     views = []
     with torch.no_grad():
-        for name in names:  # one camera at a time: the cameras may differ in size
-            batch = CameraBatch.from_dict(cameras, view_px / cameras[name].intrinsics.height, [name])
-            out = renderer.render(state, cameras=batch)
-            hits = out.surface
-            facing = hits.image((-(hits.normal * hits.ray).sum(-1)).abs().clamp(0, 1))
-            views.append((out.mask[0, 0].numpy(), facing[0, 0].numpy()))
+        for batch in batches:
+            mask, facing = mask_and_facing(renderer.render(state, cameras=batch))
+            views.append((mask[0, 0], facing[0, 0]))
     return views
 
 
-def overlay_view(image: np.ndarray, camera: Any, vertices: np.ndarray, normals: np.ndarray,
-                 face: np.ndarray, landmarks: np.ndarray, truth_landmarks: np.ndarray | None,
-                 config: OverlayConfig, shading: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def overlay_view(image: np.ndarray, camera: Any, vertices: np.ndarray, landmarks: np.ndarray,
+                 truth_landmarks: np.ndarray | None, config: OverlayConfig,
+                 shading: tuple[np.ndarray, np.ndarray] | None = None,
+                 dots: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """One camera's IR image (H, W) uint8 with the rig drawn: (h, w, 3) uint8 RGB, scaled to
-    ``config.view_px`` high. ``shading`` is the camera's rendered (mask, facing); without
-    it the camera-facing face vertices are drawn as dots."""
+    ``config.view_px`` high. ``shading`` is the camera's rendered (mask, facing); ``dots``
+    is (face vertex ids, (n, 3) vertex normals), whose camera-facing vertices are drawn."""
     import cv2
 
     scale = config.view_px / image.shape[0]
     rgb = cv2.resize(np.repeat(image[:, :, None], 3, 2), None, fx=scale, fy=scale,
                      interpolation=cv2.INTER_NEAREST)
+    marks = [(landmarks, LANDMARK_RGB, 1)]
     if shading is not None:
         size = (rgb.shape[1], rgb.shape[0])
         mask = cv2.resize(shading[0].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         rgb = tint(rgb, mask, cv2.resize(shading[1].astype(np.float32), size, interpolation=cv2.INTER_LINEAR))
-        marks = ((landmarks, LANDMARK_RGB, 1),)
-    else:
+    if dots is not None:
+        face, normals = dots
         toward = camera.t_world_from_camera - vertices[face]
         seen = face[np.einsum("ij,ij->i", normals[face], toward) > 0]
-        seen = seen[:: max(1, len(seen) // config.max_points)]
-        marks = ((seen, MESH_RGB, 0), (landmarks, LANDMARK_RGB, 1))
+        marks.insert(0, (seen[:: max(1, len(seen) // config.max_points)], MESH_RGB, 0))
     for ids, colour, radius in marks:
         px, depth = camera.project(vertices[ids])
         _draw(rgb, (px[depth > 0] + 0.5) * scale - 0.5, colour, radius)
@@ -188,17 +186,20 @@ def frame_overlay(recording: Any, frame: int, rig: Any, pose: FramePose,
     chosen = {"embedded": recording.rig.embedded, "gt": recording.rig.ground_truth}.get(config.cameras,
                                                                                         recording.rig.cameras)
     vertices = posed_vertices(rig, pose)
-    normals = vertex_normals(vertices, rig.model.triangles)
-    from stages.metrics_gt import mesh_error_vertices
-
-    face = mesh_error_vertices(rig.model)
     marks = np.asarray(rig.model.landmarks68)
     true_marks = None if truth_vertices is None else np.asarray(truth_vertices)[marks]
     names = [c.name for c in chosen]
-    shading = (rendered_views(rig, pose, cameras, names, config.view_px) if config.shading == "rendered"
-               else [None] * len(names))
-    views = [overlay_view(recording.read_frame(name, frame), cameras[name], vertices, normals, face,
-                          marks, true_marks, config, shaded) for name, shaded in zip(names, shading, strict=True)]
+    shading: list = [None] * len(names)
+    dots = None
+    if config.shading == "rendered":
+        shading = rendered_views(rig, pose, cameras, names, config.view_px)
+    else:
+        from rigs.raycast import vertex_normals
+        from stages.metrics_gt import mesh_error_vertices
+
+        dots = (mesh_error_vertices(rig.model), vertex_normals(vertices, rig.model.triangles))
+    views = [overlay_view(recording.read_frame(name, frame), cameras[name], vertices, marks, true_marks, config,
+                          shaded, dots) for name, shaded in zip(names, shading, strict=True)]
     gap = np.full((views[0].shape[0], 4, 3), 255, np.uint8)
     row: list[np.ndarray] = []
     for v in views:
