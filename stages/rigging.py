@@ -126,6 +126,22 @@ class RiggedSubject:
                    str(meta["neutral_source"]))
 
 
+def rig_from_run(outputs: Any, subject: str) -> BlendshapeRig | None:
+    """The personal rig that a run's rig stage made for ``subject``, or None when no run
+    in the output root finished it.
+
+    Args:
+        outputs: a :class:`pipeline.outputs.RunOutputs`, or an output root path.
+    """
+    from pipeline.outputs import RunOutputs
+
+    if not isinstance(outputs, RunOutputs):
+        outputs = RunOutputs(str(outputs))
+    if not outputs.has("rig", subject):
+        return None
+    return RiggedSubject.from_output(outputs.load("rig", subject)).result.rig
+
+
 def rig_subject(refined: Any, cfg: ExampleRigConfig, generic: BlendshapeRig | None = None,
                 order: tuple[str, ...] | None = None) -> RiggedSubject:
     """The personal rig of one subject from its refined meshes.

@@ -126,3 +126,57 @@ def test_personal_rig_figure_shows_zero_error_for_the_true_rig(truth_refined, ri
     for row in rows:
         assert hot(row[:, 2 * width:3 * width]) == 0  # the true rig against itself: 0 mm
     assert hot(rows[0][:, 3 * width:4 * width]) > 100  # jawOpen: DT misses the subject's jaw style
+
+
+def _write_run(out, run_id: str, units: list[dict], subjects: dict[str, str]) -> None:
+    """A run record and plan as the engine writes them (pipeline/runlog.py)."""
+    import json
+
+    run_dir = out / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "plan.json").write_text(json.dumps(units))
+    (run_dir / "run.json").write_text(json.dumps({"run_id": run_id, "subjects": subjects}))
+
+
+def test_metrics_read_the_rig_a_run_made(truth_refined, rigged, tiny_root, tmp_path) -> None:
+    """``pgt metrics --run OUT`` poses the labels on the personal rig of the newest run
+    whose rig unit finished, with the same numbers as that rig exported to a rig folder;
+    a failed newer unit does not hide the finished one, and a subject the run never
+    rigged is an error naming the output root."""
+    from pipeline.artifacts import ArtifactStore
+    from pipeline.errors import ConfigError
+    from pipeline.runlog import OutputLayout
+    from stages.rigging import rig_from_run
+    from workflows.cli import main
+    from workflows.metrics import MetricsJob, run_metrics
+
+    capture_dir, truth, _, _ = truth_refined
+    sid = capture_dir.name
+    out = tmp_path / "run"
+    ArtifactStore(OutputLayout(str(out)).artifacts).commit("rig", "k-good", rigged, {})
+    unit = {"stage": "rig", "subject": sid}
+    _write_run(out, "20261201T000000Z-a", [{**unit, "state": "done", "key": "k-good"}], {sid: str(capture_dir)})
+    _write_run(out, "20261202T000000Z-b", [{**unit, "state": "failed", "key": "k-bad"}], {sid: str(capture_dir)})
+    rig = rig_from_run(out, sid)
+    expected = RiggedSubject.from_output(decode(*encode(rigged))).result.rig
+    assert np.array_equal(rig.deltas, expected.deltas) and np.array_equal(rig.neutral, expected.neutral)
+    assert rig_from_run(out, "someone-else") is None
+
+    (tmp_path / "rigs").mkdir()
+    expected.save(tmp_path / "rigs" / f"{sid}.npz")
+    common = {"labels": str(tiny_root / "ground_truth" / "labels"), "captures": str(tiny_root / "captures"),
+              "truth": str(tiny_root / "ground_truth")}
+    (from_folder,) = run_metrics(MetricsJob(**common, rig_dir=str(tmp_path / "rigs"), out=str(tmp_path / "m1"))).values()
+    assert main(["metrics", common["labels"], "--captures", common["captures"], "--truth", common["truth"],
+                 "--run", str(out), "--out", str(tmp_path / "m2")]) == 0
+    (from_run,) = run_metrics(MetricsJob(**common, rig_run=str(out), out=str(tmp_path / "m3"))).values()
+    error = from_run.dataset["expression_mesh_error_mm"].value
+    assert error == pytest.approx(from_folder.dataset["expression_mesh_error_mm"].value, rel=1e-9)
+    true_rig_error = run_metrics(MetricsJob(**common, out=str(tmp_path / "m4"))).values()
+    assert error > next(iter(true_rig_error)).dataset["expression_mesh_error_mm"].value + 0.05, \
+        "the run's personal rig is not the true rig"
+
+    empty = tmp_path / "empty"
+    _write_run(empty, "20261201T000000Z-a", [], {})
+    with pytest.raises(ConfigError, match=f"{empty}: no finished rig stage for subject {sid}"):
+        run_metrics(MetricsJob(**common, rig_run=str(empty), out=str(tmp_path / "m5")))

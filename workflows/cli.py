@@ -109,7 +109,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 
     job = MetricsJob(
         labels=args.labels, captures=args.captures, out=args.out or "", truth=args.truth or "",
-        rig_dir=args.rigs or "", label_source=args.source or "", label_round=args.round,
+        rig_dir=args.rigs or "", rig_run=args.run or "", label_source=args.source or "", label_round=args.round,
         storage_options=storage_options.from_args(args),
     )
     print(format_summary(run_metrics(job)))
@@ -248,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("labels", help="label table (Delta) path or URL")
     p.add_argument("--captures", required=True, help="folder of the subjects' capture folders (segments, fps)")
     p.add_argument("--truth", help="synthetic ground_truth/ folder: adds the SPEC §5.2 metrics")
-    p.add_argument("--rigs", help="folder of the labelled rigs <subject>.npz (Mouth Closure's lip gap, expression-mesh error); without it the truth folder's true rigs are used; never the generic rig")
+    rigs = p.add_mutually_exclusive_group()
+    rigs.add_argument("--rigs", help="folder of the labelled rigs <subject>.npz (Mouth Closure's lip gap, expression-mesh error); without it (and without --run) the truth folder's true rigs are used; never the generic rig")
+    rigs.add_argument("--run", help="output root of the pgt label/backfill run that made the labels: each subject's personal rig is read from its rig stage (no export needed)")
     p.add_argument("--out", help="metrics table (default: next to the label table)")
     p.add_argument("--source", help="only this label_source")
     p.add_argument("--round", type=int, default=-1, help="only this label_round")

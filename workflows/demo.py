@@ -157,11 +157,9 @@ def round0_section(run_out: Path, synth: Path, qa: Path, run_id: str) -> list[st
         return []
     labels = SelfSupLabels.from_output(outputs["selfsup"])
     rig = RiggedSubject.from_output(outputs["rig"]).result.rig
-    (qa / "rigs").mkdir(parents=True, exist_ok=True)
-    rig.save(qa / "rigs" / f"{sid}.npz")
     metrics = run_metrics(MetricsJob(
         labels=OutputLayout(str(run_out)).table("labels"), captures=str(synth / "captures"),
-        truth=str(synth / "ground_truth"), rig_dir=str(qa / "rigs"), out=str(qa / "metrics"), run_id=run_id,
+        truth=str(synth / "ground_truth"), rig_run=str(run_out), out=str(qa / "metrics"), run_id=run_id,
     ))
     capture = Capture.open(capture_path)
     recording = labels.recordings[0]

@@ -12,8 +12,9 @@ recordings and scored the same way into a metrics table of their own, and
 
 The labelled rig (whose inner-lip gap Mouth Closure uses, and which poses the labels for
 the expression-mesh error) is the subject's rig from ``rig_dir/<subject>.npz`` when a rig
-folder is given (a missing file is an error), else the subject's true rig
-``truth/<subject>/rig.npz``. There is no fallback to a generic rig: a generic rig's lip
+folder is given, else the personal rig the rig stage of a run made (``rig_run``, the
+output root of ``pgt label`` / ``pgt backfill``), else the subject's true rig
+``truth/<subject>/rig.npz``. A subject missing from a given rig folder or run is an error. There is no fallback to a generic rig: a generic rig's lip
 gap and mesh are not the subject's, so the numbers would not measure the labels. With
 no rig, the metrics that need none still run, and a recording that needs one (it has a
 mouth_closed window, or is scored against ground truth) stops the job with an error that
@@ -73,7 +74,11 @@ class MetricsJob:
         out: metrics table URI; empty = ``<labels>/../metrics``.
         truth: synthetic ground-truth root (``ground_truth/``); empty = no §5.2 metrics.
         rig_dir: folder of the labelled rigs ``<subject>.npz``; when given, every scored
-            subject needs one there. Empty = the true rigs of the truth folder.
+            subject needs one there. Empty = ``rig_run``'s rigs, else the true rigs of the
+            truth folder.
+        rig_run: output root of the ``pgt label`` / ``pgt backfill`` run that made the
+            labels; each subject's personal rig is read from the newest finished unit of
+            its ``rig`` stage (pipeline/outputs.py). Ignored when ``rig_dir`` is given.
         label_source: score only this source (empty = each source in the table).
         label_round: score only this round (-1 = every round).
         version: label table version to read (-1 = latest).
@@ -95,6 +100,7 @@ class MetricsJob:
     out: str = ""
     truth: str = ""
     rig_dir: str = ""
+    rig_run: str = ""
     label_source: str = ""
     label_round: int = -1
     version: int = -1
@@ -119,23 +125,40 @@ class SubjectRig:
 
 
 def _rig_provider(job: MetricsJob, model: FaceModel | None = None) -> Callable[[str], SubjectRig]:
-    """subject -> :class:`SubjectRig`: ``rig_dir/<subject>.npz``, else ``truth/<subject>/rig.npz``."""
+    """subject -> :class:`SubjectRig`: ``rig_dir/<subject>.npz``, else the rig stage's
+    output in ``rig_run``, else ``truth/<subject>/rig.npz``."""
     cache: dict[str, SubjectRig] = {}
+    run_outputs = None
+
+    def from_run(subject: str) -> SubjectRig:
+        nonlocal run_outputs
+        from pipeline.outputs import RunOutputs
+        from stages.rigging import rig_from_run
+
+        run_outputs = run_outputs or RunOutputs(job.rig_run, storage_options=job.storage_options)
+        rig = rig_from_run(run_outputs, subject)
+        if rig is None:
+            raise ConfigError(f"{job.rig_run}: no finished rig stage for subject {subject} in the run output")
+        return SubjectRig(rig, (f"{job.rig_run} (rig stage)",))
 
     def rig_for(subject: str) -> SubjectRig:
         nonlocal model
-        if subject not in cache:
-            if job.rig_dir:
-                path = Path(job.rig_dir) / f"{subject}.npz"
-                if not path.is_file():
-                    raise ConfigError(f"{path}: no rig for subject {subject} in the rig folder")
-            else:
-                path = Path(job.truth) / subject / "rig.npz" if job.truth else None
-            if path is not None and path.is_file():
-                model = model or load_ict_face_model()
-                cache[subject] = SubjectRig(BlendshapeRig.load(path, model), (str(path),))
-            else:
-                cache[subject] = SubjectRig(None, (str(path),) if path is not None else ())
+        if subject in cache:
+            return cache[subject]
+        if not job.rig_dir and job.rig_run:
+            cache[subject] = from_run(subject)
+            return cache[subject]
+        if job.rig_dir:
+            path = Path(job.rig_dir) / f"{subject}.npz"
+            if not path.is_file():
+                raise ConfigError(f"{path}: no rig for subject {subject} in the rig folder")
+        else:
+            path = Path(job.truth) / subject / "rig.npz" if job.truth else None
+        if path is not None and path.is_file():
+            model = model or load_ict_face_model()
+            cache[subject] = SubjectRig(BlendshapeRig.load(path, model), (str(path),))
+        else:
+            cache[subject] = SubjectRig(None, (str(path),) if path is not None else ())
         return cache[subject]
 
     return rig_for

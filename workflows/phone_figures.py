@@ -25,7 +25,6 @@ images; :func:`write_phone_figures` finds them in a run. Run::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -230,25 +229,18 @@ def texture_figure(texture_rgba: np.ndarray, true_rgb: np.ndarray, max_width: in
 
 
 def find_outputs(run_out: Path, subject: str | None, run_id: str | None = None) -> tuple[str, str, dict[str, Any]]:
-    """(subject, capture path, {stage: loaded artifact}) of a run in an output root: the
-    given run (default: the latest run that has a ``fusion`` unit done for the subject)."""
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.runlog import OutputLayout
+    """(subject, capture path, {stage: loaded artifact}) of a subject fused in an output
+    root (default: the first such subject), each stage's artifact from the newest run
+    that finished it (or from the given run)."""
+    from pipeline.outputs import RunOutputs
 
-    runs = sorted((run_out / "runs").glob("*/plan.json"), reverse=True)
-    if run_id:
-        runs = [run_out / "runs" / run_id / "plan.json"]
-    store = ArtifactStore(OutputLayout(str(run_out)).artifacts)
-    for plan_path in runs:
-        units = json.loads(plan_path.read_text())
-        record = json.loads((plan_path.parent / "run.json").read_text())
-        done = {(u["stage"], u["subject"]): u["key"] for u in units if u["state"] in ("done", "cached") and u["key"]}
-        subjects = [s for (st, s) in done if st == "fusion" and (subject is None or s == subject)]
-        if subjects:
-            sid = sorted(subjects)[0]
-            outputs = {st: store.load(st, key) for (st, s), key in done.items() if s == sid}
-            return sid, record["subjects"][sid], outputs
-    raise StageError(f"{run_out}: no run with a fused subject {subject or ''}".rstrip())
+    outputs = RunOutputs(str(run_out), run_id)
+    subjects = [s for s in outputs.subjects("fusion") if subject is None or s == subject]
+    if not subjects:
+        raise StageError(f"{run_out}: no run with a fused subject {subject or ''}".rstrip())
+    sid = subjects[0]
+    loaded = {st: outputs.load(st, sid) for (st, s) in outputs.keys if s == sid}
+    return sid, outputs.captures.get(sid, ""), loaded
 
 
 def write_phone_figures(run_out: Path, truth_root: Path, out: Path, subject: str | None = None,

@@ -51,24 +51,6 @@ def worst_frames(frames: FrameData, truth_b: np.ndarray | None, n: int) -> tuple
     return labels.frame_index[order], score[order], what
 
 
-def run_rig(run_out: Path, subject: str) -> Any:
-    """The personal rig of the newest run whose ``rig`` unit of ``subject`` is done, or None
-    (reads only that artifact)."""
-    import json
-
-    from pipeline.artifacts import ArtifactStore
-    from pipeline.runlog import OutputLayout
-    from stages.rigging import RiggedSubject
-
-    for plan in sorted((run_out / "runs").glob("*/plan.json"), reverse=True):
-        for unit in json.loads(plan.read_text()):
-            if unit["stage"] == "rig" and unit["subject"] == subject and unit["state"] in ("done", "cached") \
-                    and unit["key"]:
-                output = ArtifactStore(OutputLayout(str(run_out)).artifacts).load("rig", unit["key"])
-                return RiggedSubject.from_output(output).result.rig
-    return None
-
-
 class FrameDrill:
     """Overlay pictures of any frame, with the rigs, captures and truth opened once.
 
@@ -93,9 +75,10 @@ class FrameDrill:
         from pipeline.errors import PgtError
         from rigs.face_model import load_ict_face_model
         from rigs.rig import BlendshapeRig
+        from stages.rigging import rig_from_run
 
         try:
-            rig = run_rig(Path(self.data.sources.out), subject)
+            rig = rig_from_run(self.data.sources.out, subject)
             if rig is not None:
                 return SubjectRig(rig, "run")
         except (PgtError, OSError, ValueError, KeyError):
