@@ -197,3 +197,31 @@ def test_fitting_recovers_pose_and_expression(scene, calibrated):
     b_err = (fitted.b[0, free] - truth.b[0, free]).abs()
     print(f"recovered: rotation {angle:.3f} deg, translation {shift:.3f} mm, b error {b_err.tolist()}")
     assert angle < 0.2 and shift < 0.4 and float(b_err.max()) < 0.08
+
+
+def test_potentially_visible_set_renders_like_the_whole_mesh(scene):
+    """The renderer restricted to the triangles seen in the extreme states (grown by 2
+    rings) sees what the whole mesh shows in a state that is none of them (a mix of
+    shapes, head moved, gaze turned): the same triangle in all but a few pixels, and the
+    same depth and normals there; it keeps well under the whole mesh."""
+    from rigs.render.visible_set import extreme_states, grow_rings, potentially_visible
+
+    _, rig, cams, _ = scene
+    renderer = HmcRenderer.from_rig(rig, cams, scale=0.64)
+    k = rig.definition.size
+    candidates = potentially_visible(renderer, extreme_states(k, (torch.eye(3), torch.zeros(3))), rings=2)
+    assert 0.2 < len(candidates) / len(rig.model.triangles) < 0.7
+    assert set(grow_rings(rig.model.triangles, candidates, 1)) >= set(candidates)
+    state = _state(rig, **FRAME)
+    full = renderer.render(state)
+    renderer.restrict(candidates)
+    part = renderer.render(state)
+    differ = (full.mask != part.mask) | ((full.depth - part.depth).abs() > 1e-4)
+    both = full.mask & part.mask
+    dot = (full.normals[both] * part.normals[both]).sum(-1)
+    print(f"{len(candidates)} of {len(rig.model.triangles)} triangles; {int(differ.sum())} of {differ.numel()} "
+          f"pixels differ; normals off in {int((dot < 0.999).sum())}")
+    assert differ.float().mean() < 1e-3
+    assert float((dot > 0.999).float().mean()) > 0.999, "normals from the set's triangles equal the whole mesh's"
+    renderer.restrict(None)
+    assert torch.equal(renderer.render(state).mask, full.mask)

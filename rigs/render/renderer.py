@@ -68,6 +68,14 @@ class HmcRenderer(torch.nn.Module):
         model = rig.model
         corner_uv = np.asarray(model.uv)[np.asarray(model.triangle_uv)]
         self.register_buffer("corner_uv", torch.as_tensor(corner_uv, dtype=rig.neutral.dtype))
+        self.register_buffer("candidates", None)  # (s,) triangle ids that may be seen; None = all
+
+    def restrict(self, candidates: np.ndarray | torch.Tensor | None) -> None:
+        """Renders only the triangles ``candidates`` (a potentially visible set,
+        :mod:`rigs.render.visible_set`): the visibility pass and the normals skip the rest.
+        Triangle ids stay those of the whole mesh. None renders every triangle again."""
+        self.candidates = None if candidates is None else torch.as_tensor(
+            np.asarray(candidates), dtype=torch.int64, device=self.rig.triangles.device)
 
     @classmethod
     def from_rig(cls, rig: BlendshapeRig, cameras: dict[str, Camera], scale: float = 1.0,
@@ -79,12 +87,18 @@ class HmcRenderer(torch.nn.Module):
     def visibility(self, vertices: torch.Tensor, cameras: CameraBatch | None = None) -> torch.Tensor:
         """(F, C, H, W) triangle ids (-1 background) of (F, n, 3) vertices; no gradient."""
         with torch.no_grad():
-            return self.backend.triangle_ids(vertices.detach(), self.rig.triangles, cameras or self.cameras)
+            if self.candidates is None:
+                return self.backend.triangle_ids(vertices.detach(), self.rig.triangles, cameras or self.cameras)
+            ids = self.backend.triangle_ids(vertices.detach(), self.rig.triangles.index_select(0, self.candidates),
+                                            cameras or self.cameras)
+            return torch.where(ids >= 0, self.candidates[ids.clamp_min(0)], ids)
 
     def surface(self, vertices: torch.Tensor, triangle_ids: torch.Tensor,
                 cameras: CameraBatch | None = None) -> Surface:
         """The differentiable per-hit samples for fixed ``triangle_ids``."""
-        return surface(vertices, self.rig.triangles, self.corner_uv, triangle_ids, cameras or self.cameras)
+        shading = None if self.candidates is None else self.rig.triangles.index_select(0, self.candidates)
+        return surface(vertices, self.rig.triangles, self.corner_uv, triangle_ids, cameras or self.cameras,
+                       normal_triangles=shading)
 
     def render(self, state: RigState, appearance: AppearanceModel | None = None,
                cameras: CameraBatch | None = None, triangle_ids: torch.Tensor | None = None) -> RenderOutput:

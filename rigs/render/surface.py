@@ -110,7 +110,7 @@ def intersect(origin: torch.Tensor, direction: torch.Tensor, corners: torch.Tens
 
 
 def surface(vertices: torch.Tensor, triangles: torch.Tensor, corner_uv: torch.Tensor,
-            triangle_ids: torch.Tensor, cameras: CameraBatch) -> Surface:
+            triangle_ids: torch.Tensor, cameras: CameraBatch, normal_triangles: torch.Tensor | None = None) -> Surface:
     """The differentiable surface samples of every hit pixel.
 
     Args:
@@ -119,6 +119,9 @@ def surface(vertices: torch.Tensor, triangles: torch.Tensor, corner_uv: torch.Te
         corner_uv: (m, 3, 2) texture coordinates of each triangle corner.
         triangle_ids: (F, C, H, W) int64 from a visibility backend (-1 = background).
         cameras: the C cameras the ids were computed for.
+        normal_triangles: (m', 3) the triangles whose areas weight the vertex normals
+            (default ``triangles``); a potentially visible set that holds every triangle
+            around each hit gives the same normals for less work.
 
     Returns:
         The :class:`Surface`.
@@ -140,7 +143,7 @@ def surface(vertices: torch.Tensor, triangles: torch.Tensor, corner_uv: torch.Te
     bary, dist = intersect(origin, direction, corners)
     point = origin + direction * dist[:, None]
     depth = ((point - origin) * cameras.R[:, :, 2].index_select(0, camera).to(vertices.dtype)).sum(-1)
-    normals = vertex_normals(vertices, triangles).reshape(-1, 3).index_select(0, flat_corner).reshape(-1, 3, 3)
+    normals = vertex_normals(vertices, triangles if normal_triangles is None else normal_triangles).reshape(-1, 3).index_select(0, flat_corner).reshape(-1, 3, 3)
     normal = (bary[..., None] * normals).sum(1)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-20)
     uv = (bary[..., None] * corner_uv.index_select(0, tri).to(vertices.dtype)).sum(1)

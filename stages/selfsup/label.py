@@ -17,6 +17,7 @@ from pipeline.progress import LogProgress
 from rigs.camera import rig_cameras
 from rigs.render import AppearanceFitConfig, AppearanceModel, HmcRenderer, RigState, fit_appearance
 from rigs.render.correction import NeutralCorrection
+from rigs.render.visible_set import extreme_states, potentially_visible
 from rigs.rig import BlendshapeRig
 from stages.fit_solve import torch_threads
 from stages.parallel import available_cores
@@ -186,6 +187,10 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
     module = torch.nn.ModuleDict({"network": net, "appearance": energy.appearance})
     with timed(timings, "donning_s"), deterministic():  # cheap and deterministic: a resume redoes it
         r0, t0 = estimate_donning(energy, pool, neutral_frames(pool, cfg.appearance_frames))
+    if cfg.visible_set_rings >= 0:
+        with timed(timings, "visible_set_s"), deterministic():
+            states = extreme_states(energy.renderer.rig.size, (r0, t0))
+            energy.renderer.restrict(potentially_visible(energy.renderer, states, rings=cfg.visible_set_rings))
     if checkpoint is None or not checkpoint.exists():  # a resumed run has its appearance
         with timed(timings, "appearance_s"), deterministic():
             fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None, donning=(r0, t0))
@@ -214,7 +219,9 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
         labels = infer(net, energy, pool, names, cfg, capture.subject_id, (r0, t0))
     labels.history, labels.timings = history.terms, timings
     if energy.renderer.rig.correction is not None:
-        labels.diagnostics = energy.renderer.rig.correction.summary()
+        labels.diagnostics.update(energy.renderer.rig.correction.summary())
+    if energy.renderer.candidates is not None:
+        labels.diagnostics["rendered_triangles"] = float(len(energy.renderer.candidates))
     return labels
 
 
