@@ -138,3 +138,56 @@ def test_the_per_frame_baseline_beats_the_zero_labeller_inside_a_peak(tiny_subje
     fit = energy(torch.as_tensor(fitted.b), torch.as_tensor(fitted.gaze), torch.as_tensor(fitted.rotation),
                  torch.as_tensor(fitted.translation), data)
     assert float(fit.total) < 0.7 * float(rest.total)
+
+
+def test_the_fitted_appearance_sees_an_eye_close(tiny_subject, truth_rig):
+    """With the first appearance fit's albedo stage (the eyeballs get their own albedo),
+    the pixel term of the true state prefers the eyes as they are: closed in an
+    eye-closure frame, open in a neutral one. Without it the eyeballs keep the skin's
+    albedo and an eye close changes the pixel term several times less."""
+    import torch
+    from scipy.spatial.transform import Rotation
+
+    from stages.selfsup.label import build_energy, estimate_donning, fit_initial_appearance
+    from stages.selfsup.stage import load_pool, neutral_frames
+
+    cap = Capture.open(tiny_subject[0])
+    truth = SubjectTruth.open(tiny_subject[1])
+    rec = cap.recording(cap.recordings[0])
+    closed = next(s for s in rec.segments if s.kind == "eye_closure")
+    frames = {"closed": (closed.start + closed.end) // 2, "open": neutral_frames_middle(rec)}
+    hmc = truth.hmc(rec.name)
+    d = truth_rig.definition
+    regressed = d.indices(list(d.regressed))
+    blinks = [d.regressed.index("eyeBlink_L"), d.regressed.index("eyeBlink_R")]
+
+    def pixel_gap(albedo: bool) -> dict[str, float]:
+        """pixel term at blink 1 minus at blink 0, per frame (the true state otherwise)."""
+        cfg = SelfSupConfig(resolution=48, appearance_frames=6, appearance_steps=30, appearance_albedo=albedo)
+        names, pool = load_pool(cap, cfg)
+        energy = build_energy(cap, truth_rig, None, names, cfg)
+        fit_initial_appearance(energy, pool, cfg, flat_seed=True,
+                               donning=estimate_donning(energy, pool, neutral_frames(pool, 6)))
+        gaps = {}
+        for name, f in frames.items():
+            b = torch.as_tensor(hmc["b"][f][regressed], dtype=torch.float32)[None].repeat(2, 1)
+            b[0, blinks], b[1, blinks] = 1.0, 0.0
+            rot = torch.as_tensor(Rotation.from_quat(hmc["head_quat"][f][[1, 2, 3, 0]]).as_matrix(), dtype=torch.float32)
+            data = pool.data(np.array([f, f]), keypoints=False)
+            with torch.no_grad():
+                rendered = energy.renderer.render(energy.state(b, torch.as_tensor(hmc["gaze"][[f, f]]), rot.expand(2, 3, 3),
+                                                               torch.as_tensor(hmc["head_t"][[f, f]])), energy.appearance)
+                mask = rendered.mask & data.usable[:, :, None, None]
+                sq = ((rendered.ir - data.images) ** 2 * mask).sum((1, 2, 3))
+            gaps[name] = float(sq[0] - sq[1])
+        return gaps
+
+    fitted, skin = pixel_gap(True), pixel_gap(False)
+    assert fitted["closed"] < 0 < fitted["open"], fitted
+    assert abs(fitted["closed"]) > 3 * abs(skin["closed"]), (fitted, skin)
+
+
+def neutral_frames_middle(recording) -> int:
+    """The middle frame of the recording's first neutral window."""
+    neutral = next(s for s in recording.segments if s.kind == "neutral")
+    return (neutral.start + neutral.end) // 2

@@ -149,7 +149,8 @@ def fit_initial_appearance(energy: Energy, pool: FramePool, cfg: SelfSupConfig, 
     if donning is not None:
         rest = RigState(rest.b, rest.gaze, donning[0].expand(len(rows), 3, 3).clone(),
                         donning[1].expand(len(rows), 3).clone())
-    config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else ())
+    config = AppearanceFitConfig(steps=cfg.appearance_steps, fixed=ALBEDO_MAP if flat_seed else (),
+                                 albedo=cfg.appearance_albedo)
     snapshot = {k: v.clone() for k, v in energy.appearance.state_dict().items()}
     # The full fit, its closed-form start alone, and the generic start: the lowest finite
     # loss wins. L-BFGS's line search can overflow on a poorly constrained direction.

@@ -77,6 +77,13 @@ class SelfSupConfig:
     """Neutral-window frames the appearance is first fitted on."""
     appearance_steps: int = 150
     """Adam steps of that first appearance fit."""
+    appearance_albedo: bool = False
+    """That first fit also fits the per-texel albedo and the albedo of the vertices off the
+    phone texture's atlas (the eyeballs: iris, pupil and sclera are never in a phone
+    texture). Without it the eyeballs start with the skin's albedo and, at the true state,
+    the pixel term barely tells an open eye from a closed one; with it the term does, but
+    training then held a squint of 0.5 in every frame on the tiny subject (active MAE
+    0.265 -> 0.323), so it is off by default (docs/selfsup.md)."""
     albedo_resolution: int = 128
     """Texels per UV tile side of the fitted albedo map (a divisor of the texture's)."""
     dark_mean: float = 6.0
