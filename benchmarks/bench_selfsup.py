@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m benchmarks.bench_selfsup --data ROOT [--runs RUNS_ROOT] [--variants cnn,no_keypoints,embedded]
+    python -m benchmarks.bench_selfsup --data ROOT [--runs RUNS_ROOT] [--variants cnn,no_keypoints,embedded,without:eye_left,seed:1]
         [--baseline-frames 60] [--set selfsup.FIELD=VALUE ...] [--out benchmarks/results/selfsup.json]
 
 ``ROOT`` is a ``pgt synth`` output (``captures/``, ``ground_truth/``). Each subject is
@@ -33,6 +33,19 @@ VARIANTS = {
     "no_keypoints": {"keypoints": False},
     "embedded": {"cameras": "embedded"},
 }
+
+
+def variant_fields(name: str) -> dict:
+    """The SelfSupConfig changes of a variant: one of :data:`VARIANTS`, ``without:CAMERA``
+    (every camera but that one: the leave-one-camera-out study of docs/camera-placement.md)
+    or ``seed:N`` (the default with another seed: the run-to-run spread)."""
+    if name.startswith("without:"):
+        return {"exclude_cameras": name.split(":", 1)[1]}
+    if name.startswith("seed:"):
+        return {"seed": int(name.split(":", 1)[1])}
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)} or without:CAMERA")
+    return VARIANTS[name]
 
 
 def _summaries(metrics) -> dict:
@@ -191,7 +204,7 @@ def main() -> None:
             if source == "chain":
                 entry["rig_floor"] = rig_floor(capture_dir, a.data, rig, work / capture_dir.name / "rig_floor")
             for name in a.variants.split(","):
-                cfg = dataclasses.replace(base, **VARIANTS[name])
+                cfg = dataclasses.replace(base, **variant_fields(name))
                 scored = label_and_score(capture_dir, a.data, cfg, rig, texture, work / capture_dir.name / name)
                 labels = scored.pop("labels")
                 entry["variants"][name] = scored

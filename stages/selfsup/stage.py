@@ -34,6 +34,9 @@ class SelfSupConfig:
     cameras: Literal["all", "embedded"] = "all"
     """Which rig cameras the network sees and the energy renders: every camera, or only
     the consumer headset's embedded ones."""
+    exclude_cameras: str = ""
+    """Comma-separated camera names left out of those (a broken camera, or a
+    leave-one-camera-out study of what each camera is worth: docs/camera-placement.md)."""
     resolution: int = 64
     """Model resolution, pixels per side: frames are area-downsampled to it and rendered at
     it. The rig's cameras must share one image size. >= 16."""
@@ -285,12 +288,19 @@ def frame_status(usability: np.ndarray, cameras: tuple[str, ...], min_usable: in
     return status, reason.astype("U")
 
 
-def camera_names(rig: Any, which: str) -> tuple[str, ...]:
-    """The rig's cameras the labeller uses (rig order)."""
+def camera_names(rig: Any, which: str, exclude: str = "") -> tuple[str, ...]:
+    """The rig's cameras the labeller uses (rig order): ``which`` set less ``exclude``
+    (comma-separated names)."""
     cams = rig.cameras if which == "all" else rig.embedded
+    left_out = {n.strip() for n in exclude.split(",") if n.strip()}
+    unknown = sorted(left_out - {c.name for c in rig.cameras})
+    if unknown:
+        raise ConfigError(f"selfsup.exclude_cameras names no camera of the headset rig: {', '.join(unknown)} "
+                          f"(cameras: {', '.join(c.name for c in rig.cameras)})")
+    cams = [c for c in cams if c.name not in left_out]
     names = tuple(c.name for c in cams)
     if not names:
-        raise StageError(f"the headset rig has no {which} cameras")
+        raise StageError(f"the headset rig has no {which} cameras" + (f" besides {exclude}" if left_out else ""))
     sizes = {c.intrinsics.size for c in cams}
     if len(sizes) != 1:
         raise StageError(f"the labeller renders cameras of one image size; the rig's differ: {sorted(sizes)}")
@@ -299,7 +309,7 @@ def camera_names(rig: Any, which: str) -> tuple[str, ...]:
 
 def load_pool(capture: Any, cfg: SelfSupConfig, progress=None) -> tuple[tuple[str, ...], FramePool]:
     """The cameras used and every recording's frames (raises StageError without recordings)."""
-    names = camera_names(capture.rig, cfg.cameras)
+    names = camera_names(capture.rig, cfg.cameras, cfg.exclude_cameras)
     if not capture.recordings:
         raise StageError(f"{capture.root}: no HMC recording to label")
     clips = [load_clip(capture.recording(r), names, cfg.resolution, FrameCheck(dark_mean=cfg.dark_mean), progress)
