@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.artifacts import ArtifactStore, filesystem
 from pipeline.errors import StorageError
-from pipeline.runlog import OutputLayout
+from pipeline.runlog import OutputLayout, read_stage_log
 
 FINISHED_STATES = ("done", "cached")
 
@@ -23,7 +23,9 @@ def finished_units(out: str, run_id: str | None = None, storage_options: dict[st
     """The finished units of an output root and the subjects' capture paths.
 
     Runs are read newest first (run ids sort by time) and the newest run that finished a
-    unit wins. With ``run_id`` only that run is read.
+    unit wins. A unit is finished when the run's plan says done or cached, or, for a run
+    killed before it wrote its final plan, when its stage log records the commit. With
+    ``run_id`` only that run is read.
 
     Returns:
         ``(stage, subject) -> artifact key``, and ``subject -> capture path`` as the newest
@@ -36,25 +38,30 @@ def finished_units(out: str, run_id: str | None = None, storage_options: dict[st
     fs, runs = filesystem(layout.runs, storage_options)
     fs.invalidate_cache(runs)
     if run_id:
-        plans = [f"{runs}/{run_id}/plan.json"]
-        if not fs.exists(plans[0]):
-            raise StorageError(f"{out}: no run {run_id} (looked for {plans[0]})")
+        run_dirs = [f"{runs}/{run_id}"]
+        if not fs.exists(run_dirs[0]):
+            raise StorageError(f"{out}: no run {run_id} (looked for {run_dirs[0]})")
     else:
         try:
-            plans = [f"{d}/plan.json" for d in sorted(fs.ls(runs, detail=False), reverse=True)]
+            run_dirs = sorted(fs.ls(runs, detail=False), reverse=True)
         except FileNotFoundError:
             raise StorageError(f"{out}: not an output root of pgt label/backfill (no runs/ folder)") from None
     keys: dict[tuple[str, str], str] = {}
     captures: dict[str, str] = {}
-    for plan in plans:
-        if not fs.exists(plan):
-            continue  # a run killed before it wrote its plan
-        for unit in json.loads(fs.cat_file(plan)):
-            if unit.get("state") in FINISHED_STATES and unit.get("key"):
-                keys.setdefault((unit["stage"], unit["subject"]), unit["key"])
-        record = plan.rsplit("/", 1)[0] + "/run.json"
-        if fs.exists(record):
-            for subject, capture in json.loads(fs.cat_file(record)).get("subjects", {}).items():
+    for run_dir in run_dirs:
+        found: dict[tuple[str, str], str] = {}
+        if fs.exists(f"{run_dir}/plan.json"):  # final states; a killed run's plan still says planned
+            for unit in json.loads(fs.cat_file(f"{run_dir}/plan.json")):
+                if unit.get("state") in FINISHED_STATES and unit.get("key"):
+                    found[(unit["stage"], unit["subject"])] = unit["key"]
+        # The workers' own log: what a killed run committed before it died.
+        for event in read_stage_log(out, run_dir.rstrip("/").rsplit("/", 1)[-1], storage_options):
+            if event.get("event") == "finish" and event.get("committed") and event.get("key"):
+                found.setdefault((event["stage"], event["subject"]), event["key"])
+        for unit, key in found.items():
+            keys.setdefault(unit, key)
+        if fs.exists(f"{run_dir}/run.json"):
+            for subject, capture in json.loads(fs.cat_file(f"{run_dir}/run.json")).get("subjects", {}).items():
                 captures.setdefault(subject, capture)
     return keys, captures
 

@@ -143,6 +143,8 @@ def test_metrics_read_the_rig_a_run_made(truth_refined, rigged, tiny_root, tmp_p
     whose rig unit finished, with the same numbers as that rig exported to a rig folder;
     a failed newer unit does not hide the finished one, and a subject the run never
     rigged is an error naming the output root."""
+    import json
+
     from pipeline.artifacts import ArtifactStore
     from pipeline.errors import ConfigError
     from pipeline.runlog import OutputLayout
@@ -161,6 +163,15 @@ def test_metrics_read_the_rig_a_run_made(truth_refined, rigged, tiny_root, tmp_p
     expected = RiggedSubject.from_output(decode(*encode(rigged))).result.rig
     assert np.array_equal(rig.deltas, expected.deltas) and np.array_equal(rig.neutral, expected.neutral)
     assert rig_from_run(out, "someone-else") is None
+    # A run killed before its final plan: the workers' stage log says what it committed.
+    killed = tmp_path / "killed"
+    ArtifactStore(OutputLayout(str(killed)).artifacts).commit("rig", "k-good", rigged, {})
+    _write_run(killed, "20261203T000000Z-c", [{**unit, "state": "planned", "key": "k-good"}], {sid: str(capture_dir)})
+    events = [{"event": "finish", "committed": True, "stage": "rig", "subject": sid, "key": "k-good", "time": 1},
+              {"event": "start", "stage": "selfsup", "subject": sid, "key": "k-x", "time": 2}]
+    (killed / "runs" / "20261203T000000Z-c" / "stage-log.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in events))
+    assert np.array_equal(rig_from_run(killed, sid).deltas, expected.deltas)
 
     (tmp_path / "rigs").mkdir()
     expected.save(tmp_path / "rigs" / f"{sid}.npz")
