@@ -131,7 +131,7 @@ def measure(name: str, sources, work: Path) -> dict:
     from workflows.dashboard.report import build_report
     from workflows.dashboard.serve import ServeConfig, serve
 
-    cpu = time.process_time()
+    cpu, begin = time.process_time(), time.perf_counter()
     info = build_report(sources, work / f"{name}.html")
     result = {"case": name, "report_seconds": info.seconds, "report_cpu_seconds": time.process_time() - cpu,
               "report_bytes": info.size_bytes, "recordings_embedded": len(info.recordings), "frames_embedded": info.frames}
@@ -156,6 +156,7 @@ def measure(name: str, sources, work: Path) -> dict:
     finally:
         server.stop()
     print(json.dumps(result))
+    result["_measure_seconds"] = time.perf_counter() - begin
     return result
 
 
@@ -166,7 +167,8 @@ def main() -> None:
     parser.add_argument("--tiny", type=Path, required=True, help="pgt synth --preset tiny output")
     parser.add_argument("--run", type=Path, help="output root of the tiny subjects' backfill")
     parser.add_argument("--standard", type=Path, help="pgt synth --preset standard output")
-    parser.add_argument("--replicas", type=int, default=200)
+    parser.add_argument("--standard-run", type=Path, help="output root of the standard subjects' label/backfill run")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[200], help="replicated tiny cases, e.g. 200 5000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-dashboard"))
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -178,12 +180,23 @@ def main() -> None:
         tiny = replace(tiny, out=str(args.run))
     n_tiny = len(list((args.tiny / "captures").iterdir()))
     cases.append(measure(f"tiny x{n_tiny}", tiny, args.work))
-    cases.append(measure(f"tiny x{args.replicas} (replicated)", replicate(tiny, args.replicas, args.work / "rep"),
-                         args.work))
+    for replicas in args.replicas:
+        start = time.perf_counter()
+        sources = replicate(tiny, replicas, args.work / f"rep{replicas}")
+        case = measure(f"tiny x{replicas} (replicated)", sources, args.work)
+        case["replicate_seconds"] = time.perf_counter() - start - case.pop("_measure_seconds")
+        cases.append(case)
     if args.standard:
         standard = dashboard_sources(args.standard, args.work / "standard")
         n = len(list((args.standard / "captures").iterdir()))
-        cases.append(measure(f"standard x{n} (phone-only)", standard, args.work))
+        kind = "phone-only"
+        if args.standard_run:
+            from dataclasses import replace
+
+            standard, kind = replace(standard, out=str(args.standard_run)), "full, with its run"
+        cases.append(measure(f"standard x{n} ({kind})", standard, args.work))
+    for case in cases:
+        case.pop("_measure_seconds", None)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps({"command": "python -m benchmarks.bench_dashboard " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if v is not None), "machine": {"cpus": os.cpu_count()},
