@@ -254,3 +254,40 @@ def test_neutral_correction_moves_the_posed_rig_holds_the_eyeballs_and_prefers_s
         correction.parameter[:, 2] = 0.1 * torch.where(torch.arange(model.n_vertices) % 2 == 0, 1.0, -1.0)
     assert correction.prior().item() > 10 * smooth
     assert correction.summary()["neutral_correction_max_mm"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_temporal_smoothing_removes_jitter_keeps_steps_and_skips_rejected_frames():
+    """A held expression with frame-to-frame jitter loses most of its second differences;
+    a blink-long plateau keeps its height; a rejected frame neither changes nor leaks into
+    its neighbours; quaternions stay unit with w >= 0 across a sign flip."""
+    from scipy.spatial.transform import Rotation
+
+    from stages.selfsup.temporal import smooth_frames, smooth_quaternions
+
+    rng = np.random.default_rng(0)
+    t = 200
+    clean = np.zeros((t, 2))
+    clean[80:95, 0] = 1.0  # a 15-frame closure
+    noisy = clean + rng.normal(0, 0.03, clean.shape)
+    ok = np.ones(t, bool)
+    out = smooth_frames(noisy, ok, 0.7)
+
+    def jerk(x):
+        return np.abs(x[2:] - 2 * x[1:-1] + x[:-2]).mean()
+
+    assert jerk(out[:70]) < 0.5 * jerk(noisy[:70])
+    assert out[84:91, 0].min() > 0.9 and np.abs(out - clean).mean() < np.abs(noisy - clean).mean()
+    ok[50] = False
+    spiked = noisy.copy()
+    spiked[50] = 100.0
+    held = smooth_frames(spiked, ok, 0.7)
+    assert held[50, 0] == 100.0 and np.abs(held[45:56][np.arange(11) != 5]).max() < 0.2
+    np.testing.assert_array_equal(smooth_frames(noisy, ok, 0.0), noisy)
+
+    q = Rotation.from_rotvec(np.c_[np.linspace(0, 0.2, 40), np.zeros((40, 2))]).as_quat()[:, [3, 0, 1, 2]]
+    q[::2] *= -1  # the same rotations, signs flipped
+    s = smooth_quaternions(q, np.ones(40, bool), 1.0)
+    np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1, atol=1e-12)
+    assert (s[:, 0] >= 0).all()
+    angle = Rotation.from_quat(s[:, [1, 2, 3, 0]]).magnitude()
+    np.testing.assert_allclose(angle[5:-5], np.linspace(0, 0.2, 40)[5:-5], atol=1e-3)

@@ -35,6 +35,7 @@ from stages.selfsup.stage import (
     neutral_frames,
     timed,
 )
+from stages.selfsup.temporal import smooth_frames, smooth_quaternions
 from stages.selfsup.training import CheckpointStore, TrainConfig, deterministic, train
 
 
@@ -252,6 +253,16 @@ def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, 
                 parts[key].append(value.numpy())
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     status, reason = frame_status(pool.usability, names, cfg.min_usable_cameras)
+    quat = quat_from_rotation(Rotation.from_matrix(cat["R"].astype(np.float64)))
+    if cfg.temporal_sigma_frames > 0:  # per recording, over the frames that are not rejected
+        start = 0
+        for clip in pool.clips:
+            rows = slice(start, start + clip.frame_count)
+            ok = status[rows] == "ok"
+            for key in ("b", "gaze", "t"):
+                cat[key][rows] = smooth_frames(cat[key][rows], ok, cfg.temporal_sigma_frames)
+            quat[rows] = smooth_quaternions(quat[rows], ok, cfg.temporal_sigma_frames)
+            start += clip.frame_count
     usable_fraction = (pool.usability == 0).mean(1)
     rms = cat["rms"]
     typical = float(np.median(rms[status == "ok"])) if (status == "ok").any() else float(np.median(rms))
@@ -262,7 +273,7 @@ def infer(net: StateNetwork, energy: Energy, pool: FramePool, names: tuple[str, 
         frame_index=np.concatenate([np.arange(c.frame_count, dtype=np.int32) for c in pool.clips]),
         timestamp_ns=np.concatenate([c.timestamps_ns for c in pool.clips]),
         b=cat["b"].astype(np.float32), gaze=cat["gaze"].astype(np.float32),
-        head_quat=quat_from_rotation(Rotation.from_matrix(cat["R"].astype(np.float64))).astype(np.float32),
+        head_quat=quat.astype(np.float32),
         head_t=cat["t"].astype(np.float32), confidence=confidence.astype(np.float32),
         residual_photometric=rms.astype(np.float32), residual_keypoint_px=cat["kp"].astype(np.float32),
         status=status, reason=reason, cameras=names)
