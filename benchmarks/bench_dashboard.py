@@ -142,7 +142,7 @@ def measure(name: str, sources, work: Path) -> dict:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             cpu, start = time.process_time(), time.perf_counter()
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"http://127.0.0.1:{port}/", timeout=900_000)
             page.wait_for_selector("table.pgt-metrics", timeout=300_000)
             result["served_load_seconds"] = time.perf_counter() - start
             result["served_load_server_cpu_seconds"] = time.process_time() - cpu
@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--standard-run", type=Path, help="output root of the standard subjects' label/backfill run")
     parser.add_argument("--replicas", type=int, nargs="+", default=[200], help="replicated tiny cases, e.g. 200 5000")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-dashboard"))
+    parser.add_argument("--update", action="store_true",
+                        help="measure only the replicated and standard cases and merge them into the existing results")
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     cases = []
@@ -179,7 +181,8 @@ def main() -> None:
 
         tiny = replace(tiny, out=str(args.run))
     n_tiny = len(list((args.tiny / "captures").iterdir()))
-    cases.append(measure(f"tiny x{n_tiny}", tiny, args.work))
+    if not args.update:
+        cases.append(measure(f"tiny x{n_tiny}", tiny, args.work))
     for replicas in args.replicas:
         start = time.perf_counter()
         sources = replicate(tiny, replicas, args.work / f"rep{replicas}")
@@ -198,9 +201,16 @@ def main() -> None:
     for case in cases:
         case.pop("_measure_seconds", None)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"command": "python -m benchmarks.bench_dashboard " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None), "machine": {"cpus": os.cpu_count()},
-        "cases": cases}, indent=1) + "\n")
+    command = "python -m benchmarks.bench_dashboard " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if v not in (None, False))
+    if args.update and RESULT.is_file():
+        old = json.loads(RESULT.read_text())
+        new = {c["case"] for c in cases}
+        cases = [c for c in old["cases"] if c["case"] not in new] + cases
+        command = old["command"] + "; then " + command
+    RESULT.write_text(json.dumps({"command": command, "machine": {"cpus": os.cpu_count()},
+                                  "cases": cases}, indent=1) + "\n")
     print(f"wrote {RESULT}")
 
 
