@@ -202,7 +202,7 @@ def main() -> None:
         case.pop("_measure_seconds", None)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.bench_dashboard " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
         for k, v in vars(args).items() if v not in (None, False))
     if args.update and RESULT.is_file():
         old = json.loads(RESULT.read_text())
