@@ -17,10 +17,10 @@ def _fmt(v: object) -> str:
     return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def selfsup_section(d: dict) -> list[str]:
+def selfsup_section(d: dict, title: str = "Round-0 labels (self-supervision)") -> list[str]:
     from benchmarks.report import _table
 
-    lines = ["## Round-0 labels (self-supervision)", "",
+    lines = [f"## {title}", "",
              f"`{d['command']}` on `{d['data']}`: every variant's labels scored by `pgt metrics` against the "
              "truth, beside the two trivial labellers (all zeros; the art prior in peak windows) and the "
              "truth's own §5.1 scores (the ceiling: performances are imperfect by design). "
@@ -58,3 +58,35 @@ def selfsup_section(d: dict) -> list[str]:
                       *_table(["on those frames", "baseline", "network"],
                               [[k, _fmt(b["baseline"][k]), _fmt(b["cnn"][k])] for k in b["cnn"]])]
     return lines
+
+
+def selfsup_standard_section(d: dict) -> list[str]:
+    """Round 0 of a standard subject labelled by ``pgt label`` (results/selfsup_standard.json)."""
+    from benchmarks.report import _table
+
+    labels = d["labels"]
+    truth = next(iter(d["truth"].values()))
+    floor = next(iter(d["truth_through_chain_rig"].values()))
+    rows = [[m, t or "-", _fmt(labels["self_supervision/0"][m]), _fmt(labels["trivial_zeros"][m]),
+             _fmt(labels["trivial_prior"][m]), _fmt(truth[m]), _fmt(floor[m])]
+            for m, t in [(m, t) for m, t, _ in TARGETS] + [(m, "within 0.05 of the truth") for m in SEMANTIC]]
+    t = d["timings_s"]
+    return ["## Round-0 labels of a standard subject", "",
+            "; ".join(f"`{c}`" for c in d["commands"]) + f". {d['frames']} frames, {len(d['cameras'])} cameras. "
+            f"{d['load_note']}.", "",
+            *_table(["metric", "target", "round 0", "trivial_zeros", "trivial_prior", "truth",
+                     "truth through the chain's rig"], rows),
+            "Seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items()) +
+            f"; total {sum(t.values()):.0f} s (target 1,200 s). Temporal smoothing (now default) applied to "
+            "these labels offline: " + ", ".join(f"{k} {v}" for k, v in d["smoothed_offline_sigma_0.7"].items()) + ".", ""]
+
+
+def placement_vs_labels_section(d: dict) -> list[str]:
+    """Each camera's worth to round 0 against its placement scores (results/placement_vs_labels.json)."""
+    from benchmarks.placement_vs_labels import markdown
+
+    return ["## Camera placement against each camera's worth to the labels", "",
+            "`python -m benchmarks.placement_vs_labels --selfsup " + " ".join(d["selfsup"]) +
+            "` (docs/camera-placement.md, Part 3): a camera's worth is the round-0 metric without it "
+            "minus with every camera (positive = it helps); correlations over the 10 cameras.", "",
+            markdown(d), ""]
