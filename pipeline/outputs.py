@@ -50,19 +50,20 @@ def finished_units(out: str, run_id: str | None = None, storage_options: dict[st
     captures: dict[str, str] = {}
     for run_dir in run_dirs:
         found: dict[tuple[str, str], str] = {}
-        if fs.exists(f"{run_dir}/plan.json"):  # final states; a killed run's plan still says planned
+        record = json.loads(fs.cat_file(f"{run_dir}/run.json")) if fs.exists(f"{run_dir}/run.json") else {}
+        if fs.exists(f"{run_dir}/plan.json"):  # final states once the run has finished
             for unit in json.loads(fs.cat_file(f"{run_dir}/plan.json")):
                 if unit.get("state") in FINISHED_STATES and unit.get("key"):
                     found[(unit["stage"], unit["subject"])] = unit["key"]
-        # The workers' own log: what a killed run committed before it died.
-        for event in read_stage_log(out, run_dir.rstrip("/").rsplit("/", 1)[-1], storage_options):
-            if event.get("event") == "finish" and event.get("committed") and event.get("key"):
-                found.setdefault((event["stage"], event["subject"]), event["key"])
+        if record.get("status") != "finished":  # killed: its plan still says planned; the
+            # workers' own log says what it committed before it died
+            for event in read_stage_log(out, run_dir.rstrip("/").rsplit("/", 1)[-1], storage_options):
+                if event.get("event") == "finish" and event.get("committed") and event.get("key"):
+                    found.setdefault((event["stage"], event["subject"]), event["key"])
         for unit, key in found.items():
             keys.setdefault(unit, key)
-        if fs.exists(f"{run_dir}/run.json"):
-            for subject, capture in json.loads(fs.cat_file(f"{run_dir}/run.json")).get("subjects", {}).items():
-                captures.setdefault(subject, capture)
+        for subject, capture in record.get("subjects", {}).items():
+            captures.setdefault(subject, capture)
     return keys, captures
 
 
