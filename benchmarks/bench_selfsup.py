@@ -61,14 +61,13 @@ def _summaries(metrics) -> dict:
 def _personal(runs: Path | None, subject: str, truth) -> tuple[object, object, str]:
     """(rig, texture, where from) of a subject: the chain's when a run exists, else the truth's rig."""
     if runs is not None and (runs / subject).is_dir():
-        from stages.rigging import RiggedSubject
+        from pipeline.outputs import RunOutputs
+        from stages.rigging import rig_from_run
         from stages.texture import UvTexture
-        from workflows.phone_figures import find_outputs
 
-        _, _, outputs = find_outputs(runs / subject, subject)
-        if "rig" in outputs and "texture" in outputs:
-            return (RiggedSubject.from_output(outputs["rig"]).result.rig, UvTexture.from_output(outputs["texture"]),
-                    "chain")
+        outputs = RunOutputs(str(runs / subject))  # only the two artifacts needed are read
+        if outputs.has("rig", subject) and outputs.has("texture", subject):
+            return (rig_from_run(outputs, subject), UvTexture.from_output(outputs.load("texture", subject)), "chain")
     return truth.rig, None, "truth rig, flat albedo seed"
 
 

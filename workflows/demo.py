@@ -145,18 +145,21 @@ def round0_section(run_out: Path, synth: Path, qa: Path, run_id: str) -> list[st
     (SPEC §5, the mesh error through the chain's own rig) beside the trivial labellers,
     the labelled rig over the HMC views (best and worst frames by pixel residual) and
     curves against the truth (``qa/img/round0_*.png``)."""
-    from stages.rigging import RiggedSubject
+    from pipeline.outputs import RunOutputs
+    from stages.rigging import rig_from_run
     from stages.selfsup.stage import SelfSupLabels
     from stages.synthesis.truth import SubjectTruth
     from storage.capture import Capture
-    from workflows.phone_figures import find_outputs
     from workflows.selfsup_figures import write_curves_figure, write_overlay_figure
 
-    sid, capture_path, outputs = find_outputs(run_out, None)
-    if "selfsup" not in outputs:
+    outputs = RunOutputs(str(run_out))  # reads only the selfsup and rig artifacts
+    subjects = outputs.subjects("selfsup")
+    if not subjects:
         return []
-    labels = SelfSupLabels.from_output(outputs["selfsup"])
-    rig = RiggedSubject.from_output(outputs["rig"]).result.rig
+    sid = subjects[0]
+    capture_path = outputs.captures[sid]
+    labels = SelfSupLabels.from_output(outputs.load("selfsup", sid))
+    rig = rig_from_run(outputs, sid)
     metrics = run_metrics(MetricsJob(
         labels=OutputLayout(str(run_out)).table("labels"), captures=str(synth / "captures"),
         truth=str(synth / "ground_truth"), rig_run=str(run_out), out=str(qa / "metrics"), run_id=run_id,
