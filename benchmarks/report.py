@@ -349,7 +349,7 @@ def _nanmedian(v: list[float]) -> float:
 def dashboard_section(d: dict) -> list[str]:
     rows = [[c["case"], f"{c['report_bytes'] / 1e6:.1f}", f"{c['report_seconds']:.1f}", f"{c['report_cpu_seconds']:.1f}",
              c["recordings_embedded"], c["frames_embedded"], f"{c['served_load_seconds']:.1f}",
-             f"{c['served_open_recording_seconds']:.1f}",
+             "-" if c["served_open_recording_seconds"] is None else f"{c['served_open_recording_seconds']:.1f}",
              f"{c['replicate_seconds']:.0f}" if "replicate_seconds" in c else "-"] for c in d["cases"]]
     return ["## QA report and dashboard", "",
             f"`{d['command']}`: the offline report's size and build time, and the served dashboard's page "
