@@ -143,7 +143,8 @@ def surface(vertices: torch.Tensor, triangles: torch.Tensor, corner_uv: torch.Te
     bary, dist = intersect(origin, direction, corners)
     point = origin + direction * dist[:, None]
     depth = ((point - origin) * cameras.R[:, :, 2].index_select(0, camera).to(vertices.dtype)).sum(-1)
-    normals = vertex_normals(vertices, triangles if normal_triangles is None else normal_triangles).reshape(-1, 3).index_select(0, flat_corner).reshape(-1, 3, 3)
+    shaded = triangles if normal_triangles is None else normal_triangles
+    normals = vertex_normals(vertices, shaded).reshape(-1, 3).index_select(0, flat_corner).reshape(-1, 3, 3)
     normal = (bary[..., None] * normals).sum(1)
     normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-20)
     uv = (bary[..., None] * corner_uv.index_select(0, tri).to(vertices.dtype)).sum(1)

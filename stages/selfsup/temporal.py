@@ -2,7 +2,7 @@
 
 The network labels every frame on its own, so its labels jitter from frame to frame more
 than a face moves: on 3 tiny subjects round 0 scored Smoothness 0.80 where the truth's
-own labels score about 0.89 (SPEC §5.1; docs/selfsup.md). A Gaussian over time of a
+own labels score 0.905 (SPEC §5.1; docs/selfsup.md, benchmarks/smooth_labels.py). A Gaussian over time of a
 fraction of a frame period removes that jitter and leaves peaks, blinks and closures,
 which last many frames, as they were. Frames that are not usable (rejected) neither
 take part in their neighbours' values nor are changed: a normalised convolution.
