@@ -211,7 +211,10 @@ def test_potentially_visible_set_renders_like_the_whole_mesh(scene):
     k = rig.definition.size
     candidates = potentially_visible(renderer, extreme_states(k, (torch.eye(3), torch.zeros(3))), rings=2)
     assert 0.2 < len(candidates) / len(rig.model.triangles) < 0.7
-    assert set(grow_rings(rig.model.triangles, candidates, 1)) >= set(candidates)
+    strip = np.array([[0, 1, 2], [1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]])  # each ring: one vertex further
+    assert grow_rings(strip, [0], 0).tolist() == [0]
+    assert grow_rings(strip, [0], 1).tolist() == [0, 1, 2]
+    assert grow_rings(strip, [0], 2).tolist() == [0, 1, 2, 3, 4]
     state = _state(rig, **FRAME)
     full = renderer.render(state)
     renderer.restrict(candidates)
