@@ -155,7 +155,7 @@ def test_the_fitted_appearance_sees_an_eye_close(tiny_subject, truth_rig):
     truth = SubjectTruth.open(tiny_subject[1])
     rec = cap.recording(cap.recordings[0])
     closed = next(s for s in rec.segments if s.kind == "eye_closure")
-    frames = {"closed": (closed.start + closed.end) // 2, "open": neutral_frames_middle(rec)}
+    frames = {"closed": (closed.start + closed.end) // 2, "open": _neutral_middle(rec)}
     hmc = truth.hmc(rec.name)
     d = truth_rig.definition
     regressed = d.indices(list(d.regressed))
@@ -187,7 +187,7 @@ def test_the_fitted_appearance_sees_an_eye_close(tiny_subject, truth_rig):
     assert abs(fitted["closed"]) > 3 * abs(skin["closed"]), (fitted, skin)
 
 
-def neutral_frames_middle(recording) -> int:
+def _neutral_middle(recording) -> int:
     """The middle frame of the recording's first neutral window."""
     neutral = next(s for s in recording.segments if s.kind == "neutral")
     return (neutral.start + neutral.end) // 2
