@@ -55,7 +55,7 @@ def extreme_states(k: int, donning: tuple[torch.Tensor, torch.Tensor], gaze_rad:
     return RigState(b, gaze, r.to(dtype).expand(n, 3, 3).clone(), t.to(dtype).expand(n, 3).clone())
 
 
-def potentially_visible(renderer: torch.nn.Module, states: RigState, rings: int = 3,
+def potentially_visible(renderer: torch.nn.Module, states: RigState, rings: int = 2,
                         supersample: int = 2, batch: int = 8) -> np.ndarray:
     """Triangle ids hit in any camera for any of ``states``, grown by ``rings`` rings.
 
