@@ -39,7 +39,7 @@ RESULT = Path(__file__).parent / "results" / "dashboard.json"
 def replicate(sources, replicas: int, work: Path):
     """DashboardSources whose tables hold ``replicas`` subjects copied from ``sources``'s."""
     from storage import delta
-    from storage.label_table import PARTITION_COLUMN
+    from storage.label_table import PARTITION_COLUMN, TABLE_PROPERTIES
     from workflows.dashboard.data import DashboardSources
 
     labels = delta.read_rows(sources.labels_uri)
@@ -62,7 +62,8 @@ def replicate(sources, replicas: int, work: Path):
                            truth=str(truth))
     table = pa.Table.from_pandas(pd.concat(parts, ignore_index=True), schema=labels.schema, preserve_index=False)
     for lo in range(0, table.num_rows, 50_000):  # a few commits, as a backfill makes many
-        delta.append_rows(out.labels_uri, table.slice(lo, 50_000), partition_by=[PARTITION_COLUMN])
+        delta.append_rows(out.labels_uri, table.slice(lo, 50_000), partition_by=[PARTITION_COLUMN],
+                          configuration=TABLE_PROPERTIES)  # the statistics a real label table keeps
     for src_uri, dst_uri in ((sources.metrics_uri, out.metrics_uri), (sources.trivial_metrics_uri, out.trivial_metrics_uri)):
         _replicate_metrics(src_uri, dst_uri, originals, ids)
     return out

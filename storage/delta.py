@@ -447,6 +447,20 @@ def data_files(
         raise StorageError(f"{uri}: cannot list the data files: {exc}") from exc
 
 
+def file_statistics(
+    uri: str, *, version: int | None = None, storage_options: Mapping[str, str] | None = None
+) -> pa.Table:
+    """One row per data file of one version (default latest), from the Delta log alone:
+    ``path``, ``num_records``, ``partition.<column>`` and the ``min.<column>`` /
+    ``max.<column>`` statistics the table keeps (its ``delta.dataSkippingStatsColumns``).
+    Nothing is read from the data files."""
+    dt = _open(uri, version=version, storage_options=storage_options)
+    try:
+        return pa.table(dt.get_add_actions(flatten=True))
+    except (DeltaError, pa.ArrowException) as exc:
+        raise StorageError(f"{uri}: cannot read the file statistics: {exc}") from exc
+
+
 # ----------------------------------------------------------------------------- internals
 
 

@@ -124,3 +124,35 @@ def test_rendered_drill_down_covers_the_true_landmarks_and_follows_the_pose(dash
                              cameras, names, view_px=96)
     ious = [(a & b).sum() / max(1, (a | b).sum()) for (a, _), (b, _) in zip(views, slipped, strict=True)]
     assert max(ious) < 0.98, ious  # the face fills these views: 2 cm moves 4-8 % of the silhouette
+
+
+def test_label_counts_from_the_log_equal_a_scan(dashboard_sources, tmp_path):
+    """Frames per subject and group from the Delta log's file statistics equal a count
+    over the rows: one group per file (as written), a compacted partition holding
+    several groups (scanned), and a table without those statistics (scanned whole)."""
+    import shutil
+
+    from storage.label_table import PARTITION_COLUMN, LabelTable
+    from workflows.dashboard.data import DashboardSources
+
+    def counts(uri: str) -> pd.DataFrame:
+        got = DashboardData(DashboardSources(out=str(tmp_path), labels=uri)).label_counts()
+        rows = delta.read_rows(uri, columns=["subject_id", "label_source", "label_round"]).to_pandas()
+        want = rows.groupby(["subject_id", "label_source", "label_round"], as_index=False).size()
+        want = want.rename(columns={"size": "frames"}).sort_values(["subject_id", "label_source", "label_round"])
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), check_dtype=False)
+        return got
+
+    written = counts(dashboard_sources.labels_uri)
+    assert len(written) == 3 * written["subject_id"].nunique()  # truth, stand-in, distilled
+    compacted = str(tmp_path / "compacted")
+    shutil.copytree(dashboard_sources.labels_uri, compacted)
+    subject = written["subject_id"].iloc[0]
+    assert LabelTable(compacted).compact_subject(subject) is not None
+    stats = delta.file_statistics(compacted).to_pandas()
+    assert (stats["min.label_source"] != stats["max.label_source"]).sum() == 1  # the compacted file
+    counts(compacted)
+    bare = str(tmp_path / "no-stats")
+    delta.append_rows(bare, delta.read_rows(dashboard_sources.labels_uri), partition_by=[PARTITION_COLUMN])
+    assert "min.label_source" not in delta.file_statistics(bare).column_names
+    counts(bare)

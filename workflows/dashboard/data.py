@@ -104,8 +104,9 @@ def lower_is_better(metric: str) -> bool:
     return base not in NO_TRUTH_METRICS and "ratio" not in base
 
 
-def badness(metric: str, value: float) -> float:
-    """A value turned so that larger is worse (amplitude ratio: distance from 1)."""
+def badness(metric: str, value: Any) -> Any:
+    """A value (or an array of them) turned so that larger is worse (amplitude ratio:
+    distance from 1)."""
     if "ratio" in metric.split("/", 1)[0]:
         return abs(1.0 - value)
     return value if lower_is_better(metric) else -value
@@ -137,11 +138,13 @@ class DashboardData:
                 "failures": s.table("failures"), "runs": s.table("runs")}
         return {k: delta.table_version(u, storage_options=s.storage_options) for k, u in uris.items()}
 
-    def _query(self, uri: str, sql: str, params: Sequence[Any] = (), version: int | None = None) -> pd.DataFrame:
-        """Runs ``sql`` with the table at ``uri`` bound as ``t``; empty when no table."""
+    def _query(self, uri: str, sql: str, params: Sequence[Any] = (), version: int | None = None,
+               files_of: Mapping[str, object] | None = None) -> pd.DataFrame:
+        """Runs ``sql`` with the table at ``uri`` bound as ``t``; empty when no table.
+        ``files_of`` (column -> values) binds only the files that may hold such rows."""
         if not self._exists(uri):
             return pd.DataFrame()
-        dataset = delta.read_dataset(uri, version=version, storage_options=self.sources.storage_options)
+        dataset = delta.read_dataset(uri, filters=files_of, version=version, storage_options=self.sources.storage_options)
         self._con.register("t", dataset)
         try:
             return self._con.execute(sql, list(params)).df()
@@ -224,11 +227,44 @@ class DashboardData:
         return sorted(rows, key=lambda r: r["version"])
 
     def label_counts(self) -> pd.DataFrame:
-        """Per subject and group: frames, frames with status ok, mean confidence."""
-        sql = ("SELECT subject_id, label_source, label_round, count(*) AS frames, "
-               "count(*) FILTER (WHERE status = 'ok') AS ok_frames, avg(confidence) AS mean_confidence "
-               "FROM t GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
-        return self._query(self.sources.labels_uri, sql)
+        """Frames per subject and group: rows (subject_id, label_source, label_round, frames).
+
+        From the Delta log's per-file statistics where they settle it: a file whose
+        min and max of subject_id, label_source and label_round agree holds one subject's
+        rows of one group (what ``write_subject_round`` writes), so its row count is the
+        answer and nothing is read. Only the subjects with other files (a compacted
+        partition of several groups, bulk appends, tables without those statistics) are
+        scanned. A full scan of a 5,000-subject table took minutes, the log 5 ms.
+        """
+        uri = self.sources.labels_uri
+        keys = ["subject_id", "label_source", "label_round"]
+        if not self._exists(uri):
+            return pd.DataFrame(columns=[*keys, "frames"])
+        stats = delta.file_statistics(uri, storage_options=self.sources.storage_options).to_pandas()
+        if not all(f"{end}.{k}" in stats for k in keys for end in ("min", "max")):
+            return self._count_frames(uri, None)  # no statistics to settle it
+        single = pd.concat([stats[f"min.{k}"].notna() & (stats[f"min.{k}"] == stats[f"max.{k}"]) for k in keys],
+                           axis=1).all(axis=1)
+        bounds = stats.loc[~single, ["min.subject_id", "max.subject_id"]]
+        if bounds.isna().any(axis=None):
+            return self._count_frames(uri, None)
+        scan = sorted(set(bounds.stack()))  # their subjects' rows are all counted by the scan
+        known = stats[single].rename(columns={f"min.{k}": k for k in keys})
+        known = known[~known["subject_id"].isin(scan)].groupby(keys, as_index=False)["num_records"].sum()
+        parts = [known.rename(columns={"num_records": "frames"})]
+        if scan:
+            parts.append(self._count_frames(uri, scan))
+        out = pd.concat(parts, ignore_index=True).astype({"label_round": int, "frames": int})
+        return out.sort_values(keys, ignore_index=True)
+
+    def _count_frames(self, uri: str, subjects: list[str] | None) -> pd.DataFrame:
+        """Frames per subject and group counted by a scan (``subjects``' files, else all)."""
+        sql = ("SELECT subject_id, label_source, label_round, count(*) AS frames FROM t "
+               "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+        if subjects is None:
+            return self._query(uri, sql)
+        found = self._query(uri, sql, files_of={"subject_id": subjects})
+        return found[found["subject_id"].isin(subjects)]
 
     def recording_frames(self, subject: str, recording: str, group: Group) -> Any:
         """One recording's label rows of a group, frames in order (a

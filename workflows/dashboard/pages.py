@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from workflows.dashboard import views
-from workflows.dashboard.data import DashboardData, FrameData, Group
+from workflows.dashboard.data import DashboardData, FrameData, Group, product_group
 from workflows.dashboard.drill import FrameDrill, worst_frames
 
 
@@ -50,7 +50,7 @@ def dataset_view(data: DashboardData) -> tuple[Any, dict[str, Any]]:
 
     groups_df = data.groups()
     groups = [(str(s), int(r)) for s, r in zip(groups_df["label_source"], groups_df["label_round"], strict=True)]
-    product = data.product()
+    product = product_group(groups_df)  # groups() is read once: each read scans both metrics tables
     dataset = data.dataset_metrics()
     counts = data.label_counts()
     coverage = data.coverage()

@@ -160,7 +160,7 @@ def with_worst_metric(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     metrics = [c for c in table.columns if c not in keys]
     if table.empty or not metrics:
         return table.assign(worst_metric=[], worst_z=[])
-    bad = pd.DataFrame({m: [badness(m, v) if pd.notna(v) else np.nan for v in table[m]] for m in metrics})
+    bad = pd.DataFrame({m: badness(m, table[m].astype(float).to_numpy()) for m in metrics})  # NaN stays NaN
     z = (bad - bad.mean()) / pd.Series({m: spread_floor(m, bad[m]) for m in metrics})
     filled = z.fillna(-np.inf)
     worst = filled.idxmax(axis=1).where(np.isfinite(filled.max(axis=1)), "")
