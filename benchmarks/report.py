@@ -383,7 +383,10 @@ def main() -> None:
                           ("selfsup", selfsup_section),
                           ("selfsup_tiny_defaults", titled("Round-0 labels, this session's defaults (tiny)")),
                           ("selfsup_alt", titled("Round-0 labels on the generator's alt variant (tiny)")),
-                          ("selfsup_standard", selfsup_standard_section), ("placement", placement_section),
+                          ("selfsup_standard", selfsup_standard_section),
+                          ("selfsup_standard_650", titled("Round-0 labels of the standard subject in 650 steps "
+                                                          "(what fits the 20-minute budget)")),
+                          ("placement", placement_section),
                           ("placement_vs_labels", placement_vs_labels_section),
                           ("dashboard", dashboard_section)):
         data = _load(name)

@@ -61,24 +61,41 @@ def selfsup_section(d: dict, title: str = "Round-0 labels (self-supervision)") -
 
 
 def selfsup_standard_section(d: dict) -> list[str]:
-    """Round 0 of a standard subject labelled by ``pgt label`` (results/selfsup_standard.json)."""
+    """Round 0 of ``pgt label`` runs on standard subjects (results/selfsup_standard.json,
+    benchmarks/bench_standard_labels.py): each subject, and the mean over them beside the
+    trivial labellers, the truth and the truth through the chain's rig."""
+    from benchmarks.bench_standard_labels import product
     from benchmarks.report import _table
 
-    labels = d["labels"]
-    truth = next(iter(d["truth"].values()))
-    floor = next(iter(d["truth_through_chain_rig"].values()))
-    rows = [[m, t or "-", _fmt(labels["self_supervision/0"][m]), _fmt(labels["trivial_zeros"][m]),
-             _fmt(labels["trivial_prior"][m]), _fmt(truth[m]), _fmt(floor[m])]
-            for m, t in [(m, t) for m, t, _ in TARGETS] + [(m, "within 0.05 of the truth") for m in SEMANTIC]]
-    t = d["timings_s"]
-    return ["## Round-0 labels of a standard subject", "",
-            "; ".join(f"`{c}`" for c in d["commands"]) + f". {d['frames']} frames, {len(d['cameras'])} cameras. "
-            f"{d['load_note']}.", "",
-            *_table(["metric", "target", "round 0", "trivial_zeros", "trivial_prior", "truth",
-                     "truth through the chain's rig"], rows),
-            "Seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items()) +
-            f"; total {sum(t.values()):.0f} s (target 1,200 s). Temporal smoothing (now default) applied to "
-            "these labels offline: " + ", ".join(f"{k} {v}" for k, v in d["smoothed_offline_sigma_0.7"].items()) + ".", ""]
+    subjects, mean = d["subjects"], d["mean"]
+    names = list(subjects)
+    rows = []
+    for metric, target in [(m, t or "-") for m, t, _ in TARGETS] + [(m, "within 0.05 of the truth") for m in SEMANTIC]:
+        rows.append([metric, target, *[_fmt(product(subjects[n]).get(metric)) for n in names],
+                     *[_fmt(mean[c].get(metric)) for c in ("round0", "trivial_zeros", "trivial_prior", "truth",
+                                                           "truth_through_chain_rig")]])
+    rows.append(["round 0 s", "<= 1200", *[f"{subjects[n]['round0_s']:.0f}" for n in names],
+                 f"{mean['round0_s']:.0f}", "", "", "", ""])
+    notes = []
+    for n in names:
+        e = subjects[n]
+        t = e["timings_s"]
+        steps = e["selfsup_config"].get("steps", "?")
+        smoothed = (f"; made before the default temporal smoothing: scored with sigma "
+                    f"{e['smoothed_offline']['sigma_frames']} applied to its blendshapes offline"
+                    if "smoothed_offline" in e else "")
+        notes.append(f"- {n}: {e['frames']} frames, {steps} steps; seconds "
+                     + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items())
+                     + f"; neutral correction max {e['diagnostics'].get('neutral_correction_max_mm', float('nan')):.1f} mm"
+                     + smoothed + ".")
+    return ["## Round-0 labels of standard subjects", "",
+            f"`{d['command']}`: each subject's `pgt label` run scored by `pgt metrics --run` (its own chain "
+            "rig). The mean columns average the subjects; \"truth\" is the truth's own score (its true rig), "
+            "\"through the chain rig\" the truth's labels scored with the chain's rig (the phone chain's floor). "
+            f"Load average before: {d['machine']['load_before']:.1f}.", "",
+            *_table(["metric", "target", *names, "mean", "trivial_zeros (mean)", "trivial_prior (mean)",
+                     "truth (mean)", "truth through the chain rig (mean)"], rows),
+            *notes, ""]
 
 
 def placement_vs_labels_section(d: dict) -> list[str]:
