@@ -191,3 +191,33 @@ def _neutral_middle(recording) -> int:
     """The middle frame of the recording's first neutral window."""
     neutral = next(s for s in recording.segments if s.kind == "neutral")
     return (neutral.start + neutral.end) // 2
+
+
+def test_the_pixel_term_in_a_subset_of_cameras_is_the_full_renders_term_over_them(tiny_subject, truth_rig):
+    """A training step may render the pixel term in a few cameras (pixel_cameras_per_step):
+    that term equals the whole render's masked l2 restricted to those cameras, every
+    camera gives the whole term, and the keypoint term does not change."""
+    import torch
+
+    from rigs.render.losses import masked_l2
+    from stages.selfsup.label import build_energy
+    from stages.selfsup.stage import load_pool
+
+    cap = Capture.open(tiny_subject[0])
+    cfg = SelfSupConfig(resolution=32)
+    names, pool = load_pool(cap, cfg)
+    energy = build_energy(cap, truth_rig, None, names, cfg)
+    data = pool.data(np.array([3, 40]), keypoints=True)
+    k = truth_rig.definition.regressed
+    state = (torch.full((2, len(k)), 0.1), torch.zeros(2, 4), torch.eye(3).expand(2, 3, 3), torch.zeros(2, 3))
+    with torch.no_grad():
+        whole = energy(*state, data)
+        every = energy(*state, data, pixel_cameras=list(range(len(names))))
+        some = energy(*state, data, pixel_cameras=[0, 3])
+        full = energy.renderer.render(energy.state(*state), energy.appearance)
+    assert float(every.pixel) == pytest.approx(float(whole.pixel), rel=1e-6)
+    mask = full.mask & data.usable[:, :, None, None]
+    want = masked_l2(full.ir[:, [0, 3]], data.images[:, [0, 3]], mask[:, [0, 3]])
+    assert float(some.pixel) == pytest.approx(float(want), rel=1e-5)
+    assert float(some.pixel) != pytest.approx(float(whole.pixel), rel=1e-3)
+    assert float(some.keypoint) == float(whole.keypoint)

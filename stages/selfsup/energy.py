@@ -13,6 +13,7 @@ not depend on the model resolution.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from rigs.definition import RigDefinition
 from rigs.render import AppearanceModel, HmcRenderer, RigState
+from rigs.render.cameras import CameraBatch
 from rigs.render.losses import masked_l2
 from stages.selfsup.frames import USABLE
 from stages.selfsup.keypoints import KeypointLayout
@@ -105,22 +107,39 @@ class Energy:
         self.layout = layout
         self.px_scale = torch.as_tensor(np.asarray(stored_px_per_model_px, np.float32))
         self.weights = weights
+        self._subsets: dict[tuple[int, ...], CameraBatch] = {}
+
+    def camera_subset(self, index: Sequence[int]) -> CameraBatch:
+        """The renderer's cameras at positions ``index`` (built once per subset)."""
+        key = tuple(int(i) for i in index)
+        if key not in self._subsets:
+            names = self.renderer.cameras.names
+            self._subsets[key] = self.renderer.cameras.subset([names[i] for i in key])
+        return self._subsets[key]
 
     def state(self, b: torch.Tensor, gaze: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor) -> RigState:
         """The renderer's state from regressed weights (B, K), gaze (B, 4), R (B, 3, 3), t (B, 3)."""
         return RigState(full_blendshapes(b, gaze, self.definition, self.index), gaze, rotation, translation)
 
     def __call__(self, b: torch.Tensor, gaze: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
-                 data: FrameData, residuals: bool = False) -> EnergyTerms:
+                 data: FrameData, residuals: bool = False, pixel_cameras: Sequence[int] | None = None
+                 ) -> EnergyTerms:
         """The energy of B frames' states (regressed b, gaze, R, t) against ``data``; with
-        ``residuals`` also each frame's pixel rms and keypoint distance (for reporting)."""
+        ``residuals`` also each frame's pixel rms and keypoint distance (for reporting).
+        ``pixel_cameras`` (positions in the renderer's cameras) renders the pixel term in
+        those cameras only (the keypoint term keeps every camera: it costs no render)."""
         w = self.weights
-        out = self.renderer.render(self.state(b, gaze, rotation, translation), self.appearance)
-        mask = (out.mask & data.usable[:, :, None, None]).to(out.ir.dtype)
-        pixel = masked_l2(out.ir, data.images, mask)
+        images, usable, cameras = data.images, data.usable, None
+        if pixel_cameras is not None:
+            cameras = self.camera_subset(pixel_cameras)
+            index = torch.as_tensor(np.asarray(pixel_cameras, np.int64), device=images.device)
+            images, usable = images.index_select(1, index), usable.index_select(1, index)
+        out = self.renderer.render(self.state(b, gaze, rotation, translation), self.appearance, cameras=cameras)
+        mask = (out.mask & usable[:, :, None, None]).to(out.ir.dtype)
+        pixel = masked_l2(out.ir, images, mask)
         frame_rms = frame_kp = None
         if residuals:
-            sq = (mask * (out.ir.detach() - data.images) ** 2).sum((1, 2, 3))
+            sq = (mask * (out.ir.detach() - images) ** 2).sum((1, 2, 3))
             frame_rms = torch.sqrt(sq / mask.sum((1, 2, 3)).clamp_min(1.0))
             frame_kp = torch.full((b.shape[0],), float("nan"))
         keypoint = b.new_zeros(())

@@ -206,7 +206,11 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
         idx = np.sort(idx)
         data = pool.data(idx, cfg.keypoints)
         out = net(network_input(pool.images[idx], pool.mirrored))
-        terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data)
+        cameras = None
+        if 0 < cfg.pixel_cameras_per_step < len(names):  # drawn from the batch: a resumed run draws the same
+            rng = np.random.default_rng([cfg.seed, *idx.tolist()])
+            cameras = np.sort(rng.choice(len(names), cfg.pixel_cameras_per_step, replace=False))
+        terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data, pixel_cameras=cameras)
         return terms.total, terms.scalars()
 
     schedule = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,

@@ -68,6 +68,10 @@ class SelfSupConfig:
     """Adam steps of the network and appearance. >= 1."""
     batch_size: int = 8
     """Frames per step. >= 1."""
+    pixel_cameras_per_step: int = 0
+    """Cameras each training step renders the pixel term in, drawn at random per step (the
+    network still sees every camera; keypoints use every camera). Rendering is most of a
+    step's cost, so fewer cameras buy more steps in the same time. 0 = every camera."""
     learning_rate: float = 1e-3
     """Peak Adam learning rate (warm-up, then cosine decay to 5 %)."""
     checkpoint_every: int = 100
@@ -105,6 +109,7 @@ class SelfSupConfig:
         checks = (
             ("cameras", self.cameras in ("all", "embedded")), ("resolution", self.resolution >= 16),
             ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1),
+            ("pixel_cameras_per_step", self.pixel_cameras_per_step >= 0),
             ("network_width", self.network_width >= 4 and self.network_width % 4 == 0),
             ("min_usable_cameras", self.min_usable_cameras >= 1),
             ("visible_set_rings", self.visible_set_rings >= -1),
