@@ -60,10 +60,14 @@ def replicate(sources, replicas: int, work: Path):
             os.symlink(Path(sources.truth) / src, truth / sid)
     out = DashboardSources(out=str(work / "run"), labels=str(work / "tables" / "labels"), captures=str(captures),
                            truth=str(truth))
-    table = pa.Table.from_pandas(pd.concat(parts, ignore_index=True), schema=labels.schema, preserve_index=False)
-    for lo in range(0, table.num_rows, 50_000):  # a few commits, as a backfill makes many
-        delta.append_rows(out.labels_uri, table.slice(lo, 50_000), partition_by=[PARTITION_COLUMN],
-                          configuration=TABLE_PROPERTIES)  # the statistics a real label table keeps
+    rows = pd.concat(parts, ignore_index=True)
+    # One group at a time, a few commits each: as a backfill writes (one subject's group per
+    # file) and with the statistics a real label table keeps.
+    for _, group in rows.groupby(["label_source", "label_round"]):
+        table = pa.Table.from_pandas(group, schema=labels.schema, preserve_index=False)
+        for lo in range(0, table.num_rows, 50_000):
+            delta.append_rows(out.labels_uri, table.slice(lo, 50_000), partition_by=[PARTITION_COLUMN],
+                              configuration=TABLE_PROPERTIES)
     for src_uri, dst_uri in ((sources.metrics_uri, out.metrics_uri), (sources.trivial_metrics_uri, out.trivial_metrics_uri)):
         _replicate_metrics(src_uri, dst_uri, originals, ids)
     return out

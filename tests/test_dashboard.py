@@ -11,7 +11,7 @@ import pytest
 
 from storage import delta
 from tests.dashboard_data import DISTILLED, STAND_IN
-from workflows.dashboard.data import DashboardData, product_group
+from workflows.dashboard.data import _SCANNED, DashboardData, product_group
 from workflows.dashboard.views import with_worst_metric
 
 
@@ -152,6 +152,12 @@ def test_label_counts_from_the_log_equal_a_scan(dashboard_sources, tmp_path):
     stats = delta.file_statistics(compacted).to_pandas()
     assert (stats["min.label_source"] != stats["max.label_source"]).sum() == 1  # the compacted file
     counts(compacted)
+    assert (compacted, subject) in _SCANNED  # kept with the subject's files
+    counts(compacted)  # from the kept count
+    table = LabelTable(compacted)
+    again = table.read(subject_id=subject, label_source=DISTILLED[0], label_round=DISTILLED[1])
+    table.write_subject_round(again.slice(0, 5))  # the subject's files change: counted anew
+    assert counts(compacted).set_index(["subject_id", "label_source"]).loc[(subject, DISTILLED[0]), "frames"].item() == 5
     bare = str(tmp_path / "no-stats")
     delta.append_rows(bare, delta.read_rows(dashboard_sources.labels_uri), partition_by=[PARTITION_COLUMN])
     assert "min.label_source" not in delta.file_statistics(bare).column_names
