@@ -15,6 +15,10 @@ the phone chain's rig alone costs). The round-0 timings and diagnostics come fro
 recorded config has no ``temporal_sigma_frames``) is scored as it is and, beside it, with
 the default smoothing applied to its blendshapes offline (benchmarks/smooth_labels.py).
 The mean over subjects of every figure is the benchmark's headline.
+
+``--merge`` keeps the subjects already in ``--out`` that this call does not score (each
+entry names its own data, run, command and date), so that subjects labelled on different
+days, or on different machines, add up to one result.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +66,7 @@ def truth_rows_table(data: Path, subject: str, uri: Path) -> str:
 
 def score_subject(data: Path, run: Path, subject: str, work: Path) -> dict:
     """Every figure of one subject's run (see the module docstring)."""
+    from benchmarks.bench_selfsup import rig_floor
     from benchmarks.smooth_labels import smoothed_table
     from pipeline.outputs import RunOutputs
     from stages.rigging import rig_from_run
@@ -77,10 +83,9 @@ def score_subject(data: Path, run: Path, subject: str, work: Path) -> dict:
              "labels": score(str(run / "tables" / "labels"), data, work / "labels", rig_run=str(run))}
     truth_uri = truth_rows_table(data, subject, work / "truth_labels")
     entry["truth"] = score(truth_uri, data, work / "truth", trivial=False)
-    rigs = work / "rigs"
-    rigs.mkdir(parents=True, exist_ok=True)
-    rig_from_run(outputs, subject).save(rigs / f"{subject}.npz")
-    entry["truth_through_chain_rig"] = score(truth_uri, data, work / "floor", rig_dir=str(rigs), trivial=False)
+    floor = rig_floor(data / "captures" / subject, data, rig_from_run(outputs, subject), work / "floor")
+    entry["truth_through_chain_rig"] = {"truth": {k: v for k, v in floor.items() if "/" not in k}}
+    rigs = work / "floor" / "rigs"
     if "temporal_sigma_frames" not in config:
         sigma = SelfSupConfig().temporal_sigma_frames
         rows = delta.read_rows(str(run / "tables" / "labels"))
@@ -115,14 +120,27 @@ def mean_over_subjects(subjects: dict) -> dict:
     return out
 
 
+def kept_subjects(out: Path) -> dict:
+    """The per-subject entries of an earlier result, each tagged with the command that scored it."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    return {name: {**entry, "scored": entry.get("scored") or {"command": earlier.get("command", "")}}
+            for name, entry in earlier.get("subjects", {}).items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, nargs="+", required=True)
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selfsup_standard.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the subjects already in --out that this call does not score")
     a = p.parse_args()
-    result = {"command": "python -m benchmarks.bench_standard_labels " + " ".join(sys.argv[1:]),
-              "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}, "subjects": {}}
+    command = "python -m benchmarks.bench_standard_labels " + " ".join(sys.argv[1:])
+    result = {"command": command, "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()[0]},
+              "subjects": {}}
+    kept = kept_subjects(a.out) if a.merge else {}
     for data in a.data:
         for capture in sorted(d for d in (data / "captures").iterdir() if d.is_dir()):
             run = a.runs / capture.name
@@ -131,8 +149,11 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 entry = score_subject(data, run, capture.name, Path(tmp))
+            entry["scored"] = {"command": command, "date": time.strftime("%Y-%m-%d")}
             result["subjects"][capture.name] = entry
             print(capture.name, json.dumps(product(entry))[:400])
+    for name, entry in kept.items():
+        result["subjects"].setdefault(name, entry)
     if not result["subjects"]:
         raise SystemExit(f"no subject of {[str(d) for d in a.data]} has a finished run under {a.runs}")
     result["mean"] = mean_over_subjects(result["subjects"])

@@ -84,6 +84,9 @@ def selfsup_standard_section(d: dict) -> list[str]:
         smoothed = (f"; made before the default temporal smoothing: scored with sigma "
                     f"{e['smoothed_offline']['sigma_frames']} applied to its blendshapes offline"
                     if "smoothed_offline" in e else "")
+        scored = e.get("scored") or {}
+        if scored.get("command") and scored["command"] != d["command"]:
+            smoothed += f"; kept from an earlier scoring (`{scored['command']}`{', ' + scored['date'] if scored.get('date') else ''})"
         notes.append(f"- {n}: {e['frames']} frames, {steps} steps; seconds "
                      + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items())
                      + f"; neutral correction max {e['diagnostics'].get('neutral_correction_max_mm', float('nan')):.1f} mm"

@@ -87,7 +87,7 @@ def _toy_problem(seed: int):
     g = torch.Generator().manual_seed(123)
     x, y = torch.randn(40, 6, generator=g), torch.randn(40, 2, generator=g)
 
-    def step_loss(idx):
+    def step_loss(idx, _step):
         loss = ((module(x[idx]) - y[idx]) ** 2).mean()
         return loss, {"loss": loss.item()}
     return module, step_loss

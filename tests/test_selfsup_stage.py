@@ -221,3 +221,43 @@ def test_the_pixel_term_in_a_subset_of_cameras_is_the_full_renders_term_over_the
     assert float(some.pixel) == pytest.approx(float(want), rel=1e-5)
     assert float(some.pixel) != pytest.approx(float(whole.pixel), rel=1e-3)
     assert float(some.keypoint) == float(whole.keypoint)
+
+
+def test_the_keypoint_warmup_energy_renders_nothing_and_keeps_the_other_terms(tiny_subject, truth_rig):
+    """A warm-up step's energy (with_pixels=False) has no pixel term and no appearance
+    gradient, and its keypoint, sparsity and constraint terms equal the full energy's."""
+    import torch
+
+    from stages.selfsup.label import build_energy
+    from stages.selfsup.stage import load_pool
+
+    cap = Capture.open(tiny_subject[0])
+    cfg = SelfSupConfig(resolution=32)
+    names, pool = load_pool(cap, cfg)
+    energy = build_energy(cap, truth_rig, None, names, cfg)
+    data = pool.data(np.array([3, 40]), keypoints=True)
+    k = len(truth_rig.definition.regressed)
+    b = torch.full((2, k), 0.2, requires_grad=True)
+    state = (b, torch.zeros(2, 4), torch.eye(3).expand(2, 3, 3), torch.zeros(2, 3))
+    whole = energy(*state, data)
+    cheap = energy(*state, data, with_pixels=False, residuals=True)
+    assert float(cheap.pixel) == 0.0 and float(whole.pixel.detach()) > 0
+    assert float(cheap.keypoint) == pytest.approx(float(whole.keypoint), rel=1e-6) and float(cheap.keypoint) > 0
+    assert float(cheap.sparsity) == float(whole.sparsity) and float(cheap.constraint) == float(whole.constraint)
+    assert np.isnan(cheap.frame_pixel_rms.numpy()).all() and np.isfinite(cheap.frame_keypoint_px.numpy()).all()
+    cheap.total.backward()
+    assert b.grad is not None and float(b.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in energy.appearance.parameters())
+
+
+def test_a_keypoint_warmup_runs_before_the_pixel_steps_and_moves_the_labels(tiny_subject, truth_rig):
+    """keypoint_warmup_steps adds that many render-free steps before ``steps``: the history
+    holds both phases (pixel term 0 in the first, the keypoint term falling)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SMALL, steps=6, keypoint_warmup_steps=10)
+    warm = label_subject(Capture.open(tiny_subject[0]), truth_rig, None, cfg, verbose=False)
+    pixel = np.asarray(warm.history["pixel"])
+    assert len(pixel) == 16 and (pixel[:10] == 0).all() and (pixel[10:] > 0).all()
+    keypoint = np.asarray(warm.history["keypoint"])
+    assert keypoint[:10].min() > 0 and keypoint[7:10].mean() < keypoint[:3].mean()

@@ -122,29 +122,40 @@ class Energy:
         return RigState(full_blendshapes(b, gaze, self.definition, self.index), gaze, rotation, translation)
 
     def __call__(self, b: torch.Tensor, gaze: torch.Tensor, rotation: torch.Tensor, translation: torch.Tensor,
-                 data: FrameData, residuals: bool = False, pixel_cameras: Sequence[int] | None = None
-                 ) -> EnergyTerms:
+                 data: FrameData, residuals: bool = False, pixel_cameras: Sequence[int] | None = None,
+                 with_pixels: bool = True) -> EnergyTerms:
         """The energy of B frames' states (regressed b, gaze, R, t) against ``data``; with
         ``residuals`` also each frame's pixel rms and keypoint distance (for reporting).
         ``pixel_cameras`` (positions in the renderer's cameras) renders the pixel term in
-        those cameras only (the keypoint term keeps every camera: it costs no render)."""
+        those cameras only (the keypoint term keeps every camera: it costs no render).
+        ``with_pixels=False`` leaves the pixel term out and renders nothing (the keypoint,
+        sparsity and constraint terms alone: a training warm-up's cheap energy)."""
         w = self.weights
-        images, usable, cameras = data.images, data.usable, None
-        if pixel_cameras is not None:
-            cameras = self.camera_subset(pixel_cameras)
-            index = torch.as_tensor(np.asarray(pixel_cameras, np.int64), device=images.device)
-            images, usable = images.index_select(1, index), usable.index_select(1, index)
-        out = self.renderer.render(self.state(b, gaze, rotation, translation), self.appearance, cameras=cameras)
-        mask = (out.mask & usable[:, :, None, None]).to(out.ir.dtype)
-        pixel = masked_l2(out.ir, images, mask)
+        state = self.state(b, gaze, rotation, translation)
         frame_rms = frame_kp = None
+        if with_pixels:
+            images, usable, cameras = data.images, data.usable, None
+            if pixel_cameras is not None:
+                cameras = self.camera_subset(pixel_cameras)
+                index = torch.as_tensor(np.asarray(pixel_cameras, np.int64), device=images.device)
+                images, usable = images.index_select(1, index), usable.index_select(1, index)
+            out = self.renderer.render(state, self.appearance, cameras=cameras)
+            vertices = out.vertices
+            mask = (out.mask & usable[:, :, None, None]).to(out.ir.dtype)
+            pixel = masked_l2(out.ir, images, mask)
+            if residuals:
+                sq = (mask * (out.ir.detach() - images) ** 2).sum((1, 2, 3))
+                frame_rms = torch.sqrt(sq / mask.sum((1, 2, 3)).clamp_min(1.0))
+        else:
+            vertices = self.renderer.rig(state)
+            pixel = b.new_zeros(())
+            if residuals:
+                frame_rms = torch.full((b.shape[0],), float("nan"))
         if residuals:
-            sq = (mask * (out.ir.detach() - images) ** 2).sum((1, 2, 3))
-            frame_rms = torch.sqrt(sq / mask.sum((1, 2, 3)).clamp_min(1.0))
             frame_kp = torch.full((b.shape[0],), float("nan"))
         keypoint = b.new_zeros(())
         if self.layout is not None and data.keypoints is not None and w.keypoint > 0:
-            pixels, _ = self.renderer.project(self.layout.points(out.vertices))
+            pixels, _ = self.renderer.project(self.layout.points(vertices))
             scale = self.px_scale.to(pixels.dtype)[None, :, None, None]
             conf = data.confidence * data.usable[:, :, None].to(data.confidence.dtype)
             keypoint = keypoint_loss(pixels * scale, data.keypoints * scale, conf, w.keypoint_huber_px)
@@ -153,7 +164,7 @@ class Energy:
         sparsity = sparsity_loss(b)
         constraint = constraint_loss(b, self.index)
         total = w.pixel * pixel + w.keypoint * keypoint + w.sparsity * sparsity + w.constraint * constraint
-        if w.appearance_prior > 0 and any(p.requires_grad for p in self.appearance.parameters()):
+        if with_pixels and w.appearance_prior > 0 and any(p.requires_grad for p in self.appearance.parameters()):
             total = total + w.appearance_prior * self.appearance.prior_loss()
         correction = self.renderer.rig.correction
         if correction is not None and correction.parameter.requires_grad:

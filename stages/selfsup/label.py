@@ -202,7 +202,10 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
         correction = NeutralCorrection(model.triangles, model.n_vertices, np.concatenate([left, right]))
         energy.renderer.rig.correction = module["neutral_correction"] = correction
 
-    def step_loss(idx: np.ndarray):
+    # Without keypoints the warm-up's energy would be the sparsity alone: no warm-up then.
+    keypoint_steps = cfg.keypoint_warmup_steps if cfg.keypoints and pool.keypoints is not None else 0
+
+    def step_loss(idx: np.ndarray, step: int):
         idx = np.sort(idx)
         data = pool.data(idx, cfg.keypoints)
         out = net(network_input(pool.images[idx], pool.mirrored))
@@ -210,13 +213,15 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
         if 0 < cfg.pixel_cameras_per_step < len(names):  # drawn from the batch: a resumed run draws the same
             rng = np.random.default_rng([cfg.seed, *idx.tolist()])
             cameras = np.sort(rng.choice(len(names), cfg.pixel_cameras_per_step, replace=False))
-        terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data, pixel_cameras=cameras)
+        terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data, pixel_cameras=cameras,
+                       with_pixels=step >= keypoint_steps)
         return terms.total, terms.scalars()
 
-    schedule = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+    total_steps = keypoint_steps + cfg.steps
+    schedule = TrainConfig(steps=total_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                            checkpoint_every=cfg.checkpoint_every, seed=cfg.seed,
-                           warmup_steps=min(50, cfg.steps // 10))
-    bar = LogProgress(cfg.steps, f"{capture.subject_id} selfsup training", "step", sys.stderr, every_s=30.0)
+                           warmup_steps=min(50, total_steps // 10))
+    bar = LogProgress(total_steps, f"{capture.subject_id} selfsup training", "step", sys.stderr, every_s=30.0)
     with timed(timings, "train_s"):
         history = train(module, step_loss, len(pool), schedule, checkpoint,
                         progress=(lambda done, _t: bar.update(1)) if verbose else None)

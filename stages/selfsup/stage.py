@@ -66,6 +66,11 @@ class SelfSupConfig:
     visibility pass takes 38 % less time. -1 = render every triangle."""
     steps: int = 1500
     """Adam steps of the network and appearance. >= 1."""
+    keypoint_warmup_steps: int = 0
+    """Steps before those in which the energy is the keypoint, sparsity and constraint
+    terms alone: nothing is rendered, so a step costs the network's pass and little more,
+    and the network reaches the pose and the keypoints' expression before the pixel term
+    refines them. Needs keypoints. One Adam schedule runs over both phases. >= 0."""
     batch_size: int = 8
     """Frames per step. >= 1."""
     pixel_cameras_per_step: int = 0
@@ -110,6 +115,7 @@ class SelfSupConfig:
         checks = (
             ("cameras", self.cameras in ("all", "embedded")), ("resolution", self.resolution >= 16),
             ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1),
+            ("keypoint_warmup_steps", self.keypoint_warmup_steps >= 0),
             ("pixel_cameras_per_step", self.pixel_cameras_per_step >= 0),
             ("network_width", self.network_width >= 4 and self.network_width % 4 == 0),
             ("min_usable_cameras", self.min_usable_cameras >= 1),

@@ -122,7 +122,7 @@ def deterministic() -> Iterator[None]:
 
 def train(
     module: torch.nn.Module,
-    step_loss: Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]],
+    step_loss: Callable[[np.ndarray, int], tuple[torch.Tensor, dict[str, float]]],
     n_items: int,
     cfg: TrainConfig,
     checkpoint: CheckpointStore | None = None,
@@ -132,7 +132,7 @@ def train(
 
     Args:
         module: every trainable parameter (network and appearance).
-        step_loss: batch indices -> (scalar loss, named terms for the history).
+        step_loss: (batch indices, 0-based step) -> (scalar loss, named terms for the history).
         n_items: the number of frames to draw batches from.
         cfg: the schedule.
         checkpoint: where to resume from and save to; None trains without checkpoints.
@@ -161,7 +161,7 @@ def _run(module, optimizer, step_loss, n_items, cfg, checkpoint, progress, histo
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * learning_rate_factor(step, cfg)
         optimizer.zero_grad(set_to_none=True)
-        loss, terms = step_loss(batch_indices(step, n_items, cfg))
+        loss, terms = step_loss(batch_indices(step, n_items, cfg), step)
         loss.backward()
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
