@@ -256,6 +256,29 @@ def test_neutral_correction_moves_the_posed_rig_holds_the_eyeballs_and_prefers_s
     assert correction.summary()["neutral_correction_max_mm"] == pytest.approx(1.0, rel=1e-4)
 
 
+def test_an_eyelid_taper_holds_the_lids_and_frees_the_face_beyond_its_radius():
+    from rigs.face_model import load_ict_face_model
+    from rigs.render.correction import NeutralCorrection, eyelid_freedom
+    from rigs.rig import BlendshapeRig
+
+    rig = BlendshapeRig.generic(load_ict_face_model())
+    model = rig.model
+    lids = np.asarray(model.landmarks68)[36:48]
+    freedom = eyelid_freedom(rig.neutral, lids, 0.01)
+    assert (freedom[lids] == 0).all() and freedom.min() >= 0 and freedom.max() == 1
+    nearest = np.linalg.norm(rig.neutral[:, None] - rig.neutral[lids][None], axis=-1).min(1)
+    assert (freedom[nearest > 0.0101] == 1).all() and (freedom[nearest < 0.0099] < 1).all()
+    assert freedom[np.argmin(np.abs(nearest - 0.005))] == pytest.approx(0.5, abs=0.01)
+    distance = nearest
+    eyes = np.concatenate(rig.eyeball_vertices)
+    correction = NeutralCorrection(model.triangles, model.n_vertices, eyes, freedom=freedom)
+    with torch.no_grad():
+        correction.parameter[:] = 1.0
+    offset = correction.offset().norm(dim=-1)
+    assert float(offset[lids].max()) == 0.0 and float(offset[eyes].max()) == 0.0
+    assert float(offset[np.setdiff1d(np.flatnonzero(distance > 0.02), eyes)].min()) > 0
+
+
 def test_temporal_smoothing_removes_jitter_keeps_steps_and_skips_rejected_frames():
     """A held expression with frame-to-frame jitter loses most of its second differences;
     a blink-long plateau keeps its height; a rejected frame neither changes nor leaks into

@@ -50,12 +50,16 @@ class NeutralCorrection(torch.nn.Module):
         n_vertices: n.
         held: vertex ids that never move (eyeballs).
         smoothness: weight of the Laplacian term in :meth:`prior` against the magnitude term.
+        freedom: (n,) in [0, 1], how much of its offset each vertex takes (a taper that
+            holds a region, e.g. :func:`eyelid_freedom`); None = 1 everywhere.
     """
 
-    def __init__(self, triangles: np.ndarray, n_vertices: int, held: np.ndarray, smoothness: float = 100.0):
+    def __init__(self, triangles: np.ndarray, n_vertices: int, held: np.ndarray, smoothness: float = 100.0,
+                 freedom: np.ndarray | None = None):
         super().__init__()
         self.parameter = torch.nn.Parameter(torch.zeros(n_vertices, 3))
-        mask = torch.ones(n_vertices, 1)
+        mask = torch.ones(n_vertices, 1) if freedom is None else torch.as_tensor(
+            np.clip(np.asarray(freedom, np.float32), 0.0, 1.0)).reshape(n_vertices, 1).clone()
         mask[torch.as_tensor(np.asarray(held, np.int64))] = 0.0
         self.register_buffer("mask", mask)
         self.laplacian = uniform_laplacian(triangles, n_vertices)
@@ -76,3 +80,20 @@ class NeutralCorrection(torch.nn.Module):
         with torch.no_grad():
             length = self.offset().norm(dim=-1) * 1000.0
         return {"neutral_correction_mean_mm": float(length.mean()), "neutral_correction_max_mm": float(length.max())}
+
+
+def eyelid_freedom(neutral: np.ndarray, lid_vertices: np.ndarray, radius_m: float) -> np.ndarray:
+    """(n,) 0 at the eyelids rising linearly to 1 at ``radius_m`` from the nearest lid vertex.
+
+    Blinks live in the lids: a constant offset there can hold an eye half closed in every
+    frame, which is what the labels' blendshapes should say.
+
+    Args:
+        neutral: (n, 3) the rig's neutral vertices, metres.
+        lid_vertices: (p,) vertex ids on the lids (e.g. the 68-point eye contours).
+        radius_m: > 0.
+    """
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(np.asarray(neutral)[np.asarray(lid_vertices, np.int64)]).query(np.asarray(neutral))
+    return np.clip(distance / radius_m, 0.0, 1.0).astype(np.float32)

@@ -16,7 +16,7 @@ from pipeline.config import config_section
 from pipeline.progress import LogProgress
 from rigs.camera import rig_cameras
 from rigs.render import AppearanceFitConfig, AppearanceModel, HmcRenderer, RigState, fit_appearance
-from rigs.render.correction import NeutralCorrection
+from rigs.render.correction import NeutralCorrection, eyelid_freedom
 from rigs.render.visible_set import extreme_states, potentially_visible
 from rigs.rig import BlendshapeRig
 from stages.fit_solve import torch_threads
@@ -199,7 +199,12 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
     if cfg.neutral_correction_weight > 0:  # learnt with the network, after the rest-pose fits
         left, right = personal.eyeball_vertices
         model = personal.model
-        correction = NeutralCorrection(model.triangles, model.n_vertices, np.concatenate([left, right]))
+        freedom = None
+        if cfg.neutral_correction_eyelid_mm > 0:
+            lids = np.asarray(model.landmarks68)[36:48]  # the 68-point eye contours
+            freedom = eyelid_freedom(personal.neutral, lids, cfg.neutral_correction_eyelid_mm / 1000.0)
+        correction = NeutralCorrection(model.triangles, model.n_vertices, np.concatenate([left, right]),
+                                       freedom=freedom)
         energy.renderer.rig.correction = module["neutral_correction"] = correction
 
     # Without keypoints the warm-up's energy would be the sparsity alone: no warm-up then.

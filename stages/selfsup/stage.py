@@ -58,6 +58,10 @@ class SelfSupConfig:
     """Weight of the prior of a smooth per-subject offset of the rig's neutral, learnt with
     the network (rigs/render/correction.py): it takes the phone rig's constant misfit that
     blendshapes would otherwise hold in every frame. 0 = no correction."""
+    neutral_correction_eyelid_mm: float = 0.0
+    """The neutral correction is held at the eyelids and free beyond this distance from
+    them, rising linearly (rigs/render/correction.eyelid_freedom), so that a constant lid
+    offset cannot stand in for a blink. 0 = free everywhere but the eyeballs."""
     visible_set_rings: int = 2
     """Render only the triangles hit in renders of the rig's extreme states (rest, each
     shape at 1, the gaze extremes) at the estimated donning, grown by this many rings of
@@ -120,6 +124,7 @@ class SelfSupConfig:
             ("network_width", self.network_width >= 4 and self.network_width % 4 == 0),
             ("min_usable_cameras", self.min_usable_cameras >= 1),
             ("visible_set_rings", self.visible_set_rings >= -1),
+            ("neutral_correction_eyelid_mm", self.neutral_correction_eyelid_mm >= 0),
             ("temporal_sigma_frames", self.temporal_sigma_frames >= 0),
             ("weights", min(self.pixel_weight, self.keypoint_weight, self.sparsity_weight,
                             self.constraint_weight, self.neutral_correction_weight) >= 0),
