@@ -274,7 +274,7 @@ def test_an_eyelid_taper_holds_the_lids_and_frees_the_face_beyond_its_radius():
     correction = NeutralCorrection(model.triangles, model.n_vertices, eyes, freedom=freedom)
     with torch.no_grad():
         correction.parameter[:] = 1.0
-    offset = correction.offset().norm(dim=-1)
+    offset = correction.offset().detach().norm(dim=-1)
     assert float(offset[lids].max()) == 0.0 and float(offset[eyes].max()) == 0.0
     assert float(offset[np.setdiff1d(np.flatnonzero(distance > 0.02), eyes)].min()) > 0
 
