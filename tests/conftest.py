@@ -20,7 +20,7 @@ QUICK_RIG_ITERATIONS = 3
 #: accuracy is tested in tests/test_selfsup_stage.py and measured by the benchmark).
 QUICK_SETTINGS = {
     "rig.max_iterations": str(QUICK_RIG_ITERATIONS),
-    "selfsup.resolution": "24", "selfsup.steps": "4", "selfsup.batch_size": "2",
+    "selfsup.resolution": "24", "selfsup.steps": "4", "selfsup.keypoint_warmup_steps": "2", "selfsup.batch_size": "2",
     "selfsup.network_width": "4", "selfsup.appearance_frames": "3", "selfsup.appearance_steps": "4",
     "selfsup.checkpoint_every": "2", "selfsup.inference_batch": "64",
 }

@@ -30,8 +30,10 @@ from workflows.label import backfill
 from workflows.metrics import MetricsJob, format_summary, run_metrics
 
 #: The demo's self-supervision: the tiny subject's 160 px frames at 48 px, a short schedule
-#: (docs/selfsup.md gives its accuracy and time beside the default's).
-DEMO_SELFSUP = SelfSupConfig(resolution=48, steps=200, batch_size=8, appearance_frames=8, appearance_steps=60)
+#: (docs/selfsup.md gives its accuracy and time beside the default's): 400 render-free
+#: keypoint steps (each about a quarter of a whole step) then 120 whole ones.
+DEMO_SELFSUP = SelfSupConfig(resolution=48, steps=120, keypoint_warmup_steps=400, batch_size=8,
+                             appearance_frames=8, appearance_steps=60)
 
 
 def run_demo(out: Path, preset: str = "tiny", seed: int = 0, workers: int | None = None) -> int:
