@@ -171,25 +171,29 @@ def main() -> None:
     from tests.dashboard_data import dashboard_sources
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", type=Path, required=True, help="pgt synth --preset tiny output")
+    parser.add_argument("--tiny", type=Path, help="pgt synth --preset tiny output (needed but with --update and no --replicas)")
     parser.add_argument("--run", type=Path, help="output root of the tiny subjects' backfill")
     parser.add_argument("--standard", type=Path, help="pgt synth --preset standard output")
     parser.add_argument("--standard-run", type=Path, help="output root of the standard subjects' label/backfill run")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[200], help="replicated tiny cases, e.g. 200 5000")
+    parser.add_argument("--replicas", type=int, nargs="*", default=[200],
+                        help="replicated tiny cases, e.g. 200 5000 (none: --replicas alone)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-dashboard"))
     parser.add_argument("--update", action="store_true",
                         help="measure only the replicated and standard cases and merge them into the existing results")
     args = parser.parse_args()
+    if args.tiny is None and (args.replicas or not args.update):
+        parser.error("--tiny is needed unless --update is given with no --replicas")
     shutil.rmtree(args.work, ignore_errors=True)
     cases = []
-    tiny = dashboard_sources(args.tiny, args.work / "tiny")
-    if args.run:
-        from dataclasses import replace
+    if args.tiny is not None:
+        tiny = dashboard_sources(args.tiny, args.work / "tiny")
+        if args.run:
+            from dataclasses import replace
 
-        tiny = replace(tiny, out=str(args.run))
-    n_tiny = len(list((args.tiny / "captures").iterdir()))
-    if not args.update:
-        cases.append(measure(f"tiny x{n_tiny}", tiny, args.work))
+            tiny = replace(tiny, out=str(args.run))
+        n_tiny = len(list((args.tiny / "captures").iterdir()))
+        if not args.update:
+            cases.append(measure(f"tiny x{n_tiny}", tiny, args.work))
     for replicas in args.replicas:
         start = time.perf_counter()
         sources = replicate(tiny, replicas, args.work / f"rep{replicas}")
