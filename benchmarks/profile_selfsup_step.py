@@ -2,13 +2,15 @@
 
 Run::
 
-    python -m benchmarks.profile_selfsup_step --data TINY --runs RUNS [--threads 1] [--steps 10]
+    python -m benchmarks.profile_selfsup_step --data TINY --runs RUNS [--threads 1] [--steps 10] [--keypoint-warmup]
 
 ``TINY`` is a ``pgt synth`` output; its first subject is trained with the chain's rig and
 texture when ``RUNS/<subject>`` holds its ``pgt label`` run, else with its true rig. The
 step is the stage's: the network on every camera, the energy with the default config
 (potentially visible set, neutral correction). Prints the wall and CPU seconds of a step
-and torch's profiler table of a few steps, by self CPU time.
+and torch's profiler table of a few steps, by self CPU time. ``--keypoint-warmup`` profiles
+a warm-up step instead (``selfsup.keypoint_warmup_steps``: keypoint, sparsity and
+constraint terms, nothing rendered).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--runs", type=Path)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--keypoint-warmup", action="store_true", help="profile a render-free warm-up step")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     capture_dir = sorted(d for d in (a.data / "captures").iterdir() if d.is_dir())[0]
@@ -59,7 +62,7 @@ def main() -> None:
         idx = np.sort(rng.choice(len(pool), cfg.batch_size, replace=False))
         out = net(network_input(pool.images[idx], pool.mirrored))
         terms = energy(out.b, out.gaze, out.rotation @ donning[0], donning[1] + out.translation,
-                       pool.data(idx, cfg.keypoints))
+                       pool.data(idx, cfg.keypoints), with_pixels=not a.keypoint_warmup)
         optimizer.zero_grad()
         terms.total.backward()
         optimizer.step()
@@ -69,7 +72,8 @@ def main() -> None:
     cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(a.steps):
         step()
-    print(f"{capture_dir.name} ({source}), {a.threads} thread(s): {(time.perf_counter() - wall) / a.steps:.3f} s wall, "
+    kind = "warm-up" if a.keypoint_warmup else "whole"
+    print(f"{capture_dir.name} ({source}), {kind} step, {a.threads} thread(s): {(time.perf_counter() - wall) / a.steps:.3f} s wall, "
           f"{(time.process_time() - cpu) / a.steps:.3f} CPU-s per step")
     with torch.profiler.profile() as prof:
         for _ in range(5):
