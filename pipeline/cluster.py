@@ -36,6 +36,16 @@ def cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def stage_cores_share(n_workers: int, requested: str | None = None) -> int:
+    """Cores each of ``n_workers`` embedded workers' stages may use: the machine's cores
+    split between them, capped by ``requested`` (the caller's ``PGT_STAGE_CORES``) when
+    that is a positive integer; at least 1."""
+    share = max(1, cpu_count() // max(1, n_workers))
+    if requested is not None and requested.strip().isdigit() and int(requested) > 0:
+        share = min(share, int(requested))
+    return share
+
+
 @contextmanager
 def open_client(*, workers: int | None = None, scheduler_address: str | None = None,
                 processes: bool = True, resources: dict[str, float] | None = None
@@ -60,9 +70,11 @@ def open_client(*, workers: int | None = None, scheduler_address: str | None = N
     n_workers = default_n_workers(workers)
     # Each worker's share of the cores, for stages that spread a subject's items over
     # processes (stages/parallel.py): 2 workers on 2 cores run stages serially, 1 worker
-    # gives a stage both. Worker processes inherit it; thread workers read it here.
+    # gives a stage both. Worker processes inherit it; thread workers read it here. A
+    # share the caller set (e.g. PGT_STAGE_CORES=1 for two runs side by side) is a cap:
+    # overriding it gave each run's torch 2 spinning OpenMP threads on a shared machine.
     before = os.environ.get(STAGE_CORES_ENV)
-    os.environ[STAGE_CORES_ENV] = str(max(1, cpu_count() // n_workers))
+    os.environ[STAGE_CORES_ENV] = str(stage_cores_share(n_workers, before))
     try:
         # non-daemonic worker processes may start processes of their own
         with dask.config.set({"distributed.worker.daemon": False}):

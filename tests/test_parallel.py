@@ -45,14 +45,20 @@ def test_serial_map_keeps_the_order_and_passes_the_shared_value() -> None:
 
 def test_engine_gives_each_worker_its_share_of_the_cores(monkeypatch) -> None:
     """Two embedded workers on this machine's cores run stages serially (no
-    oversubscription); one worker gives a stage every core; the variable is restored."""
-    from pipeline.cluster import STAGE_CORES_ENV, cpu_count, open_client
+    oversubscription); one worker gives a stage every core; a share the caller set caps
+    it; the variable is restored."""
+    from pipeline.cluster import STAGE_CORES_ENV, cpu_count, open_client, stage_cores_share
     from stages.parallel import available_cores
 
-    monkeypatch.setenv(STAGE_CORES_ENV, "7")
+    monkeypatch.setenv(STAGE_CORES_ENV, "1000")
     for workers in (1, 2):
         with open_client(workers=workers, processes=False):
             assert available_cores() == max(1, cpu_count() // workers)
-    assert available_cores() == 7
+    assert available_cores() == 1000
+    monkeypatch.setenv(STAGE_CORES_ENV, "1")
+    with open_client(workers=1, processes=False):
+        assert available_cores() == 1
+    assert stage_cores_share(1, "x") == stage_cores_share(1, None) == cpu_count()
+    assert stage_cores_share(4 * cpu_count(), None) == 1
     monkeypatch.delenv(STAGE_CORES_ENV)
     assert available_cores() == cpu_count()
