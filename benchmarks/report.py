@@ -383,7 +383,15 @@ def main() -> None:
                           ("selfsup", selfsup_section),
                           ("selfsup_tiny_defaults", titled("Round-0 labels, this session's defaults (tiny)")),
                           ("selfsup_alt", titled("Round-0 labels on the generator's alt variant (tiny)")),
-                          ("selfsup_standard", selfsup_standard_section),
+                          ("selfsup_tiny_kpwarmup600_300", titled("Round-0 labels with the keypoint warm-up "
+                                                                  "(tiny; 600 warm-up + 300 whole steps)")),
+                          ("selfsup_alt_kpwarmup600_300", titled("Round-0 labels with the keypoint warm-up on "
+                                                                 "the alt variant (tiny; 600 + 300 steps)")),
+                          ("selfsup_standard", lambda d: selfsup_standard_section(
+                              d, "Round-0 labels of standard subjects (the default: keypoint warm-up)")),
+                          ("selfsup_standard_1500", lambda d: selfsup_standard_section(
+                              d, "Round-0 labels of a standard subject, the earlier default (1,500 whole steps, "
+                                 "no warm-up)")),
                           ("selfsup_standard_650", titled("Round-0 labels of the standard subject in 650 steps "
                                                           "(what fits the 20-minute budget)")),
                           ("placement", placement_section),

@@ -60,7 +60,7 @@ def selfsup_section(d: dict, title: str = "Round-0 labels (self-supervision)") -
     return lines
 
 
-def selfsup_standard_section(d: dict) -> list[str]:
+def selfsup_standard_section(d: dict, title: str = "Round-0 labels of standard subjects") -> list[str]:
     """Round 0 of ``pgt label`` runs on standard subjects (results/selfsup_standard.json,
     benchmarks/bench_standard_labels.py): each subject, and the mean over them beside the
     trivial labellers, the truth and the truth through the chain's rig."""
@@ -81,6 +81,8 @@ def selfsup_standard_section(d: dict) -> list[str]:
         e = subjects[n]
         t = e["timings_s"]
         steps = e["selfsup_config"].get("steps", "?")
+        warmup = e["selfsup_config"].get("keypoint_warmup_steps", 0)
+        steps = f"{warmup} keypoint warm-up + {steps} whole" if warmup else steps
         smoothed = (f"; made before the default temporal smoothing: scored with sigma "
                     f"{e['smoothed_offline']['sigma_frames']} applied to its blendshapes offline"
                     if "smoothed_offline" in e else "")
@@ -91,7 +93,7 @@ def selfsup_standard_section(d: dict) -> list[str]:
                      + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items())
                      + f"; neutral correction max {e['diagnostics'].get('neutral_correction_max_mm', float('nan')):.1f} mm"
                      + smoothed + ".")
-    return ["## Round-0 labels of standard subjects", "",
+    return [f"## {title}", "",
             f"`{d['command']}`: each subject's `pgt label` run scored by `pgt metrics --run` (its own chain "
             "rig). The mean columns average the subjects; \"truth\" is the truth's own score (its true rig), "
             "\"through the chain rig\" the truth's labels scored with the chain's rig (the phone chain's floor). "
