@@ -147,14 +147,27 @@ def test_population_draws():
         PopulationConfig(expressions="smiles")
 
 
+def _same_rig(a, b) -> bool:
+    """Equal rigs up to float64 rounding: the stored files were written on another CPU,
+    where the rotations' last bit can differ (measured: 2.2e-16)."""
+    def fields(c):
+        return (c.name, c.role, c.mirrored, c.intrinsics, c.model)
+
+    return (a.rig_version, a.fps, len(a.cameras)) == (b.rig_version, b.fps, len(b.cameras)) and all(
+        fields(x) == fields(y) and np.allclose(x.distortion, y.distortion, rtol=0, atol=1e-12)
+        and np.allclose(x.R_headset_from_camera, y.R_headset_from_camera, rtol=0, atol=1e-12)
+        and np.allclose(x.t_headset_from_camera, y.t_headset_from_camera, rtol=0, atol=1e-12)
+        for x, y in zip(a.cameras, b.cameras, strict=True))
+
+
 def test_rig_files_are_the_standard_rig_and_its_variants(tmp_path):
     standard = standard_rig_file()
     stored = load_placement_rig(PLACEMENT_DIR / "standard.json")
-    assert stored.rig == standard.rig and stored.targets == standard.targets
+    assert _same_rig(stored.rig, standard.rig) and stored.targets == standard.targets
     assert placement_rig_json(stored) == json.loads((PLACEMENT_DIR / "standard.json").read_text())
     base = standard.cameras()
     for variant in variant_rig_files(standard):
-        assert load_placement_rig(PLACEMENT_DIR / f"{variant.name}.json").rig == variant.rig
+        assert _same_rig(load_placement_rig(PLACEMENT_DIR / f"{variant.name}.json").rig, variant.rig)
         changed = {n for n, c in variant.cameras().items()
                    if not (np.allclose(c.t_world_from_camera, base[n].t_world_from_camera)
                            and np.allclose(c.R_world_from_camera, base[n].R_world_from_camera))}
