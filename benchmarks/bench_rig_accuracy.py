@@ -235,20 +235,21 @@ def truth_subjects(indices: list[int], seed: int):
 
 
 def chain_subjects(run_out: Path, truth_root: Path, subjects: list[str]):
-    """The same from a chain run's ``refine`` artifacts (latest run in ``run_out``), against
-    the truth folders under ``truth_root`` (``OUT_SYNTH/ground_truth``)."""
+    """The same from a chain run's ``refine`` artifacts (latest run in ``run_out``, or in
+    ``run_out/<subject>`` where each subject has its own output root, as ``pgt label``
+    writes), against the truth folders under ``truth_root`` (``OUT_SYNTH/ground_truth``)."""
     from pipeline.artifacts import ArtifactStore
     from pipeline.runlog import OutputLayout, read_json
     from pipeline.status import latest_run
     from stages.refine import RefinedSubject
     from stages.synthesis.truth import SubjectTruth
 
-    layout = OutputLayout(str(run_out))
-    plan = read_json(f"{layout.run_dir(latest_run(str(run_out))['run_id'])}/plan.json")
-    keys = {p["subject"]: p["key"] for p in plan if p["stage"] == "refine"}
-    store = ArtifactStore(layout.artifacts)
     for sid in subjects:
-        refined = RefinedSubject.from_output(store.load("refine", keys[sid]))
+        root = run_out / sid if (run_out / sid / "runs").is_dir() else run_out
+        layout = OutputLayout(str(root))
+        plan = read_json(f"{layout.run_dir(latest_run(str(root))['run_id'])}/plan.json")
+        keys = {p["subject"]: p["key"] for p in plan if p["stage"] == "refine"}
+        refined = RefinedSubject.from_output(ArtifactStore(layout.artifacts).load("refine", keys[sid]))
         truth = SubjectTruth.open(truth_root / sid)
         expr = truth.expressions()
         names = [str(p) for p in expr["prompts"]]

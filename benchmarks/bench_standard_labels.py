@@ -44,15 +44,28 @@ def run_config(run: Path) -> dict:
 
 def score(labels_uri: str, data: Path, work: Path, *, rig_run: str = "", rig_dir: str = "",
           trivial: bool = True) -> dict:
-    """{group: {metric: value}} of a label table (per-basis metrics left out)."""
+    """{group: {metric: value}} of a label table, per-basis metrics under
+    ``{group: {"per_basis": {metric: {basis: value}}}}``."""
     from benchmarks.bench_selfsup import _summaries
     from workflows.metrics import MetricsJob, run_metrics
 
     metrics = run_metrics(MetricsJob(labels=labels_uri, captures=str(data / "captures"),
                                      truth=str(data / "ground_truth"), rig_run=rig_run, rig_dir=rig_dir,
                                      out=str(work / "metrics"), trivial=trivial))
-    return {group: {k: v for k, v in values.items() if "/" not in k}
-            for group, values in _summaries(metrics).items()}
+    return {group: split_per_basis(values) for group, values in _summaries(metrics).items()}
+
+
+def split_per_basis(values: dict) -> dict:
+    """{metric: value, "per_basis": {metric: {basis: value}}} from flat ``metric/basis`` keys."""
+    out: dict = {k: v for k, v in values.items() if "/" not in k}
+    per_basis: dict = {}
+    for key, v in values.items():
+        if "/" in key:
+            metric, basis = key.split("/", 1)
+            per_basis.setdefault(metric, {})[basis] = v
+    if per_basis:
+        out["per_basis"] = per_basis
+    return out
 
 
 def truth_rows_table(data: Path, subject: str, uri: Path) -> str:
@@ -115,9 +128,22 @@ def mean_over_subjects(subjects: dict) -> dict:
         "truth_through_chain_rig": [next(iter(e["truth_through_chain_rig"].values())) for e in subjects.values()],
     }
     out = {name: {m: float(np.mean([v[m] for v in values if v.get(m) is not None]))
-                  for m in values[0]} for name, values in columns.items() if values}
+                  for m in values[0] if m != "per_basis"} for name, values in columns.items() if values}
+    out["round0_per_basis"] = mean_per_basis([product(e) for e in subjects.values()])
     out["round0_s"] = float(np.mean([e["round0_s"] for e in subjects.values()]))
     return out
+
+
+def mean_per_basis(groups: list[dict]) -> dict:
+    """{metric: {basis: mean over the groups that rate the basis}} of their ``per_basis``."""
+    values: dict = {}
+    for group in groups:
+        for metric, per_basis in group.get("per_basis", {}).items():
+            for basis, v in per_basis.items():
+                if v is not None:
+                    values.setdefault(metric, {}).setdefault(basis, []).append(v)
+    return {metric: {basis: float(np.mean(v)) for basis, v in sorted(bases.items())}
+            for metric, bases in values.items()}
 
 
 def kept_subjects(out: Path) -> dict:

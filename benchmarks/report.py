@@ -297,9 +297,13 @@ def rig_accuracy_section(d: dict) -> list[str]:
                ["held-out residual (mm)", f"{held['example_based']:.3f} vs transfer {held['transfer']:.3f}",
                 f"{t['held_out_ratio_to_transfer']:.2f}", "<= 0.8",
                 "met" if t["held_out_ratio_to_transfer"] <= 0.8 else "not met"]]
-    return ["## Example-based rigging accuracy (true meshes)", "",
+    chain = d.get("source") == "chain"
+    title = "phone chain's meshes" if chain else "true meshes"
+    examples = ("the phone chain's refined meshes of their prompts (the `refine` artifacts of a `pgt label` run)"
+                if chain else "their 60 phone prompts' true meshes (head frame)")
+    return [f"## Example-based rigging accuracy ({title})", "",
             f"`{d['command']}`: the `rig` stage's default config on `standard` subjects of seed {d['seed']}, "
-            "on their 60 phone prompts' true meshes (head frame), against the true personal rig "
+            f"on {examples}, against the true personal rig "
             "(benchmarks/bench_rig_accuracy.py). Basis error: per regressed basis, mean per-vertex mm over "
             "the vertices the true basis moves >= 0.5 mm; mean / median over the 45 bases. Known weights: "
             "the true weights as a trusted prior (gamma 100). Held-out: 10 of 60 examples (every 6th) "
@@ -308,8 +312,8 @@ def rig_accuracy_section(d: dict) -> list[str]:
             "mean |w - true| over all (example, shape) pairs / over those active in the art prior. "
             "CPU = process time (all threads), on the shared 2-CPU VM. Where the rig's prior-contradiction "
             "check rejects the true meshes, the rig is rebuilt with it off and the CPU / wall s cover both "
-            "builds; the figures are the rebuilt rig's. The phone chain's half "
-            "(`--source chain`) is not measured yet.", "",
+            "builds; the figures are the rebuilt rig's." + ("" if chain else " The phone chain's half: the next "
+                                                             "section."), "",
             *_table(["subject", "copy mm", "transfer mm", "example-based mm", "known weights mm",
                      "held-out mm", "prior weight MAD", "recovered weight MAD", "iterations (converged)",
                      "CPU / wall s", "stage's prior check"], rows),
@@ -380,6 +384,7 @@ def main() -> None:
                           ("orchestration", orchestration_section), ("scaling", scaling_section),
                           ("label_table", label_table_section), ("phone_chain", phone_chain_section),
                           ("rigging_speed", rigging_speed_section), ("rig_accuracy", rig_accuracy_section),
+                          ("rig_accuracy_chain", rig_accuracy_section),
                           ("selfsup", selfsup_section),
                           ("selfsup_tiny_defaults", titled("Round-0 labels, this session's defaults (tiny)")),
                           ("selfsup_alt", titled("Round-0 labels on the generator's alt variant (tiny)")),

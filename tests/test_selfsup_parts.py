@@ -224,6 +224,40 @@ def test_keypoint_layout_matches_the_models_landmarks():
         keypoint_layout("dlib5", model)
 
 
+def test_posing_only_the_keypoints_vertices_gives_the_whole_meshs_keypoints():
+    """The render-free energy poses only the layout's vertices (layout.compact): with
+    blendshapes, turned eyes (the iris points sit on the eyeballs), a head pose and a
+    neutral correction, its keypoints equal those of the whole posed mesh."""
+    from rigs.face_model import load_ict_face_model
+    from rigs.render import RigState, TorchRig
+    from rigs.render.correction import NeutralCorrection
+    from rigs.render.posing import rotvec_to_matrix
+    from rigs.rig import BlendshapeRig
+    from stages.selfsup.keypoints import keypoint_layout
+
+    rig = BlendshapeRig.generic(load_ict_face_model())
+    torch_rig = TorchRig(rig, torch.float64)
+    correction = NeutralCorrection(rig.model.triangles, rig.model.n_vertices, np.concatenate(rig.eyeball_vertices))
+    with torch.no_grad():
+        correction.parameter.normal_(0, 0.05)
+    torch_rig.correction = correction
+    layout = keypoint_layout("iris10+multipie68", rig.model)
+    used, compact = layout.compact()
+    eyes = np.concatenate(rig.eyeball_vertices)
+    assert len(used) < 300 and np.isin(used, eyes).any()  # a few hundred vertices, iris ones among them
+    gen = torch.Generator().manual_seed(0)
+    state = RigState(torch.rand(3, torch_rig.size, generator=gen, dtype=torch.float64),
+                     0.3 * torch.randn(3, 4, generator=gen, dtype=torch.float64),
+                     rotvec_to_matrix(0.1 * torch.randn(3, 3, generator=gen, dtype=torch.float64)),
+                     0.01 * torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    with torch.no_grad():
+        whole = layout.points(torch_rig(state))
+        few = compact.points(torch_rig(state, vertices=torch.as_tensor(used)))
+        rest = layout.points(torch_rig(RigState.rest(3, torch_rig.size)))
+    assert float((whole - rest).abs().max()) > 1e-3
+    torch.testing.assert_close(few, whole, rtol=0, atol=1e-12)
+
+
 def test_neutral_correction_moves_the_posed_rig_holds_the_eyeballs_and_prefers_smooth_fields():
     from rigs.face_model import load_ict_face_model
     from rigs.render import RigState, TorchRig

@@ -261,3 +261,47 @@ def test_a_keypoint_warmup_runs_before_the_pixel_steps_and_moves_the_labels(tiny
     assert len(pixel) == 16 and (pixel[:10] == 0).all() and (pixel[10:] > 0).all()
     keypoint = np.asarray(warm.history["keypoint"])
     assert keypoint[:10].min() > 0 and keypoint[7:10].mean() < keypoint[:3].mean()
+
+
+def test_per_frame_keypoint_fits_recover_the_true_weights(tiny_subject, truth_rig):
+    """Each frame's state fitted to its keypoints alone (stages/selfsup/prefit.py), through
+    the true rig: active MAE far below the all-zero labeller's (measured 0.115 against
+    0.475 at 100 steps), keypoints within a few pixels, every frame valid."""
+    import torch
+
+    from stages.metrics_active import active_mae
+    from stages.selfsup.label import build_energy, estimate_donning
+    from stages.selfsup.losses import full_blendshapes
+    from stages.selfsup.prefit import PrefitConfig, fit_keypoints
+    from stages.selfsup.stage import load_pool, neutral_frames
+    from storage.label_table import LabelTable, blendshape_matrix
+
+    cap = Capture.open(tiny_subject[0])
+    cfg = SelfSupConfig(resolution=32)
+    names, pool = load_pool(cap, cfg)
+    energy = build_energy(cap, truth_rig, None, names, cfg)
+    fits = fit_keypoints(energy, pool, estimate_donning(energy, pool, neutral_frames(pool, 6)), PrefitConfig(steps=100))
+    definition = truth_rig.definition
+    b = full_blendshapes(torch.as_tensor(fits.b), torch.as_tensor(fits.gaze), definition, energy.index).numpy()
+    rows = LabelTable(str(tiny_subject[1].parent / "labels")).read(subject_id=cap.subject_id)
+    rows = rows.sort_by([("recording_id", "ascending"), ("frame_index", "ascending")])
+    names_all = list(definition.blendshape_names)
+    truth = blendshape_matrix(rows, names_all)
+    exclude = set(definition.eye_following)
+    fitted, zeros = (active_mae(x, truth, names_all, exclude=exclude).mae for x in (b, np.zeros_like(b)))
+    assert fitted < 0.35 * zeros, (fitted, zeros)
+    assert fits.valid.all() and np.nanmedian(fits.keypoint_px) < 3.0
+    assert ((fits.b >= 0) & (fits.b <= 1)).all()
+
+
+def test_a_prefit_warmup_regresses_the_fits_then_stops(tiny_subject, truth_rig):
+    """keypoint_prefit_steps > 0: the warm-up steps add the distance to the per-frame fits
+    (recorded as ``distill``, falling), the whole steps do not."""
+    import dataclasses
+
+    cfg = dataclasses.replace(SMALL, steps=4, keypoint_warmup_steps=12, keypoint_prefit_steps=30)
+    labels = label_subject(Capture.open(tiny_subject[0]), truth_rig, None, cfg, verbose=False)
+    distill = np.asarray(labels.history["distill"])
+    assert len(distill) == 16 and (distill[:12] > 0).all() and (distill[12:] == 0).all()
+    assert distill[9:12].mean() < distill[:3].mean()
+    assert labels.timings["prefit_s"] > 0

@@ -119,21 +119,34 @@ class TorchRig(torch.nn.Module):
         """K, the number of blendshapes."""
         return int(self.deltas.shape[0])
 
-    def expression(self, b: torch.Tensor, gaze: torch.Tensor | None = None) -> torch.Tensor:
-        """(F, n, 3) head-frame vertices for b (F, K) and gaze (F, 4) (None: at rest)."""
+    def expression(self, b: torch.Tensor, gaze: torch.Tensor | None = None,
+                   vertices: torch.Tensor | None = None) -> torch.Tensor:
+        """(F, n, 3) head-frame vertices for b (F, K) and gaze (F, 4) (None: at rest); with
+        ``vertices`` ((m,) int64 ids) only those, (F, m, 3): posing a few points (keypoints)
+        then costs a few points, not the mesh."""
         neutral = self.neutral if self.correction is None else self.neutral + self.correction.offset()
-        verts = neutral + torch.einsum("fk,knc->fnc", b.to(self.deltas.dtype), self.deltas)
+        deltas = self.deltas
+        if vertices is not None:
+            neutral, deltas = neutral.index_select(0, vertices), deltas.index_select(1, vertices)
+        verts = neutral + torch.einsum("fk,knc->fnc", b.to(deltas.dtype), deltas)
         if gaze is None:
             return verts
-        parts = []
+        positions, parts = [], []
         for eye, ids in enumerate((self.eye_left, self.eye_right)):
+            if vertices is not None:  # where this eye's vertices sit among ``vertices``
+                ids = torch.nonzero(torch.isin(vertices, ids)).squeeze(1)
+                if not len(ids):
+                    continue
             rot = gaze_rotation(gaze[:, 2 * eye], gaze[:, 2 * eye + 1]).to(verts.dtype)  # (F, 3, 3)
             centre = self.eye_centres[eye]
             parts.append(torch.einsum("fij,fvj->fvi", rot, verts[:, ids] - centre) + centre)
-        ids = torch.cat([self.eye_left, self.eye_right])
-        return verts.index_copy(1, ids, torch.cat(parts, 1))
+            positions.append(ids)
+        if not parts:
+            return verts
+        return verts.index_copy(1, torch.cat(positions), torch.cat(parts, 1))
 
-    def forward(self, state: RigState) -> torch.Tensor:
-        """(F, n, 3) vertices in the headset frame: ``R (neutral + b deltas, eyes turned) + t``."""
-        verts = self.expression(state.b, state.gaze)
+    def forward(self, state: RigState, vertices: torch.Tensor | None = None) -> torch.Tensor:
+        """(F, n, 3) vertices in the headset frame: ``R (neutral + b deltas, eyes turned) + t``;
+        with ``vertices`` only those ids, (F, m, 3)."""
+        verts = self.expression(state.b, state.gaze, vertices)
         return torch.einsum("fij,fvj->fvi", state.R.to(verts.dtype), verts) + state.t.to(verts.dtype)[:, None]

@@ -105,6 +105,8 @@ class Energy:
         self.renderer, self.appearance, self.definition = renderer, appearance, definition
         self.index = RigIndex.of(definition)
         self.layout = layout
+        # The render-free energy poses only the keypoints' vertices (a few hundred of the mesh's).
+        self._kp_vertices, self._kp_layout = (None, None) if layout is None else layout.compact()
         self.px_scale = torch.as_tensor(np.asarray(stored_px_per_model_px, np.float32))
         self.weights = weights
         self._subsets: dict[tuple[int, ...], CameraBatch] = {}
@@ -147,7 +149,7 @@ class Energy:
                 sq = (mask * (out.ir.detach() - images) ** 2).sum((1, 2, 3))
                 frame_rms = torch.sqrt(sq / mask.sum((1, 2, 3)).clamp_min(1.0))
         else:
-            vertices = self.renderer.rig(state)
+            vertices = None
             pixel = b.new_zeros(())
             if residuals:
                 frame_rms = torch.full((b.shape[0],), float("nan"))
@@ -155,7 +157,12 @@ class Energy:
             frame_kp = torch.full((b.shape[0],), float("nan"))
         keypoint = b.new_zeros(())
         if self.layout is not None and data.keypoints is not None and w.keypoint > 0:
-            pixels, _ = self.renderer.project(self.layout.points(vertices))
+            if vertices is None:
+                used = torch.as_tensor(self._kp_vertices, device=b.device)
+                points = self._kp_layout.points(self.renderer.rig(state, vertices=used))
+            else:
+                points = self.layout.points(vertices)
+            pixels, _ = self.renderer.project(points)
             scale = self.px_scale.to(pixels.dtype)[None, :, None, None]
             conf = data.confidence * data.usable[:, :, None].to(data.confidence.dtype)
             keypoint = keypoint_loss(pixels * scale, data.keypoints * scale, conf, w.keypoint_huber_px)

@@ -45,6 +45,13 @@ class KeypointLayout:
         w = torch.as_tensor(self.weights, dtype=vertices.dtype, device=vertices.device)
         return (vertices[:, ids] * w[None, :, :, None]).sum(-2)
 
+    def compact(self) -> tuple[np.ndarray, KeypointLayout]:
+        """(the (m,) template vertices the points use, the same layout over those m only):
+        ``compact.points(posed[:, used])`` equals ``points(posed)``."""
+        used, local = np.unique(self.vertex_ids, return_inverse=True)
+        return used.astype(np.int64), KeypointLayout(self.name, local.reshape(self.vertex_ids.shape).astype(np.int64),
+                                                     self.weights)
+
 
 def _embedded(model: FaceModel, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     emb = model.embeddings[name]

@@ -26,6 +26,7 @@ from stages.selfsup.frames import network_input
 from stages.selfsup.keypoints import keypoint_layout
 from stages.selfsup.losses import full_blendshapes
 from stages.selfsup.network import NetworkConfig, StateNetwork
+from stages.selfsup.prefit import PrefitConfig, distillation_loss, fit_keypoints
 from stages.selfsup.stage import (
     FramePool,
     SelfSupConfig,
@@ -196,6 +197,12 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
     if checkpoint is None or not checkpoint.exists():  # a resumed run has its appearance
         with timed(timings, "appearance_s"), deterministic():
             fit_initial_appearance(energy, pool, cfg, flat_seed=texture is None, donning=(r0, t0))
+    # Without keypoints the warm-up's energy would be the sparsity alone: no warm-up then.
+    keypoint_steps = cfg.keypoint_warmup_steps if cfg.keypoints and pool.keypoints is not None else 0
+    fits = None
+    if keypoint_steps > 0 and cfg.keypoint_prefit_steps > 0:  # deterministic: a resume redoes it
+        with timed(timings, "prefit_s"), deterministic():
+            fits = fit_keypoints(energy, pool, (r0, t0), PrefitConfig(steps=cfg.keypoint_prefit_steps))
     if cfg.neutral_correction_weight > 0:  # learnt with the network, after the rest-pose fits
         left, right = personal.eyeball_vertices
         model = personal.model
@@ -207,9 +214,6 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
                                        freedom=freedom)
         energy.renderer.rig.correction = module["neutral_correction"] = correction
 
-    # Without keypoints the warm-up's energy would be the sparsity alone: no warm-up then.
-    keypoint_steps = cfg.keypoint_warmup_steps if cfg.keypoints and pool.keypoints is not None else 0
-
     def step_loss(idx: np.ndarray, step: int):
         idx = np.sort(idx)
         data = pool.data(idx, cfg.keypoints)
@@ -218,9 +222,11 @@ def _label_subject(capture: Any, personal: BlendshapeRig, texture: Any, cfg: Sel
         if 0 < cfg.pixel_cameras_per_step < len(names):  # drawn from the batch: a resumed run draws the same
             rng = np.random.default_rng([cfg.seed, *idx.tolist()])
             cameras = np.sort(rng.choice(len(names), cfg.pixel_cameras_per_step, replace=False))
+        warmup = step < keypoint_steps
         terms = energy(out.b, out.gaze, out.rotation @ r0, t0 + out.translation, data, pixel_cameras=cameras,
-                       with_pixels=step >= keypoint_steps)
-        return terms.total, terms.scalars()
+                       with_pixels=not warmup)
+        distill = distillation_loss(out.b, out.gaze, fits, idx) if warmup and fits is not None else out.b.new_zeros(())
+        return terms.total + cfg.prefit_distill_weight * distill, {**terms.scalars(), "distill": float(distill.detach())}
 
     total_steps = keypoint_steps + cfg.steps
     schedule = TrainConfig(steps=total_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,

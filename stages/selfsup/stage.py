@@ -79,6 +79,14 @@ class SelfSupConfig:
     One Adam schedule runs over both phases. On the tiny subject 600 of them before 300
     whole steps took active MAE from 0.274 to 0.137 and the amplitude ratio from 0.86 to
     0.91 (docs/selfsup.md). >= 0."""
+    keypoint_prefit_steps: int = 0
+    """Before training, fit every frame's state to its keypoints alone (the render-free
+    terms, each frame its own variables, this many Adam steps: stages/selfsup/prefit.py),
+    and add to each warm-up step the squared distance of the network's weights and gaze
+    to those fits (``prefit_distill_weight``). 0 = no prefit. Needs the warm-up."""
+    prefit_distill_weight: float = 20.0
+    """Weight of that distance (summed over the weights and gaze radians, averaged over
+    the batch's frames that have enough keypoints)."""
     batch_size: int = 8
     """Frames per step. >= 1."""
     pixel_cameras_per_step: int = 0
@@ -124,13 +132,14 @@ class SelfSupConfig:
             ("cameras", self.cameras in ("all", "embedded")), ("resolution", self.resolution >= 16),
             ("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1),
             ("keypoint_warmup_steps", self.keypoint_warmup_steps >= 0),
+            ("keypoint_prefit_steps", self.keypoint_prefit_steps >= 0),
             ("pixel_cameras_per_step", self.pixel_cameras_per_step >= 0),
             ("network_width", self.network_width >= 4 and self.network_width % 4 == 0),
             ("min_usable_cameras", self.min_usable_cameras >= 1),
             ("visible_set_rings", self.visible_set_rings >= -1),
             ("neutral_correction_eyelid_mm", self.neutral_correction_eyelid_mm >= 0),
             ("temporal_sigma_frames", self.temporal_sigma_frames >= 0),
-            ("weights", min(self.pixel_weight, self.keypoint_weight, self.sparsity_weight,
+            ("weights", min(self.pixel_weight, self.keypoint_weight, self.sparsity_weight, self.prefit_distill_weight,
                             self.constraint_weight, self.neutral_correction_weight) >= 0),
         )
         bad = [name for name, ok in checks if not ok]
