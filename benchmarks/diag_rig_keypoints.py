@@ -26,7 +26,15 @@ the 400 px reference width:
    round-0 amplitude ratio is joined, and the rank correlation of gain and amplitude is
    reported.
 
-Only forward posing and projection: a few seconds per thousand frames on one core.
+3. With ``--prefit-steps N``: **the render-free optimum**. Every frame's state fitted to
+   its keypoints alone through the chain rig (stages/selfsup/prefit.py, the labeller's
+   warm-up terms, each frame its own variables), scored as labels: active MAE and
+   amplitude ratio against the truth (eye-following shapes excluded, as the metrics job
+   does), beside the round-0 labels'. Where this optimum is not muted and the network is,
+   the network has not learnt what its energy already says.
+
+1 and 2 are forward posing and projection only (seconds); 3 costs about a minute of CPU
+per standard subject at 300 steps.
 """
 
 from __future__ import annotations
@@ -149,7 +157,48 @@ def rank_correlation(x: list[float], y: list[float]) -> float | None:
     return float(spearmanr(x, y).statistic) if len(x) >= 3 else None
 
 
-def diagnose_subject(data: Path, run: Path, subject: str, amplitude: dict[str, float] | None) -> dict:
+def pooled(capture, per_recording: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+    """(labels (T, K), truth (T, K), frame ids (T,), segments) of several recordings in one pool:
+    each recording's frames and segments shifted by its own offset (metrics take one clip)."""
+    est, true, frames, segments = [], [], [], []
+    for r, (rec_id, (fi, b_est, b_true)) in enumerate(per_recording.items()):
+        offset = r * 10_000_000
+        est.append(b_est), true.append(b_true), frames.append(fi + offset)
+        segments += [{"kind": s.kind, "start": s.start + offset, "end": s.end + offset}
+                     for s in capture.recording(rec_id).segments]
+    return np.concatenate(est), np.concatenate(true), np.concatenate(frames), segments
+
+
+def render_free_optimum(capture, rig, truth: dict, steps: int) -> dict:
+    """Measurement 3: the per-frame keypoint fits of every frame, scored against the truth."""
+    import torch
+
+    from stages.metrics_active import active_mae, amplitude_ratio
+    from stages.selfsup.label import build_energy, estimate_donning
+    from stages.selfsup.losses import full_blendshapes
+    from stages.selfsup.prefit import PrefitConfig, fit_keypoints
+    from stages.selfsup.stage import SelfSupConfig, load_pool, neutral_frames
+
+    cfg = SelfSupConfig()
+    names, pool = load_pool(capture, cfg)
+    energy = build_energy(capture, rig, None, names, cfg)
+    donning = estimate_donning(energy, pool, neutral_frames(pool, cfg.appearance_frames))
+    fits = fit_keypoints(energy, pool, donning, PrefitConfig(steps=steps))
+    full = full_blendshapes(torch.as_tensor(fits.b), torch.as_tensor(fits.gaze), rig.definition, energy.index).numpy()
+    per_recording, start = {}, 0
+    for clip in pool.clips:
+        fi, b_true = truth[clip.recording][0], truth[clip.recording][1]
+        per_recording[clip.recording] = (fi, full[start:start + clip.frame_count][fi], b_true)
+        start += clip.frame_count
+    est, true, frames, segments = pooled(capture, per_recording)
+    names_all, exclude = list(rig.definition.blendshape_names), set(rig.definition.eye_following)
+    return {"steps": steps, "seconds": fits.seconds, "keypoint_px_median": float(np.nanmedian(fits.keypoint_px)),
+            "active_mae": active_mae(est, true, names_all, exclude=exclude).mae,
+            "amplitude_ratio": amplitude_ratio(est, true, names_all, frames, segments, exclude=exclude).median}
+
+
+def diagnose_subject(data: Path, run: Path, subject: str, amplitude: dict[str, float] | None,
+                     prefit_steps: int = 0) -> dict:
     """Both measurements of one subject (see the module docstring)."""
     from pipeline.outputs import RunOutputs
     from stages.rigging import rig_from_run
@@ -171,6 +220,8 @@ def diagnose_subject(data: Path, run: Path, subject: str, amplitude: dict[str, f
                           set(chain_rig.definition.regressed))
     entry = {"residual_px": summary, "frames": {k: len(v) for k, v in residuals["truth_chain_rig"].items()},
              "bases": bases, "mean_gain": float(np.mean([b["gain"] for b in bases.values()]))}
+    if prefit_steps > 0:
+        entry["render_free_optimum"] = render_free_optimum(capture, chain_rig, truth, prefit_steps)
     if amplitude:
         rated = [n for n in bases if amplitude.get(n) is not None]
         for n in rated:
@@ -186,6 +237,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, nargs="+", required=True)
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--scores", type=Path, help="a bench_standard_labels result with per-basis figures")
+    p.add_argument("--prefit-steps", type=int, default=0, help="measurement 3 with this many steps (0: skip)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rig_keypoints_standard.json")
     a = p.parse_args()
     scores = json.loads(a.scores.read_text())["subjects"] if a.scores else {}
@@ -197,7 +249,7 @@ def main() -> None:
                 continue
             per_basis = (scores.get(capture.name, {}).get("labels", {}).get("self_supervision/0", {})
                          .get("per_basis", {}).get("amplitude_ratio"))
-            entry = diagnose_subject(data, run, capture.name, per_basis)
+            entry = diagnose_subject(data, run, capture.name, per_basis, a.prefit_steps)
             result["subjects"][capture.name] = entry
             print(capture.name, json.dumps(entry["residual_px"]), f"mean gain {entry['mean_gain']:.2f}")
     if not result["subjects"]:

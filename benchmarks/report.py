@@ -369,6 +369,7 @@ def dashboard_section(d: dict) -> list[str]:
 def main() -> None:
     from benchmarks.report_labels import (
         placement_vs_labels_section,
+        rig_keypoints_section,
         selfsup_section,
         selfsup_standard_section,
     )
@@ -397,6 +398,11 @@ def main() -> None:
                           ("selfsup_standard_1500", lambda d: selfsup_standard_section(
                               d, "Round-0 labels of a standard subject, the earlier default (1,500 whole steps, "
                                  "no warm-up)")),
+                          ("selfsup_standard_kpwarmup3000_600", lambda d: selfsup_standard_section(
+                              d, "Round-0 labels of standard subjects, 3,000 keypoint warm-up + 600 whole steps")),
+                          ("selfsup_standard_prefit", lambda d: selfsup_standard_section(
+                              d, "Round-0 labels of standard subjects with the per-frame keypoint prefit")),
+                          ("rig_keypoints_standard", rig_keypoints_section),
                           ("selfsup_standard_650", titled("Round-0 labels of the standard subject in 650 steps "
                                                           "(what fits the 20-minute budget)")),
                           ("placement", placement_section),

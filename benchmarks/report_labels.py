@@ -112,3 +112,33 @@ def placement_vs_labels_section(d: dict) -> list[str]:
             "` (docs/camera-placement.md, Part 3): a camera's worth is the round-0 metric without it "
             "minus with every camera (positive = it helps); correlations over the 10 cameras.", "",
             markdown(d), ""]
+
+
+def rig_keypoints_section(d: dict) -> list[str]:
+    """The chain rig against the detector keypoints (results/rig_keypoints_standard.json,
+    benchmarks/diag_rig_keypoints.py): keypoint residuals per window kind, and per subject
+    the bases the chain rig moves least like the truth."""
+    from benchmarks.report import _table
+
+    kinds = ("neutral", "peak", "speech", "eye_closure", "mouth_closed")
+    rows, worst = [], []
+    for name, e in d["subjects"].items():
+        for source, label in (("labels_chain_rig", "round-0 labels, chain rig"),
+                              ("truth_chain_rig", "truth's labels, chain rig"),
+                              ("truth_true_rig", "truth's labels, true rig (detector noise)")):
+            rows.append([name, label, *[_fmt(e["residual_px"][source].get(k)) for k in kinds]])
+        bases = sorted(e["bases"].items(), key=lambda kv: kv[1]["gain"])[:6]
+        worst.append(f"- {name}: mean gain {e['mean_gain']:.2f}"
+                     + (f", rank correlation of gain and amplitude ratio {_fmt(e.get('gain_amplitude_rank_correlation'))} "
+                        f"over {e.get('rated_bases')} rated bases" if "rated_bases" in e else "")
+                     + "; lowest gains: " + ", ".join(f"{n} {v['gain']:.2f}" for n, v in bases) + ".")
+        if "render_free_optimum" in e:
+            o = e["render_free_optimum"]
+            worst.append(f"  Per-frame keypoint fits of all its frames through the chain rig ({o['steps']} steps, "
+                         f"{o['seconds']:.0f} s): active MAE {o['active_mae']:.3f}, amplitude ratio "
+                         f"{o['amplitude_ratio']:.3f}, median keypoint distance {o['keypoint_px_median']:.2f} stored px.")
+    return ["## The chain rig against the detector keypoints (standard subjects)", "",
+            f"`{d['command']}`: median over frames of each frame's median keypoint distance (pixels at "
+            "400 px width), per window kind; then each regressed basis's keypoint motion at unit weight, "
+            "chain rig against true rig (gain 1 = the same size along the true motion).", "",
+            *_table(["subject", "states, rig", *kinds], rows), *worst, ""]
