@@ -389,19 +389,22 @@ def main() -> None:
                           ("selfsup", selfsup_section),
                           ("selfsup_tiny_defaults", titled("Round-0 labels, this session's defaults (tiny)")),
                           ("selfsup_alt", titled("Round-0 labels on the generator's alt variant (tiny)")),
+                          ("selfsup_tiny_prefit300_kpwarmup600_300", titled(
+                              "Round-0 labels with the per-frame keypoint prefit (tiny; 300 prefit steps, 600 + 300)")),
                           ("selfsup_tiny_kpwarmup600_300", titled("Round-0 labels with the keypoint warm-up "
                                                                   "(tiny; 600 warm-up + 300 whole steps)")),
                           ("selfsup_alt_kpwarmup600_300", titled("Round-0 labels with the keypoint warm-up on "
                                                                  "the alt variant (tiny; 600 + 300 steps)")),
                           ("selfsup_standard", lambda d: selfsup_standard_section(
-                              d, "Round-0 labels of standard subjects (the default: keypoint warm-up)")),
+                              d, "Round-0 labels of standard subjects, 1,000 keypoint warm-up + 600 whole steps "
+                                 "(the fourth session's default)")),
                           ("selfsup_standard_1500", lambda d: selfsup_standard_section(
                               d, "Round-0 labels of a standard subject, the earlier default (1,500 whole steps, "
                                  "no warm-up)")),
                           ("selfsup_standard_kpwarmup3000_600", lambda d: selfsup_standard_section(
-                              d, "Round-0 labels of standard subjects, 3,000 keypoint warm-up + 600 whole steps")),
+                              d, "Round-0 labels of standard subjects, 3,000 keypoint warm-up + 600 whole steps (the default)")),
                           ("selfsup_standard_prefit", lambda d: selfsup_standard_section(
-                              d, "Round-0 labels of standard subjects with the per-frame keypoint prefit")),
+                              d, "Round-0 labels of standard subjects with the per-frame keypoint prefit (300 steps; 1,000 + 600)")),
                           ("rig_keypoints_standard", rig_keypoints_section),
                           ("selfsup_standard_650", titled("Round-0 labels of the standard subject in 650 steps "
                                                           "(what fits the 20-minute budget)")),
