@@ -10,6 +10,7 @@ neutral frames (``fit_initial_appearance``), as a tracker calibrates it once per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,15 @@ class BaselineStates:
     seconds: float
 
 
+def state_optimizer(b: torch.Tensor, gaze: torch.Tensor, rotvec: torch.Tensor, t_mm: torch.Tensor,
+                    cfg: Any) -> torch.optim.Adam:
+    """Adam over frames' own state variables, each group at ``cfg``'s rate (``lr_b``,
+    ``lr_gaze``, ``lr_rotation``, ``lr_translation_mm``)."""
+    return torch.optim.Adam([{"params": [b], "lr": cfg.lr_b}, {"params": [gaze], "lr": cfg.lr_gaze},
+                             {"params": [rotvec], "lr": cfg.lr_rotation},
+                             {"params": [t_mm], "lr": cfg.lr_translation_mm}])
+
+
 def fit_frame(energy: Energy, data, start: tuple[torch.Tensor, ...], steps: int, cfg: BaselineConfig
               ) -> tuple[tuple[torch.Tensor, ...], object]:
     """Fits one frame's (b, gaze, R, t) from ``start``; returns the state and its energy terms."""
@@ -60,9 +70,7 @@ def fit_frame(energy: Energy, data, start: tuple[torch.Tensor, ...], steps: int,
     gaze = gaze0.clone().requires_grad_(True)
     rotvec = torch.zeros(1, 3, requires_grad=True)
     t_mm = (t0 * 1000).clone().requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [b], "lr": cfg.lr_b}, {"params": [gaze], "lr": cfg.lr_gaze},
-                            {"params": [rotvec], "lr": cfg.lr_rotation},
-                            {"params": [t_mm], "lr": cfg.lr_translation_mm}])
+    opt = state_optimizer(b, gaze, rotvec, t_mm, cfg)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         terms = energy(b.clamp(0, 1), gaze, rotvec_to_matrix(rotvec) @ r0, t_mm / 1000, data)

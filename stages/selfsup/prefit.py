@@ -20,6 +20,7 @@ import torch
 
 from pipeline.errors import StageError
 from rigs.render.posing import rotvec_to_matrix
+from stages.selfsup.baseline import state_optimizer
 from stages.selfsup.energy import Energy
 from stages.selfsup.frames import USABLE
 from stages.selfsup.stage import FramePool
@@ -27,7 +28,8 @@ from stages.selfsup.stage import FramePool
 
 @dataclass(frozen=True)
 class PrefitConfig:
-    """How each frame is fitted (Adam on all frames of a chunk at once)."""
+    """How each frame is fitted (Adam on all frames of a chunk at once; the rates are the
+    per-frame baseline's, :class:`stages.selfsup.baseline.BaselineConfig`)."""
 
     steps: int = 300
     """Adam steps per chunk of frames, from rest at the donning."""
@@ -97,9 +99,7 @@ def fit_keypoints(energy: Energy, pool: FramePool, donning: tuple[torch.Tensor, 
         gaze = torch.zeros(n, 4, requires_grad=True)
         rotvec = torch.zeros(n, 3, requires_grad=True)
         t_mm = (t0 * 1000).expand(n, 3).clone().requires_grad_(True)
-        opt = torch.optim.Adam([{"params": [b], "lr": cfg.lr_b}, {"params": [gaze], "lr": cfg.lr_gaze},
-                                {"params": [rotvec], "lr": cfg.lr_rotation},
-                                {"params": [t_mm], "lr": cfg.lr_translation_mm}])
+        opt = state_optimizer(b, gaze, rotvec, t_mm, cfg)
         for _ in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             # Frames do not interact: the mean over frames only scales each one's gradient.
